@@ -1,0 +1,70 @@
+"""The reference executor: runs a Plan over a denoiser with plain torch ops.
+
+This is the readable definition every fast path (fused kernel, CUDA graph, exported graph,
+C++ runtime) is tested against; keep it short.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .plan import Plan
+
+
+class InputError(ValueError):
+    """Inputs that do not fit the plan (shapes, noise slices)."""
+
+
+def sample(
+    plan: Plan,
+    denoiser: Callable,
+    z: torch.Tensor,
+    cond=None,
+    guidance: float | None = None,
+    noise: torch.Tensor | Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Run ``plan`` from the standard-normal ``z`` ([B, ...]).
+
+    ``noise`` holds one standard-normal slice per stochastic row (``plan.stochastic_rows``),
+    shaped ``[S, B, ...]``. ``guidance`` is used by rows whose own ``guidance`` is None.
+    """
+    stochastic = plan.stochastic_rows
+    if stochastic:
+        if noise is None:
+            raise InputError(f"plan {plan.name!r} has {len(stochastic)} stochastic row(s): pass noise [S, B, ...]")
+        if len(noise) != len(stochastic):
+            raise InputError(f"noise: expected {len(stochastic)} slice(s), one per stochastic row, got {len(noise)}")
+        for i, n in enumerate(noise):
+            if tuple(n.shape) != tuple(z.shape):
+                raise InputError(f"noise[{i}]: expected shape {tuple(z.shape)}, got {tuple(n.shape)}")
+    x = plan.sigma_init * z
+    hist: list[torch.Tensor] = []  # hist[-k] is h_{e-k}
+    ns = 0
+    for row in plan.rows:
+        u = row.a * x if row.a != 1.0 else x
+        for k in range(1, len(row.p) + 1):
+            if row.p[k - 1] != 0.0:
+                u = u + row.p[k - 1] * hist[-k]
+        sigma = torch.full((z.shape[0],), row.sigma, dtype=z.dtype, device=z.device)
+        w = row.guidance if row.guidance is not None else guidance
+        d = call_denoiser(denoiser, u, sigma, cond, w)
+        h = d if row.s == 0.0 else d + row.s * (u - d)
+        hist.append(h)
+        x = row.c * x if row.c != 1.0 else x
+        for k in range(len(row.q)):
+            if row.q[k] != 0.0:
+                x = x + row.q[k] * hist[-1 - k]
+        if row.g != 0.0:
+            x = x + row.g * noise[ns]
+            ns += 1
+        del hist[: -4]  # K ≤ 4: older entries are never read again
+    return x
+
+
+def call_denoiser(denoiser: Callable, x, sigma, cond, guidance):
+    """One network evaluation; guidance is passed only when it changes the result."""
+    if guidance is None or guidance == 1.0 or cond is None:
+        return denoiser(x, sigma, cond)
+    return denoiser(x, sigma, cond, guidance=guidance)

@@ -1,0 +1,109 @@
+"""Solvers as Plan builders.
+
+Each builder is a plain function ``builder(sigmas) -> Plan`` over a σ grid
+σ_0 > … > σ_n = 0 (see ``fewstep.runtime.schedules``), written on the symbolic state of
+``trace.Trace``. ``build(name, nfe, ...)`` picks the grid that gives exactly ``nfe``
+network evaluations. Nothing downstream of the Plan knows these names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import schedules as _schedules
+from ..plan import Plan
+
+
+class SolverError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Solver:
+    name: str
+    build: Callable[[np.ndarray], Plan]  # σ grid (n + 1 values, ends in 0) → Plan
+    steps_for_nfe: Callable[[int], int]  # NFE → n; raises SolverError when NFE is unreachable
+    stochastic: bool = False
+    schedule: str = "edm"  # default σ schedule
+    summary: str = ""
+
+
+def _same(nfe: int) -> int:
+    return nfe
+
+
+def _heun_steps(nfe: int) -> int:
+    # n Heun steps cost 2n − 1 evaluations: the last step (to σ = 0) is a plain Euler step.
+    if nfe % 2 == 0:
+        raise SolverError(f"heun: NFE must be odd (n steps cost 2n − 1 evaluations); got {nfe}, try {nfe - 1} or {nfe + 1}")
+    return (nfe + 1) // 2
+
+
+def _registry() -> dict[str, Solver]:
+    from . import ddim, ddpm, deis, dpmpp, heun, ipndm, unipc
+
+    solvers = [
+        Solver("ddim", ddim.ddim, _same, summary="DDIM = Euler in σ space (Song et al. 2021)"),
+        Solver("heun", heun.heun, _heun_steps, summary="EDM Heun (Karras et al. 2022), 2n−1 NFE"),
+        Solver("dpmpp-2m", dpmpp.dpmpp_2m, _same, summary="DPM-Solver++(2M) (Lu et al. 2022)"),
+        Solver("dpmpp-3m", dpmpp.dpmpp_3m, _same, summary="DPM-Solver++(3M) (Lu et al. 2022)"),
+        Solver("ipndm", ipndm.ipndm, _same, summary="iPNDM, 4th-order Adams–Bashforth on ε (Zhang & Chen 2022)"),
+        Solver("plms", ipndm.plms, ipndm.plms_steps, summary="PLMS as in diffusers' PNDMScheduler (skip_prk_steps)"),
+        Solver("deis-2", deis.deis_2, _same, summary="DEIS tAB order 2 (Zhang & Chen 2022)"),
+        Solver("deis-3", deis.deis_3, _same, summary="DEIS tAB order 3 (Zhang & Chen 2022)"),
+        Solver("unipc", unipc.unipc_bh2, _same, summary="UniPC bh2, order 2 (Zhao et al. 2023)"),
+        Solver("ddpm", ddpm.ddpm, _same, stochastic=True, summary="DDPM ancestral sampling (Ho et al. 2020)"),
+    ]
+    return {s.name: s for s in solvers}
+
+
+_SOLVERS: dict[str, Solver] | None = None
+ALIASES = {"euler": "ddim", "dpm++2m": "dpmpp-2m", "dpm++3m": "dpmpp-3m", "edm": "heun", "ancestral": "ddpm"}
+
+
+def solvers() -> dict[str, Solver]:
+    global _SOLVERS
+    if _SOLVERS is None:
+        _SOLVERS = _registry()
+    return _SOLVERS
+
+
+def get(name: str) -> Solver:
+    key = ALIASES.get(name, name)
+    table = solvers()
+    if key not in table:
+        raise SolverError(f"unknown solver {name!r}; choose one of {', '.join(sorted(table))}")
+    return table[key]
+
+
+def build(
+    name: str,
+    nfe: int,
+    sigma_min: float,
+    sigma_max: float,
+    schedule: str | None = None,
+    sigmas=None,
+) -> Plan:
+    """The Plan of solver ``name`` at exactly ``nfe`` evaluations.
+
+    ``sigmas`` (an explicit grid, 0 appended if missing) overrides ``schedule``.
+    """
+    solver = get(name)
+    if isinstance(nfe, bool) or not isinstance(nfe, (int, np.integer)) or nfe < 1:
+        raise SolverError(f"NFE must be an integer ≥ 1, got {nfe!r}")
+    n = solver.steps_for_nfe(int(nfe))
+    if sigmas is not None:
+        grid = _schedules.explicit(sigmas)
+        if len(grid) != n + 1:
+            raise SolverError(f"{solver.name}: NFE {nfe} needs {n} steps ({n + 1} σ's incl. 0), got {len(grid)}")
+    else:
+        grid = _schedules.make(schedule or solver.schedule, n, sigma_min, sigma_max)
+    plan = solver.build(grid)
+    if plan.nfe != nfe:
+        raise SolverError(f"{solver.name}: built {plan.nfe} evaluations for NFE {nfe}")
+    prov = {"base_solver": solver.name, "schedule": "explicit" if sigmas is not None else (schedule or solver.schedule),
+            "nfe": int(nfe), **plan.provenance}
+    return plan.replace(name=f"{solver.name}-{nfe}", provenance=prov)

@@ -1,0 +1,155 @@
+"""Compile a solver written as ordinary linear algebra into Plan rows.
+
+A builder runs its algorithm on symbolic vectors (`Lin`: float64 coefficients over the
+initial noise z, the history entries h_e and the fresh noises ε_e) instead of tensors::
+
+    tr = Trace(sigmas[0])
+    x = tr.x
+    for i in range(n):
+        d = tr.eval(x, sigmas[i])                 # one network evaluation, returns D_i
+        x = tr.update(x + (sigmas[i+1] - sigmas[i]) * (x - d) / sigmas[i])
+    plan = tr.plan("euler")
+
+Every evaluation point and state must be ``a·x + (the last ≤ 4 history entries)``; the
+trace solves for the row coefficients and refuses (naming the row) anything a bounded
+history cannot express. This keeps each builder as short as the paper's pseudo-code and
+makes the rewrite of past states (DESIGN §2) mechanical instead of per-solver algebra.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..plan import MAX_HISTORY, Plan, PlanError, Row
+
+_Z = ("z",)
+_TOL = 1e-9
+
+
+class Lin:
+    """A linear combination of symbols with float64 coefficients."""
+
+    __slots__ = ("t",)
+
+    def __init__(self, t: dict | None = None):
+        self.t = {k: v for k, v in (t or {}).items() if v != 0.0}
+
+    def __add__(self, o: Lin) -> Lin:
+        t = dict(self.t)
+        for k, v in o.t.items():
+            t[k] = t.get(k, 0.0) + v
+        return Lin(t)
+
+    def __sub__(self, o: Lin) -> Lin:
+        return self + (-1.0) * o
+
+    def __mul__(self, s: float) -> Lin:
+        s = float(s)
+        return Lin({k: v * s for k, v in self.t.items()})
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, s: float) -> Lin:
+        return self * (1.0 / float(s))
+
+    def __neg__(self) -> Lin:
+        return self * -1.0
+
+    def coef(self, k) -> float:
+        return self.t.get(k, 0.0)
+
+    def scale(self) -> float:
+        return max((abs(v) for v in self.t.values()), default=0.0)
+
+
+def _h(e: int):
+    return ("h", e)
+
+
+def _eps(e: int):
+    return ("eps", e)
+
+
+class Trace:
+    def __init__(self, sigma_init: float):
+        self.sigma_init = float(sigma_init)
+        self.x = Lin({_Z: self.sigma_init})
+        self._rows: list[dict] = []
+        self._open: dict | None = None  # the row whose x-update is not fixed yet
+
+    @property
+    def nfe(self) -> int:
+        return len(self._rows) + (self._open is not None)
+
+    def eval(self, u: Lin, sigma: float, *, s: float = 0.0, guidance: float | None = None) -> Lin:
+        """Evaluate the network at ``u``; return the denoiser output D as a Lin.
+
+        ``s`` chooses the history entry ``h = D − s·u`` (s = 1 keeps −σ·ε̂ for methods
+        written on noise predictions); the returned D = h + s·u either way.
+        """
+        self._close()
+        e = len(self._rows)
+        a, p = self._express(u, self.x, window=range(1, MAX_HISTORY + 1), e=e, what="u")
+        self._open = {
+            "e": e, "sigma": float(sigma), "a": a, "p": p, "guidance": guidance, "s": float(s),
+            "c": 1.0, "q": [0.0], "g": 0.0, "x_before": self.x,
+        }
+        return Lin({_h(e): 1.0}) + float(s) * u
+
+    def update(self, x: Lin, noise: float = 0.0) -> Lin:
+        """Set the state after the latest evaluation to ``x + noise·ε`` and return it."""
+        row = self._open
+        if row is None:
+            raise PlanError("trace: a state update needs a network evaluation before it")
+        e = row["e"]
+        if noise < 0:
+            raise PlanError(f"trace: row {e}: noise scale must be ≥ 0")
+        c, q = self._express(x, row["x_before"], window=range(0, MAX_HISTORY + 1), e=e, what="x")
+        row.update(c=c, q=q, g=float(noise))
+        new = x + (Lin({_eps(e): float(noise)}) if noise else Lin())
+        self.x = new
+        return new
+
+    def plan(self, name: str, provenance: dict[str, Any] | None = None) -> Plan:
+        self._close()
+        rows = tuple(
+            Row(sigma=r["sigma"], a=r["a"], p=tuple(r["p"]), c=r["c"], q=tuple(r["q"]),
+                g=r["g"], guidance=r["guidance"], s=r["s"])
+            for r in self._rows
+        )
+        return Plan(name=name, sigma_init=self.sigma_init, rows=rows, provenance=dict(provenance or {}))
+
+    def _close(self):
+        if self._open is not None:
+            self._rows.append(self._open)
+            self._open = None
+
+    def _express(self, target: Lin, state: Lin, window: range, e: int, what: str):
+        """Solve target = coef·state + Σ_{k∈window} w_k·h_{e−k}; return (coef, [w_k])."""
+        recent = {_h(e - k) for k in window if e - k >= 0}
+        if what == "x":
+            recent.add(_eps(e))  # the row's own noise is added by update(), never expressed
+        rest_t = {k: v for k, v in target.t.items() if k not in recent}
+        rest_s = {k: v for k, v in state.t.items() if k not in recent}
+        keys = set(rest_t) | set(rest_s)
+        ss = sum(v * v for v in rest_s.values())
+        if target.t == state.t:
+            coef = 1.0
+        elif ss == 0.0:
+            coef = 0.0
+        else:
+            coef = sum(rest_t.get(k, 0.0) * v for k, v in rest_s.items()) / ss
+        scale = max(target.scale(), abs(coef) * state.scale(), 1.0)
+        for k in keys:
+            if abs(rest_t.get(k, 0.0) - coef * rest_s.get(k, 0.0)) > _TOL * scale:
+                raise PlanError(
+                    f"trace: row {e}: {what} is not a·x plus the last {MAX_HISTORY} history "
+                    f"entries (term {k} does not fit); this solver needs a longer history"
+                )
+        resid = target - coef * state
+        ws = [resid.coef(_h(e - k)) if e - k >= 0 else 0.0 for k in window]
+        # Round-off from the symbolic algebra (~1e-17) must not read as a real history term.
+        ws = [0.0 if abs(w) <= _TOL * scale else w for w in ws]
+        while ws and ws[-1] == 0.0 and len(ws) > (1 if what == "x" else 0):
+            ws.pop()
+        return coef, ws

@@ -1,0 +1,2 @@
+"""Placeholder: being written."""
+def unipc_bh2(sigmas): raise NotImplementedError
