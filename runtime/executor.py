@@ -50,7 +50,7 @@ def sample(
         sigma = torch.full((z.shape[0],), row.sigma, dtype=z.dtype, device=z.device)
         w = row.guidance if row.guidance is not None else guidance
         d = call_denoiser(denoiser, u, sigma, cond, w)
-        h = d if row.s == 0.0 else d + row.s * (u - d)
+        h = d if row.s == 0.0 else d - row.s * u
         hist.append(h)
         x = row.c * x if row.c != 1.0 else x
         for k in range(len(row.q)):

@@ -6,12 +6,12 @@ A Plan has E evaluation rows over a state ``x`` and a history of the last K (≤
     for e in 0..E-1:
         u_e = a_e·x + Σ_{k=1..K} p_{e,k}·h_{e-k}          # where the network is evaluated
         d_e = D(u_e; σ_e, cond, w_e)                       # one network evaluation
-        h_e = d_e + s_e·(u_e − d_e)                        # history entry (s_e = 0: the output)
+        h_e = d_e − s_e·u_e                                # history entry (s_e = 0: the output)
         x   = c_e·x + Σ_{k=0..K} q_{e,k}·h_{e-k} + g_e·ε_e # ε_e fresh N(0, I) when g_e ≠ 0
     return x
 
 ``s`` extends DESIGN §2's row: methods written on past *noise predictions* (iPNDM, DEIS,
-D-ODE's ε form) keep ``u_e − d_e = σ_e·ε_e`` in the history instead of ``d_e``. Without it
+D-ODE's ε form) keep ``d_e − u_e = −σ_e·ε̂_e`` (s = 1) in the history instead of ``d_e``. Without it
 their past states cannot be rewritten with a bounded history (each inversion reaches K
 rows further back), so the fix belongs here, in the Plan, not in a solver branch
 downstream. ``s`` defaults to 0 and is optional in the file.
