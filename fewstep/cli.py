@@ -1,0 +1,326 @@
+"""The `fewstep` command line.
+
+User errors (bad plans, unknown names, missing files, wrong shapes) print one line
+`fewstep: error: …` and exit 2, with no traceback; FEWSTEP_DEBUG=1 shows tracebacks.
+Outputs are written atomically, and only after every input has been checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+
+import fewstep
+
+
+class UserError(Exception):
+    pass
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .runtime.executor import InputError
+    from .runtime.plan import PlanError
+    from .runtime.schedules import ScheduleError
+    from .runtime.solvers import SolverError
+    from .training.teachers import ModelError
+
+    return (UserError, PlanError, SolverError, ScheduleError, InputError, ModelError, FileNotFoundError,
+            NotADirectoryError, PermissionError, IsADirectoryError)
+
+
+# ---------------------------------------------------------------------------------------
+# shared arguments
+
+
+def _add_model_plan(p: argparse.ArgumentParser, out: bool = True) -> None:
+    p.add_argument("--model", required=True, help="digits | gmm | PATH (checkpoint or diffusers directory)")
+    g = p.add_argument_group("sampler (one of)")
+    g.add_argument("--solver", help="solver name (see `fewstep solvers`)")
+    g.add_argument("--nfe", type=int, help="network evaluations (with --solver)")
+    g.add_argument("--schedule", help="σ schedule for --solver: edm | logsnr | vp (default: the solver's)")
+    g.add_argument("--plan", help="a plan JSON file (fewstep.plan/1)")
+    p.add_argument("--force", action="store_true", help="use a plan fitted for another teacher anyway")
+    p.add_argument("--class", dest="cls", type=int, help="class label for conditional models")
+    p.add_argument("--guidance", type=float, help="CFG scale W: D_u + W·(D_c − D_u); 1 = plain conditional")
+    p.add_argument("--n", type=int, help="number of samples (default: the noise file's N, else 64; eval 256)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--seed", type=int, default=0, help="Philox seed for z (and ε of stochastic rows)")
+    src.add_argument("--noise", help="initial z as a float32 .npy of shape N×…")
+
+
+def _load_teacher(args):
+    from .training.teachers import load
+
+    return load(args.model)
+
+
+def _resolve_plan(args, teacher):
+    from .runtime.plan import Plan
+    from .runtime.solvers import build
+
+    if args.plan and (args.solver or args.nfe is not None):
+        raise UserError("give either --plan FILE or --solver NAME --nfe N, not both")
+    if args.plan:
+        plan = Plan.load(args.plan)
+        want = plan.provenance.get("teacher_hash")
+        if want and want != teacher.content_hash and not args.force:
+            raise UserError(f"plan {args.plan} was fitted for teacher {want[:19]}…, but {teacher.name} is "
+                            f"{teacher.content_hash[:19]}… (content hash); pass --force to use it anyway")
+        return plan
+    if not args.solver or args.nfe is None:
+        raise UserError("choose a sampler: --solver NAME --nfe N, or --plan FILE")
+    den = teacher.denoiser
+    return build(args.solver, args.nfe, den.sigma_min, den.sigma_max, schedule=args.schedule)
+
+
+def _read_noise(path: str):
+    import numpy as np
+
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"noise file not found: {path}") from None
+    except (ValueError, OSError) as exc:
+        raise UserError(f"noise file {path}: not a readable .npy array ({exc})") from None
+    return arr
+
+
+def _inputs(args, teacher, plan):
+    from .training.evaluate import make_inputs
+
+    z = _read_noise(args.noise) if args.noise else None
+    return make_inputs(teacher, plan, _count(args, z), args.seed, args.cls, z)
+
+
+def _count(args, z) -> int:
+    if args.n is not None:
+        return args.n
+    if z is not None and z.ndim >= 1:
+        return z.shape[0]
+    return args.default_n
+
+
+def _save_npy(path: str, arr) -> None:
+    import numpy as np
+
+    from .runtime.plan import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def save_grid(path: str, images, ncol: int | None = None, scale: int = 4) -> None:
+    """Tile [N, C, H, W] images in [−1, 1] into a PNG (nearest-neighbour upscaled)."""
+    import math
+
+    import numpy as np
+    from PIL import Image
+
+    from .runtime.plan import atomic_write_bytes
+
+    x = np.asarray(images, dtype=np.float32)
+    n, c, h, w = x.shape
+    ncol = ncol or max(1, int(math.ceil(math.sqrt(n))))
+    nrow = int(math.ceil(n / ncol))
+    pad = 1
+    grid = np.ones((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), np.float32)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = \
+            x[i].transpose(1, 2, 0)
+    img = ((np.clip(grid, -1, 1) + 1) * 127.5).round().astype(np.uint8)
+    img = img.repeat(scale, 0).repeat(scale, 1)
+    pil = Image.fromarray(img[..., 0] if c == 1 else img)
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _prepare_out_dir(path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--out {path}: exists and is not a directory")
+    os.makedirs(path, exist_ok=True)
+    if not os.access(path, os.W_OK):
+        raise UserError(f"--out {path}: not writable")
+
+
+# ---------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_sample(args) -> int:
+    from .training.evaluate import run_plan
+
+    teacher = _load_teacher(args)
+    plan = _resolve_plan(args, teacher)
+    inputs = _inputs(args, teacher, plan)
+    from .training.evaluate import check_guidance
+
+    check_guidance(teacher, args.guidance, inputs.labels)
+    _prepare_out_dir(args.out)
+    t0 = time.perf_counter()
+    x = run_plan(teacher, plan, inputs, args.guidance)
+    secs = time.perf_counter() - t0
+    arr = x.detach().cpu().numpy().astype("float32")
+    _save_npy(os.path.join(args.out, "samples.npy"), arr)
+    extra = ""
+    if teacher.is_image:
+        save_grid(os.path.join(args.out, "grid.png"), arr[:100])
+        extra = f", grid {os.path.join(args.out, 'grid.png')}"
+    print(f"{plan.name}: {arr.shape[0]} samples of {teacher.name} at NFE {plan.nfe} in {secs:.2f} s "
+          f"-> {os.path.join(args.out, 'samples.npy')}{extra}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .training.evaluate import evaluate
+
+    teacher = _load_teacher(args)
+    plan = _resolve_plan(args, teacher)
+    z = _read_noise(args.noise) if args.noise else None
+    res = evaluate(teacher, plan, _count(args, z), args.seed, args.cls, args.guidance, z)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()))
+    return 0
+
+
+def cmd_teacher_train(args) -> int:
+    if args.which != "digits":
+        raise UserError(f"unknown teacher {args.which!r}: only 'digits' is trained (gmm is exact)")
+    from .training.digits import train_teacher
+
+    kw = {} if args.steps is None else {"steps": args.steps}
+    path = train_teacher(args.out, seed=args.seed, progress=not args.quiet, **kw)
+    print(f"digits teacher -> {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Sample the shipped digits teacher with a classic solver at a few NFE, score each."""
+    import numpy as np
+
+    from .runtime.solvers import build
+    from .training.evaluate import make_inputs, quality, reference, run_plan
+    from .training.teachers import load
+
+    teacher = load("digits")
+    den = teacher.denoiser
+    _prepare_out_dir(args.out)
+    nfes = [int(v) for v in args.nfe.split(",")]
+    print(f"fewstep {fewstep.__version__} demo: digits teacher ({teacher.content_hash[:19]}…), solver {args.solver}, "
+          f"{args.n} samples, classes drawn evenly, seed {args.seed}")
+    inputs0 = None
+    ref = None
+    rows = []
+    for nfe in nfes:
+        plan = build(args.solver, nfe, den.sigma_min, den.sigma_max)
+        inputs = make_inputs(teacher, plan, args.n, args.seed)
+        if ref is None:
+            inputs0 = inputs
+            ref = reference(teacher, inputs0, plan.sigma_init)
+        x = run_plan(teacher, plan, inputs)
+        q = quality(teacher, x, inputs, ref)
+        rows.append(x[:20].numpy())
+        print(f"  NFE {nfe:2d}: fd_digits {q['fd_digits']:7.3f}  class_accuracy {q['class_accuracy']:.3f}  "
+              f"rmse_vs_reference {q['rmse_vs_reference']:.4f}")
+    qr = quality(teacher, ref, inputs0, None)
+    print(f"  reference ODE solve (400 NFE): fd_digits {qr['fd_digits']:7.3f}  "
+          f"class_accuracy {qr['class_accuracy']:.3f}")
+    rows.append(ref[:20].numpy())
+    grid = os.path.join(args.out, "grid.png")
+    save_grid(grid, np.concatenate(rows), ncol=20)
+    print(f"  grid: {grid} (one row per NFE {nfes}, then the reference; columns are classes 0..9 twice)")
+    return 0
+
+
+def cmd_solvers(args) -> int:
+    from .runtime.solvers import solvers
+
+    for s in solvers().values():
+        print(f"{s.name:10s} {s.summary}")
+    return 0
+
+
+def cmd_bench_quality(args) -> int:
+    from .training.quality_table import run
+
+    run(args.model, args.out, n=args.n, nfes=[int(v) for v in args.nfe.split(",")], seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fewstep", description="Few-step diffusion sampling.")
+    p.add_argument("--version", action="version", version=f"fewstep {fewstep.__version__}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    s = sub.add_parser("sample", help="sample a model with a solver or a plan")
+    _add_model_plan(s)
+    s.add_argument("--out", required=True, help="output directory (samples.npy, grid.png)")
+    s.set_defaults(fn=cmd_sample, default_n=64)
+
+    e = sub.add_parser("eval", help="sample and score: RMSE vs a reference solve, FD-digits / sliced W2")
+    _add_model_plan(e)
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(fn=cmd_eval, default_n=256)
+
+    t = sub.add_parser("teacher", help="teachers")
+    tsub = t.add_subparsers(dest="tcmd", metavar="ACTION")
+    tt = tsub.add_parser("train", help="train a teacher (digits)")
+    tt.add_argument("which", help="digits")
+    tt.add_argument("--out", default="digits_teacher", help="output directory (checkpoints; resumes if present)")
+    tt.add_argument("--seed", type=int, default=0)
+    tt.add_argument("--steps", type=int, help="training steps (default: the shipped teacher's)")
+    tt.add_argument("--quiet", action="store_true")
+    tt.set_defaults(fn=cmd_teacher_train)
+
+    d = sub.add_parser("demo", help="the main job on the shipped digits teacher")
+    d.add_argument("--out", default="demo_out")
+    d.add_argument("--solver", default="dpmpp-2m")
+    d.add_argument("--nfe", default="2,4,6,8,10")
+    d.add_argument("--n", type=int, default=1000)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(fn=cmd_demo)
+
+    ls = sub.add_parser("solvers", help="list solvers")
+    ls.set_defaults(fn=cmd_solvers)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bcmd", metavar="KIND")
+    bq = bsub.add_parser("quality", help="base-solver quality table (writes JSON + Markdown + PNG)")
+    bq.add_argument("--model", default="gmm", help="gmm | digits")
+    bq.add_argument("--out", default="benchmarks/results")
+    bq.add_argument("--n", type=int, default=1000)
+    bq.add_argument("--nfe", default="2,3,4,5,6,8,10")
+    bq.add_argument("--seed", type=int, default=0)
+    bq.set_defaults(fn=cmd_bench_quality)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.fn(args)
+    except _user_errors() as exc:
+        if os.environ.get("FEWSTEP_DEBUG"):
+            raise
+        msg = str(exc) if not isinstance(exc, OSError) or not exc.filename else f"{exc.strerror}: {exc.filename}"
+        print(f"fewstep: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fewstep: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""The Plan: DESIGN §2's worked examples, exact JSON round trip, strict validation, executor."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fewstep.runtime import Plan, PlanError, Row, sample
+from fewstep.runtime.executor import InputError
+from fewstep.runtime.schedules import edm
+from fewstep.runtime.solvers import build
+from fewstep.runtime.solvers.trace import Trace
+from fewstep.training.gmm import GMM
+
+
+def manual(plan: Plan, den, z, noise=None):
+    """The Plan semantics written out with explicit indices (independent of executor.py)."""
+    x = plan.sigma_init * z
+    h = {}
+    ns = 0
+    for e, r in enumerate(plan.rows):
+        u = r.a * x
+        for k in range(1, 5):
+            if r.coef_p(k):
+                u = u + r.coef_p(k) * h[e - k]
+        d = den(u, torch.full((z.shape[0],), r.sigma, dtype=z.dtype))
+        h[e] = d - r.s * u
+        xn = r.c * x
+        for k in range(0, 5):
+            if r.coef_q(k):
+                xn = xn + r.coef_q(k) * h[e - k]
+        if r.g:
+            xn = xn + r.g * noise[ns]
+            ns += 1
+        x = xn
+    return x
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    return GMM.random(dim=3, k=4, seed=1)
+
+
+# --- DESIGN §2 worked examples --------------------------------------------------------
+
+
+def test_ddim_row():
+    s = edm(6, 0.002, 80)
+    plan = build("ddim", 6, 0.002, 80)
+    assert plan.history == 0
+    for i, r in enumerate(plan.rows):
+        assert r.sigma == s[i] and r.a == 1.0 and r.p == () and r.g == 0.0
+        assert math.isclose(r.c, s[i + 1] / s[i], rel_tol=1e-14, abs_tol=1e-300)
+        assert math.isclose(r.q[0], 1 - s[i + 1] / s[i], rel_tol=1e-14)
+
+
+def test_d_ddim_data_form(gmm):
+    """D-DDIM: DDIM rows with q_0 += λ_i, q_1 −= λ_i add λ_i·(D_i − D_{i−1}) to each update."""
+    base = build("ddim", 5, 0.002, 80)
+    lam = [0.0, 0.1, -0.2, 0.05, 0.3]
+    rows = [r if i == 0 else Row(sigma=r.sigma, a=r.a, c=r.c, q=(r.q[0] + lam[i], -lam[i]))
+            for i, r in enumerate(base.rows)]
+    plan = Plan("d-ddim", base.sigma_init, rows)
+    assert plan.history == 1
+    z = torch.randn(64, 3, dtype=torch.float64)
+    # the same thing by hand: DDIM plus λ·(D_i − D_{i−1})
+    x = base.sigma_init * z
+    prev = None
+    for i, r in enumerate(base.rows):
+        d = gmm(x, torch.full((64,), r.sigma, dtype=torch.float64))
+        x = r.c * x + r.q[0] * d + (lam[i] * (d - prev) if i else 0)
+        prev = d
+    torch.testing.assert_close(sample(plan, gmm, z), x, rtol=1e-12, atol=1e-12)
+
+
+def test_edm_heun_step_rows():
+    s = edm(4, 0.002, 80)
+    plan = build("heun", 7, 0.002, 80)
+    second = plan.rows[1]
+    assert second.sigma == s[1]
+    assert math.isclose(second.a, s[1] / s[0], rel_tol=1e-13)
+    assert math.isclose(second.p[0], 1 - s[1] / s[0], rel_tol=1e-13)
+    first = plan.rows[0]
+    assert (first.a, first.c, first.q) == (1.0, 1.0, (0.0,))  # the predictor leaves x alone
+
+
+def test_dmd2_multistep_rows(gmm):
+    """Consistency / DMD2 multi-step: predict x̂, re-noise to the next σ with fresh noise."""
+    sig = [80.0, 2.0, 0.5]
+    tr = Trace(sig[0])
+    x = tr.x
+    for i, s in enumerate(sig):
+        d = tr.eval(x, s)
+        nxt = sig[i + 1] if i + 1 < len(sig) else 0.0
+        x = tr.update(d, noise=nxt)
+    plan = tr.plan("dmd2-3")
+    for i, r in enumerate(plan.rows):
+        assert (r.c, r.q, r.a) == (0.0, (1.0,), 1.0)
+        assert r.g == (sig[i + 1] if i + 1 < len(sig) else 0.0)
+    assert plan.stochastic_rows == [0, 1]
+    z = torch.randn(8, 3, dtype=torch.float64)
+    noise = torch.randn(2, 8, 3, dtype=torch.float64)
+    torch.testing.assert_close(sample(plan, gmm, z, noise=noise), manual(plan, gmm, z, noise))
+
+
+def test_one_step_student(gmm):
+    plan = Plan("one-step", 80.0, [Row(sigma=80.0, a=1.0, c=0.0, q=(1.0,))])
+    z = torch.randn(5, 3, dtype=torch.float64)
+    out = sample(plan, gmm, z)
+    torch.testing.assert_close(out, gmm(80.0 * z, torch.full((5,), 80.0, dtype=torch.float64)))
+
+
+# --- JSON -----------------------------------------------------------------------------
+
+
+def test_round_trip_exact(tmp_path):
+    plan = build("heun", 9, 0.002, 80).replace(provenance={"teacher_hash": "sha256:ab", "fit_seconds": 0.1})
+    rows = list(plan.rows)
+    rows[2] = Row(sigma=1 / 3, a=0.1 + 0.2, p=(math.pi,), c=1e-300, q=(2 / 3, -1e-17, 5e300), g=0.5,
+                  guidance=2.5, s=1.0)
+    plan = plan.replace(rows=tuple(rows))
+    path = tmp_path / "p.json"
+    plan.save(path)
+    back = Plan.load(path)
+    assert back == plan
+    assert back.to_json() == plan.to_json()
+    assert json.loads(path.read_text())["format"] == "fewstep.plan/1"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+def _plan_dict():
+    return build("heun", 3, 0.002, 80).to_dict()
+
+
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda d: d.update(format="fewstep.plan/0"), "plan.format"),
+        (lambda d: d.pop("sigma_init"), "plan.sigma_init"),
+        (lambda d: d.update(sigma_init=-1.0), "plan.sigma_init"),
+        (lambda d: d.update(rows=[]), "plan.rows"),
+        (lambda d: d["rows"][1].update(sigma=0.0), "plan.rows[1].sigma"),
+        (lambda d: d["rows"][1].update(q=[1.0, "x"]), "plan.rows[1].q[1]"),
+        (lambda d: d["rows"][2].pop("c"), "plan.rows[2].c"),
+        (lambda d: d["rows"][0].update(p=[0.5]), "plan.rows[0].p[0]"),
+        (lambda d: d["rows"][1].update(q=[0.0] * 6), "plan.rows[1].q"),
+        (lambda d: d["rows"][1].update(p=[0.0] * 5), "plan.rows[1].p"),
+        (lambda d: d["rows"][1].update(g=-0.1), "plan.rows[1].g"),
+        (lambda d: d["rows"][1].update(bogus=1), "plan.rows[1]"),
+        (lambda d: d.update(extra=1), "plan"),
+        (lambda d: d["rows"][1].update(a=True), "plan.rows[1].a"),
+        (lambda d: d["rows"][1].update(guidance="2"), "plan.rows[1].guidance"),
+    ],
+)
+def test_validation_names_the_field(mutate, field):
+    d = _plan_dict()
+    mutate(d)
+    with pytest.raises(PlanError) as exc:
+        Plan.from_dict(d)
+    assert str(exc.value).startswith(field)
+
+
+@pytest.mark.parametrize("bad", ["NaN", "Infinity", "-Infinity"])
+def test_nan_in_json_rejected(bad):
+    text = _plan_dict()
+    s = json.dumps(text).replace('"c": ', f'"c": {bad}, "zz": ', 1)
+    with pytest.raises(PlanError, match="not a valid number|not finite"):
+        Plan.from_json(s)
+
+
+def test_malformed_files(tmp_path):
+    (tmp_path / "a.json").write_text("{not json")
+    with pytest.raises(PlanError, match="not valid JSON"):
+        Plan.load(tmp_path / "a.json")
+    with pytest.raises(PlanError, match="not found"):
+        Plan.load(tmp_path / "missing.json")
+    (tmp_path / "b.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(PlanError):
+        Plan.load(tmp_path / "b.json")
+    with pytest.raises(PlanError, match="expected a JSON object"):
+        Plan.from_json("[1, 2]")
+
+
+def test_nan_in_constructed_plan():
+    with pytest.raises(PlanError, match=r"plan.rows\[0\].c: not finite"):
+        Plan("x", 1.0, [Row(sigma=1.0, c=float("nan"))])
+
+
+# --- executor -------------------------------------------------------------------------
+
+
+def test_executor_matches_manual_with_history_and_noise(gmm):
+    rng = np.random.default_rng(0)
+    rows = []
+    for e in range(6):
+        rows.append(Row(sigma=float(10 / (e + 1)), a=float(rng.uniform(0.5, 1.5)),
+                        p=tuple(float(v) for v in rng.normal(size=min(e, 4))), c=float(rng.uniform(0, 1)),
+                        q=tuple(float(v) for v in rng.normal(size=min(e, 4) + 1)), g=float(e % 2) * 0.3,
+                        s=float(e % 3 == 0)))
+    plan = Plan("random", 10.0, rows)
+    assert plan.history == 4 and plan.stochastic_rows == [1, 3, 5]
+    z = torch.randn(16, 3, dtype=torch.float64)
+    noise = torch.randn(3, 16, 3, dtype=torch.float64)
+    torch.testing.assert_close(sample(plan, gmm, z, noise=noise), manual(plan, gmm, z, noise), rtol=1e-12, atol=1e-12)
+
+
+def test_executor_noise_errors(gmm):
+    plan = build("ddpm", 3, 0.002, 80)
+    z = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(InputError, match="stochastic"):
+        sample(plan, gmm, z)
+    with pytest.raises(InputError, match="slice"):
+        sample(plan, gmm, z, noise=torch.randn(5, 4, 3, dtype=torch.float64))
+    with pytest.raises(InputError, match="shape"):
+        sample(plan, gmm, z, noise=torch.randn(len(plan.stochastic_rows), 4, 2, dtype=torch.float64))
+
+
+def test_trace_refuses_long_history():
+    tr = Trace(10.0)
+    x = tr.x
+    ds = []
+    for i in range(6):
+        ds.append(tr.eval(x, 10.0 - i))
+        x = tr.update(0.5 * x + 0.5 * ds[-1])
+    tr.eval(x + 0.1 * ds[2], 2.0)  # D_2 is 4 rows back: the oldest entry K = 4 allows
+    with pytest.raises(PlanError, match="longer history"):
+        tr.eval(x + ds[0], 1.0)  # D_0 is 7 rows back
+
+
+def test_guidance_row_overrides_caller():
+    calls = []
+
+    def den(x, sigma, cond=None, guidance=None):
+        calls.append(guidance)
+        return x * 0
+
+    plan = Plan("g", 1.0, [Row(sigma=1.0, guidance=3.0), Row(sigma=0.5)])
+    sample(plan, den, torch.zeros(2, 1), cond=torch.zeros(2, dtype=torch.long), guidance=2.0)
+    assert calls == [3.0, 2.0]

@@ -1,0 +1,150 @@
+"""Sample a Plan on a teacher and score it: the engine behind `fewstep sample|eval|demo|bench quality`.
+
+Inputs are always drawn from fewstep's Philox generator (or given), so a seed means the
+same z in every runtime. Quality numbers:
+- ``rmse_vs_reference``: per-element RMS between the plan's samples and a high-accuracy
+  ODE solve from the same z (RK4 in log σ to the teacher's σ_min, then D; see gmm.py),
+  averaged over samples (mean over samples of each sample's RMS);
+- digits: ``fd_digits`` against the 300 held-out real digits and ``class_accuracy``
+  (the classifier's agreement with the requested class);
+- gmm: ``sliced_w2`` against exact data samples.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..runtime.executor import InputError, sample
+from ..runtime.plan import Plan
+from .teachers import Teacher
+
+# RK4 steps of the reference solve (4 evaluations each): the exact GMM is cheap, the digits
+# UNet is not; at 100 steps the reference's own error is far below any ≤ 10-NFE solver's.
+REFERENCE_STEPS = {"gmm": 1000, "digits": 100, "diffusers": 100}
+
+
+@dataclass
+class Inputs:
+    z: torch.Tensor  # [N, ...] float32 standard normal
+    noise: torch.Tensor | None  # [S, N, ...] or None
+    labels: torch.Tensor | None  # [N] long or None (unconditional)
+
+
+def make_inputs(teacher: Teacher, plan: Plan, n: int, seed: int, cls: int | None = None,
+                z: np.ndarray | None = None) -> Inputs:
+    from ..runtime import noise as _noise
+
+    if n < 1:
+        raise InputError(f"--n must be ≥ 1, got {n}")
+    n_stoch = len(plan.stochastic_rows)
+    zz, eps = _noise.draw(seed, n, teacher.shape, n_stoch)
+    if z is not None:
+        want = (n, *teacher.shape)
+        if z.dtype != np.float32 or tuple(z.shape) != want:
+            raise InputError(f"noise file: expected float32 array of shape {want} (N×{'×'.join(map(str, teacher.shape))}),"
+                             f" got {z.dtype} {tuple(z.shape)}")
+        if not np.all(np.isfinite(z)):
+            raise InputError("noise file: contains NaN or inf")
+        zz = z
+    labels = None
+    if teacher.num_classes is not None:
+        if cls is not None:
+            if not 0 <= cls < teacher.num_classes:
+                raise InputError(f"--class must be in 0..{teacher.num_classes - 1} for {teacher.name}, got {cls}")
+            labels = torch.full((n,), cls, dtype=torch.long)
+        elif teacher.kind == "digits":
+            labels = torch.arange(n) % teacher.num_classes  # classes drawn evenly
+    elif cls is not None:
+        raise InputError(f"--class given but {teacher.name} is not class-conditional")
+    return Inputs(torch.from_numpy(np.ascontiguousarray(zz)),
+                  torch.from_numpy(np.ascontiguousarray(eps)) if n_stoch else None, labels)
+
+
+def check_guidance(teacher: Teacher, guidance: float | None, labels) -> None:
+    if guidance is None or guidance == 1.0:
+        return
+    if not math.isfinite(guidance):
+        raise InputError(f"--guidance must be finite, got {guidance}")
+    if teacher.num_classes is None:
+        raise InputError(f"--guidance {guidance}: {teacher.name} is not conditional, guidance needs a class input")
+    if labels is None:
+        raise InputError(f"--guidance {guidance} needs a class: pass --class C")
+
+
+@torch.no_grad()
+def run_plan(teacher: Teacher, plan: Plan, inputs: Inputs, guidance: float | None = None,
+             batch: int = 1000) -> torch.Tensor:
+    check_guidance(teacher, guidance, inputs.labels)
+    outs = []
+    n = inputs.z.shape[0]
+    for i in range(0, n, batch):
+        sl = slice(i, min(n, i + batch))
+        noise = inputs.noise[:, sl] if inputs.noise is not None else None
+        cond = inputs.labels[sl] if inputs.labels is not None else None
+        outs.append(sample(plan, teacher.denoiser, inputs.z[sl], cond=cond, guidance=guidance, noise=noise))
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def reference(teacher: Teacher, inputs: Inputs, sigma_max: float, guidance: float | None = None,
+              steps: int | None = None, batch: int = 1000) -> torch.Tensor:
+    from .gmm import reference_endpoint
+
+    steps = steps or REFERENCE_STEPS[teacher.kind]
+    den = teacher.denoiser
+    outs = []
+    n = inputs.z.shape[0]
+    for i in range(0, n, batch):
+        sl = slice(i, min(n, i + batch))
+        cond = inputs.labels[sl] if inputs.labels is not None else None
+        z = inputs.z[sl]
+        ref = reference_endpoint(den, z.to(torch.float64) if teacher.kind == "gmm" else z, sigma_max,
+                                 den.sigma_min, steps, cond=cond, guidance=guidance)
+        outs.append(ref.to(torch.float32))
+    return torch.cat(outs)
+
+
+def rms_per_sample(a: torch.Tensor, b: torch.Tensor) -> float:
+    d = (a.double() - b.double()).reshape(a.shape[0], -1)
+    return float(d.pow(2).mean(1).sqrt().mean())
+
+
+def quality(teacher: Teacher, samples: torch.Tensor, inputs: Inputs, ref: torch.Tensor | None) -> dict:
+    out: dict = {}
+    if ref is not None:
+        out["rmse_vs_reference"] = rms_per_sample(samples, ref)
+    if teacher.kind == "digits":
+        from . import metrics
+        from .digits import load_digits_split
+
+        _, _, x_test, _ = load_digits_split()
+        out["fd_digits"] = float(metrics.fd_digits(samples, x_test))
+        if inputs.labels is not None:
+            out["class_accuracy"] = float(metrics.class_accuracy(samples, inputs.labels))
+    elif teacher.kind == "gmm":
+        from . import metrics
+
+        g = teacher.denoiser
+        labels = inputs.labels if inputs.labels is not None else None
+        data = g.sample_data(samples.shape[0], seed=12345, labels=labels)
+        out["sliced_w2"] = float(metrics.sliced_w2(samples.double(), data))
+    return out
+
+
+def evaluate(teacher: Teacher, plan: Plan, n: int, seed: int, cls: int | None = None,
+             guidance: float | None = None, z: np.ndarray | None = None, ref_steps: int | None = None) -> dict:
+    inputs = make_inputs(teacher, plan, n, seed, cls, z)
+    t0 = time.perf_counter()
+    samples = run_plan(teacher, plan, inputs, guidance)
+    secs = time.perf_counter() - t0
+    ref = reference(teacher, inputs, plan.sigma_init, guidance, ref_steps)
+    res = {"model": teacher.name, "plan": plan.name, "nfe": plan.nfe, "n": n, "seed": seed,
+           "guidance": 1.0 if guidance is None else guidance, "class": cls}
+    res.update(quality(teacher, samples, inputs, ref))
+    res["sample_seconds"] = secs
+    return res
