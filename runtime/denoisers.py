@@ -3,12 +3,13 @@
 In the style of k-diffusion's ``external.py`` and EDM's ``*Precond``: a subclass supplies
 ``get_scalings(σ) → (c_skip, c_out, c_in)`` and ``sigma_to_t``; the wrapped network sees
 ``F(c_in·x, t(σ), cond)`` and ``D = c_skip·x + c_out·F``. Scalings are computed in float64
-and cast to the network's dtype at the end (σ maths never runs in fp16).
+and cast to the state's dtype at the end (σ maths never runs in fp16).
+
+Diffusers models: ``fewstep.runtime.diffusers_adapter.from_diffusers`` / ``load_diffusers``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -64,6 +65,7 @@ class Denoiser(nn.Module):
 
 
 def cat_cond(a, b):
+    """Concatenate two conditionings along the batch (tensors, or dicts of them, nested)."""
     if isinstance(a, torch.Tensor):
         return torch.cat([a, b])
     if isinstance(a, dict):
@@ -71,8 +73,35 @@ def cat_cond(a, b):
     raise TypeError(f"cannot batch conditioning of type {type(a).__name__}")
 
 
+def null_like(value, cond):
+    """The null conditioning ``value`` shaped like ``cond``.
+
+    A number fills a label tensor (a class label reserved for "no class"); a tensor (e.g.
+    the empty-prompt embedding, [1, seq, dim] or [seq, dim]) is broadcast over the batch;
+    dicts recurse key by key.
+    """
+    if isinstance(cond, dict):
+        if not isinstance(value, dict):
+            raise TypeError("null conditioning for a dict conditioning must be a dict with the same keys")
+        return {k: null_like(value[k], c) for k, c in cond.items()}
+    if isinstance(value, torch.Tensor):
+        return value.to(cond.device, cond.dtype).expand_as(cond)
+    return torch.full_like(cond, value)
+
+
+class _NullCondMixin:
+    """``null_cond`` from a stored value (``null_cond_value``); None means no CFG."""
+
+    null_cond_value = None
+
+    def null_cond(self, cond):
+        if self.null_cond_value is None:
+            return Denoiser.null_cond(self, cond)
+        return null_like(self.null_cond_value, cond)
+
+
 class EDMDenoiser(Denoiser):
-    """Karras et al. (2022) preconditioning; t = ¼ ln σ."""
+    """Karras et al. (2022) Table 1 preconditioning; c_noise = t = ¼ ln σ."""
 
     def __init__(self, model, sigma_data: float = 0.5, sigma_min=0.002, sigma_max=80.0, null_label=None):
         super().__init__(model)
@@ -92,61 +121,77 @@ class EDMDenoiser(Denoiser):
     def null_cond(self, cond):
         if self.null_label is None:
             return super().null_cond(cond)
-        return torch.full_like(cond, self.null_label)
+        return null_like(self.null_label, cond)
 
 
-class DiscreteVPDenoiser(Denoiser):
+class DiscreteVPDenoiser(_NullCondMixin, Denoiser):
     """A model trained on a discrete VP table ``alphas_cumprod`` (DDPM / Stable Diffusion).
 
     σ_t = sqrt((1−ᾱ_t)/ᾱ_t); σ → t by linear interpolation in log σ between table entries
-    (k-diffusion's DiscreteSchedule), so the grid points map to integer timesteps exactly.
-    Subclasses pick what the network predicts. ``t_scale`` maps the index to the model's
-    time input (1 for diffusers' integer timesteps).
+    (k-diffusion's DiscreteSchedule), so grid σ's map to the integer timesteps diffusers
+    passes and σ's between them to fractional ones; σ outside the table is clamped to its
+    ends. Subclasses pick what the network predicts (``prediction``, diffusers' names).
     """
 
     prediction = "epsilon"
 
     def __init__(self, model, alphas_cumprod: Sequence[float] | torch.Tensor, null_cond_value=None):
         super().__init__(model)
-        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu().reshape(-1)
         sigmas = ((1 - ac) / ac).sqrt()
-        self.register_buffer("log_sigmas", sigmas.log(), persistent=False)
+        if ac.numel() < 2 or not torch.all(torch.isfinite(sigmas)) or not torch.all(sigmas > 0) \
+                or not torch.all(sigmas[1:] > sigmas[:-1]):
+            raise ValueError("alphas_cumprod must have ≥ 2 entries, strictly decreasing inside (0, 1)")
+        # A plain attribute, not a buffer: Module.to(float16) would otherwise round the table.
+        self.log_sigmas = sigmas.log()
         self.sigma_min, self.sigma_max = float(sigmas[0]), float(sigmas[-1])
         self.null_cond_value = null_cond_value
 
+    @property
+    def num_timesteps(self) -> int:
+        return self.log_sigmas.numel()
+
+    def _table(self, device):
+        if self.log_sigmas.device != device:
+            self.log_sigmas = self.log_sigmas.to(device)
+        return self.log_sigmas
+
     def sigma_to_t(self, sigma):
-        ls = self.log_sigmas.to(sigma.device)
-        log_sigma = sigma.clamp(min=math.exp(float(ls[0]))).log()
+        ls = self._table(sigma.device)
+        # Clamp in log space so a grid σ keeps its exact log (bit-equal to the table entry).
+        log_sigma = sigma.to(torch.float64).log().clamp(ls[0], ls[-1])
         idx = torch.searchsorted(ls, log_sigma.contiguous()).clamp(1, len(ls) - 1)
         lo, hi = ls[idx - 1], ls[idx]
         frac = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
         return (idx - 1).to(torch.float64) + frac
 
     def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.to(torch.float64)
-        lo = t.floor().long().clamp(0, len(self.log_sigmas) - 1)
-        hi = (lo + 1).clamp(max=len(self.log_sigmas) - 1)
+        ls = self._table(t.device)
+        t = t.to(torch.float64).clamp(0, len(ls) - 1)
+        lo = t.floor().long().clamp(max=len(ls) - 2)
         w = t - lo
-        ls = self.log_sigmas.to(t.device)
-        return ((1 - w) * ls[lo] + w * ls[hi]).exp()
+        return ((1 - w) * ls[lo] + w * ls[lo + 1]).exp()
 
     def get_scalings(self, sigma):
-        c_in = 1 / (sigma**2 + 1).sqrt()
-        if self.prediction == "epsilon":
-            return torch.ones_like(sigma), -sigma, c_in
-        if self.prediction == "v_prediction":
-            return 1 / (sigma**2 + 1), -sigma * c_in, c_in
-        if self.prediction == "sample":
-            return torch.zeros_like(sigma), torch.ones_like(sigma), c_in
-        raise ValueError(f"unknown prediction type {self.prediction!r}")
+        return PREDICTION_SCALINGS[self.prediction](sigma)
 
-    def null_cond(self, cond):
-        if self.null_cond_value is None:
-            return super().null_cond(cond)
-        v = self.null_cond_value
-        if isinstance(v, torch.Tensor):
-            return v.to(cond.device, cond.dtype).expand_as(cond)
-        return torch.full_like(cond, v)
+
+def _eps_scalings(sigma):
+    # x_t = x_σ/√(1+σ²), x0 = x_σ − σ·ε
+    return torch.ones_like(sigma), -sigma, 1 / (sigma**2 + 1).sqrt()
+
+
+def _v_scalings(sigma):
+    # v = α·ε − s·x0 with α = 1/√(1+σ²), s = σ·α, so x0 = α·x_t − s·v = x_σ/(1+σ²) − s·v
+    c_in = 1 / (sigma**2 + 1).sqrt()
+    return 1 / (sigma**2 + 1), -sigma * c_in, c_in
+
+
+def _x0_scalings(sigma):
+    return torch.zeros_like(sigma), torch.ones_like(sigma), 1 / (sigma**2 + 1).sqrt()
+
+
+PREDICTION_SCALINGS = {"epsilon": _eps_scalings, "v_prediction": _v_scalings, "sample": _x0_scalings}
 
 
 class VPEpsDenoiser(DiscreteVPDenoiser):
@@ -167,11 +212,14 @@ class VPX0Denoiser(DiscreteVPDenoiser):
     prediction = "sample"
 
 
-class FlowDenoiser(Denoiser):
+VP_DENOISERS = {"epsilon": VPEpsDenoiser, "v_prediction": VPVDenoiser, "sample": VPX0Denoiser}
+
+
+class FlowDenoiser(_NullCondMixin, Denoiser):
     """Rectified flow / flow matching: x_t = (1−t)·x0 + t·z, the network predicts v = z − x0.
 
     σ = t/(1−t), so x_t = x_σ/(1+σ) and x0 = x_t − t·v. ``t_scale`` maps t ∈ [0, 1] to the
-    model's time input (1000 for diffusers' FlowMatchEulerDiscreteScheduler).
+    model's time input (diffusers' FlowMatchEulerDiscreteScheduler passes t·num_train_timesteps).
     """
 
     def __init__(self, model, t_scale: float = 1.0, sigma_min=0.002, sigma_max=80.0, null_cond_value=None):
@@ -185,5 +233,3 @@ class FlowDenoiser(Denoiser):
 
     def sigma_to_t(self, sigma):
         return sigma / (1 + sigma) * self.t_scale
-
-    null_cond = DiscreteVPDenoiser.null_cond

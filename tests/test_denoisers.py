@@ -1,0 +1,473 @@
+"""Denoiser adapters against exact answers, and the diffusers adapter against the unet itself.
+
+Parameterisations: a raw network that predicts ε / v / x0 / flow velocity EXACTLY from the
+GMM teacher (with its own, independent t → σ map) must give back the GMM's D through the
+adapter. Diffusers: tiny random unets, saved and loaded from disk, against
+c_skip·x + c_out·unet(c_in·x, t) written out here.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fewstep.runtime.denoisers import (
+    EDMDenoiser,
+    FlowDenoiser,
+    VPEpsDenoiser,
+    VPVDenoiser,
+    VPX0Denoiser,
+)
+from fewstep.training.gmm import GMM
+
+F64 = torch.float64
+N_TRAIN = 1000
+
+
+def linear_table(n=N_TRAIN, start=1e-4, end=0.02):
+    """DDPM's linear β table in numpy float64, written independently of the adapters."""
+    return np.cumprod(1 - np.linspace(start, end, n))
+
+
+def table_sigmas(ac):
+    return np.sqrt((1 - ac) / ac)
+
+
+def t_to_sigma_np(t, ac):
+    """Independent inverse of σ → t: linear interpolation of log σ over integer t."""
+    ls = np.log(table_sigmas(ac))
+    return torch.as_tensor(np.exp(np.interp(t.detach().numpy(), np.arange(len(ls)), ls)), dtype=F64)
+
+
+def col(s, x):
+    return s.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    return GMM.random(dim=3, k=4, seed=0)
+
+
+def noisy(gmm, sigmas, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = gmm.sample_data(len(sigmas), seed=seed)
+    return x0 + col(sigmas, x0) * torch.randn(x0.shape, generator=g, dtype=F64)
+
+
+def vp_test_sigmas(ac):
+    """Off-grid σ's across the whole table plus a few grid σ's, float64."""
+    s = table_sigmas(ac)
+    off = np.exp(np.linspace(np.log(s[0]) + 1e-6, np.log(s[-1]) - 1e-6, 50))
+    return torch.as_tensor(np.concatenate([off, s[[0, 1, 17, 500, 998, 999]]]), dtype=F64)
+
+
+# --- exact raw networks built from the GMM ------------------------------------------------
+class RawVP(nn.Module):
+    """The GMM as a VP network predicting ε, v or x0 from (x_t, integer-scale t)."""
+
+    def __init__(self, gmm, ac, prediction):
+        super().__init__()
+        self.gmm, self.ac, self.prediction = gmm, ac, prediction
+
+    def forward(self, x_t, t, cond=None):
+        sigma = t_to_sigma_np(t, self.ac)
+        s = col(sigma, x_t)
+        alpha = 1 / (1 + s**2).sqrt()
+        x = x_t / alpha  # VP → VE state
+        d = self.gmm(x, sigma, cond)
+        eps = (x - d) / s
+        return {"epsilon": eps, "v_prediction": alpha * eps - s * alpha * d, "sample": d}[self.prediction]
+
+
+class RawFlow(nn.Module):
+    """The GMM as a flow network: v = z − x0 at x_t = (1−t)·x0 + t·z, time input t·t_scale."""
+
+    def __init__(self, gmm, t_scale):
+        super().__init__()
+        self.gmm, self.t_scale = gmm, t_scale
+
+    def forward(self, x_t, t, cond=None):
+        tt = t / self.t_scale
+        sigma = tt / (1 - tt)
+        s = col(sigma, x_t)
+        x = x_t * (1 + s)
+        d = self.gmm(x, sigma, cond)
+        return (x - d) / s - d
+
+
+def edm_table1(sigma, sd):
+    """Karras et al. (2022) Table 1, EDM column: c_skip, c_out, c_in, c_noise."""
+    return (sd**2 / (sigma**2 + sd**2), sigma * sd / torch.sqrt(sigma**2 + sd**2),
+            1 / torch.sqrt(sigma**2 + sd**2), torch.log(sigma) / 4)
+
+
+class RawEDM(nn.Module):
+    """The GMM as an EDM network F with D = c_skip·x + c_out·F, time input c_noise."""
+
+    def __init__(self, gmm, sd):
+        super().__init__()
+        self.gmm, self.sd = gmm, sd
+
+    def forward(self, x_in, c_noise, cond=None):
+        sigma = torch.exp(4 * c_noise)
+        c_skip, c_out, c_in, _ = (col(c, x_in) for c in edm_table1(sigma, self.sd))
+        x = x_in / c_in
+        return (self.gmm(x, sigma, cond) - c_skip * x) / c_out
+
+
+# --- parameterisations against the exact D ------------------------------------------------
+@pytest.mark.parametrize("cls,prediction", [(VPEpsDenoiser, "epsilon"), (VPVDenoiser, "v_prediction"),
+                                            (VPX0Denoiser, "sample")])
+def test_vp_parameterisations_are_exact(gmm, cls, prediction):
+    ac = linear_table()
+    den = cls(RawVP(gmm, ac, prediction), torch.as_tensor(ac))
+    sigmas = vp_test_sigmas(ac)
+    x = noisy(gmm, sigmas)
+    err = (den(x, sigmas) - gmm(x, sigmas)).abs().max().item()
+    assert err < 1e-10, err
+    assert den.sigma_min == pytest.approx(table_sigmas(ac)[0], rel=1e-15)
+    assert den.sigma_max == pytest.approx(table_sigmas(ac)[-1], rel=1e-15)
+
+
+def test_flow_parameterisation_is_exact(gmm):
+    den = FlowDenoiser(RawFlow(gmm, 1000.0), t_scale=1000.0)
+    sigmas = torch.logspace(-3, 3, 61, dtype=F64)
+    x = noisy(gmm, sigmas)
+    err = (den(x, sigmas) - gmm(x, sigmas)).abs().max().item()
+    assert err < 1e-10, err
+    # σ = t/(1−t): the model's time input is t·t_scale
+    t = den.sigma_to_t(torch.tensor([1.0, 3.0], dtype=F64))
+    assert t.tolist() == pytest.approx([500.0, 750.0], abs=1e-12)
+
+
+def test_edm_matches_table1_and_is_exact(gmm):
+    sd = 0.7
+    den = EDMDenoiser(RawEDM(gmm, sd), sigma_data=sd)
+    sigmas = torch.logspace(math.log10(0.002), math.log10(80), 57, dtype=F64)
+    c_skip, c_out, c_in, c_noise = edm_table1(sigmas, sd)
+    for got, want in zip((*den.get_scalings(sigmas), den.sigma_to_t(sigmas)), (c_skip, c_out, c_in, c_noise)):
+        assert torch.allclose(got, want, rtol=1e-14, atol=0)
+    x = noisy(gmm, sigmas)
+    err = (den(x, sigmas) - gmm(x, sigmas)).abs().max().item()
+    assert err < 1e-10, err
+
+
+def test_vp_eps_scalings_match_table1():
+    # Karras et al. Table 1, VP column: c_skip = 1, c_out = −σ, c_in = 1/√(σ² + 1)
+    den = VPEpsDenoiser(None, torch.as_tensor(linear_table()))
+    s = torch.logspace(-2, 2, 9, dtype=F64)
+    c_skip, c_out, c_in = den.get_scalings(s)
+    assert torch.equal(c_skip, torch.ones_like(s))
+    assert torch.equal(c_out, -s)
+    assert torch.allclose(c_in, 1 / torch.sqrt(s**2 + 1), rtol=1e-15, atol=0)
+
+
+# --- σ ↔ t on a discrete table ------------------------------------------------------------
+def test_sigma_t_round_trip_and_integer_grid():
+    ac = linear_table()
+    den = VPEpsDenoiser(None, torch.as_tensor(ac))
+    grid = torch.as_tensor(table_sigmas(ac), dtype=F64)
+    t = den.sigma_to_t(grid)
+    assert (t - torch.arange(N_TRAIN, dtype=F64)).abs().max().item() < 1e-9
+    # fractional t → σ → t, and the t → σ map agrees with an independent interpolation
+    tf = torch.linspace(0, N_TRAIN - 1, 4001, dtype=F64)
+    s = den.t_to_sigma(tf)
+    assert torch.allclose(s, t_to_sigma_np(tf, ac), rtol=1e-13, atol=0)
+    assert (den.sigma_to_t(s) - tf).abs().max().item() < 1e-9
+    # outside the table: clamped to its ends
+    assert den.sigma_to_t(torch.tensor([1e-5, 1e4], dtype=F64)).tolist() == [0.0, N_TRAIN - 1]
+    # the table is σ bookkeeping: a half-precision cast of the module must not round it
+    den.half()
+    assert (den.sigma_to_t(grid) - torch.arange(N_TRAIN, dtype=F64)).abs().max().item() < 1e-9
+
+
+def test_bad_table_is_refused():
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        VPEpsDenoiser(None, torch.tensor([0.9, 0.95, 0.5], dtype=F64))
+
+
+# --- classifier-free guidance -------------------------------------------------------------
+class Counting(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.batches = inner, []
+
+    def forward(self, x, t, cond=None):
+        self.batches.append(x.shape[0])
+        return self.inner(x, t, cond)
+
+
+def test_cfg_is_one_batched_call(gmm):
+    raw = Counting(RawEDM(gmm, 0.5))
+    den = EDMDenoiser(raw, null_label=gmm.null_label)
+    b = 5
+    sigmas = torch.tensor([0.05, 0.3, 1.0, 4.0, 20.0], dtype=F64)
+    x = noisy(gmm, sigmas, seed=3)
+    labels = torch.tensor([0, 1, 2, 3, 1])
+    w = 2.5
+    guided = den(x, sigmas, labels, guidance=w)
+    assert raw.batches == [2 * b]
+    d_u = den(x, sigmas, torch.full_like(labels, gmm.null_label))
+    d_c = den(x, sigmas, labels)
+    assert raw.batches == [2 * b, b, b]
+    assert (guided - (d_u + w * (d_c - d_u))).abs().max().item() < 1e-10
+    # the guided result really differs from the conditional one (the check can fail)
+    assert (guided - d_c).abs().max().item() > 1e-3
+    raw.batches.clear()
+    plain = den(x, sigmas, labels, guidance=1.0)
+    assert raw.batches == [b]
+    assert torch.equal(plain, d_c)
+    # and the exact answer: GMM's own guided D
+    assert (guided - gmm(x, sigmas, labels, guidance=w)).abs().max().item() < 1e-10
+
+
+def test_cfg_without_null_conditioning_raises(gmm):
+    den = VPEpsDenoiser(RawVP(gmm, linear_table(), "epsilon"), torch.as_tensor(linear_table()))
+    x = torch.zeros(2, 3, dtype=F64)
+    with pytest.raises(ValueError, match="unconditional"):
+        den(x, torch.ones(2, dtype=F64), torch.tensor([0, 1]), guidance=3.0)
+
+
+# --- scheduler configs → tables -----------------------------------------------------------
+diffusers = pytest.importorskip("diffusers")
+from fewstep.runtime.diffusers_adapter import (  # noqa: E402
+    DiffusersUNet,
+    alphas_cumprod_from_config,
+    from_diffusers,
+    load_diffusers,
+)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(beta_schedule="linear"),
+    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+    dict(beta_schedule="squaredcos_cap_v2"),
+    dict(beta_schedule="sigmoid"),
+    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True),
+    dict(beta_schedule="linear", num_train_timesteps=100),
+])
+def test_beta_tables_match_diffusers(kw):
+    sched = diffusers.DDPMScheduler(**kw)
+    ref = sched.alphas_cumprod.to(F64)
+    ours = alphas_cumprod_from_config(sched.config)
+    assert ours.dtype == F64 and ours.shape == ref.shape
+    if kw.get("rescale_betas_zero_snr"):
+        assert ref[-1].item() == 0.0 and ours[-1].item() == 2.0**-24  # σ_T = ∞ is moved to a finite σ
+        ours, ref = ours[:-1], ref[:-1]
+    # diffusers accumulates the product in float32 (ours is float64): measured ≤ 1e-6 relative
+    # before the last 10 entries; at the very end ᾱ is tiny (cosine 2e-9, zero-SNR rescale
+    # cancels √ᾱ − √ᾱ_T) and float32 is off by up to 4e-5 relative
+    rel = (ours - ref).abs() / ref
+    assert rel[:-10].max().item() < 2e-6, rel[:-10].max().item()
+    assert rel.max().item() < 1e-4, rel.max().item()
+    # …and the float64 table is the exact one: against a numpy cumprod of the same β's
+    if kw["beta_schedule"] == "linear" and "num_train_timesteps" not in kw:
+        assert np.allclose(ours.numpy(), linear_table(), rtol=1e-14, atol=0)
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="beta_schedule"):
+        alphas_cumprod_from_config({"beta_schedule": "quartic"})
+    unet = tiny_unet()
+    with pytest.raises(ValueError, match="prediction_type"):
+        from_diffusers(unet, {"_class_name": "DDPMScheduler", "prediction_type": "score"})
+    with pytest.raises(FileNotFoundError, match="scheduler"):
+        from_diffusers(unet, tmp_path / "nothing.json")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_diffusers(tmp_path)
+    unet.save_pretrained(tmp_path / "bare")
+    with pytest.raises(FileNotFoundError, match="scheduler_config"):
+        load_diffusers(tmp_path / "bare")
+    with pytest.raises(ValueError, match="null_label"):
+        from_diffusers(unet, {}, null_label=3)  # an unconditional unet has no class labels
+    with pytest.raises(ValueError, match="not supported"):
+        from_diffusers(unet, {"_class_name": "ScoreSdeVeScheduler"})
+
+
+def test_missing_diffusers_is_named(tmp_path, monkeypatch):
+    tiny_unet().save_pretrained(tmp_path / "unet")
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # makes `import diffusers` fail
+    with pytest.raises(ImportError, match="diffusers"):
+        load_diffusers(tmp_path, {"beta_schedule": "linear"})
+
+
+def test_runtime_import_needs_no_diffusers():
+    code = ("import sys; import fewstep.runtime, fewstep.runtime.denoisers, fewstep.runtime.diffusers_adapter; "
+            "assert 'diffusers' not in sys.modules, 'diffusers imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- diffusers unets ----------------------------------------------------------------------
+def tiny_unet(**kw):
+    torch.manual_seed(kw.pop("seed", 0))
+    return diffusers.UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=kw.pop("out_channels", 1), block_out_channels=(8, 16),
+        layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, **kw).eval()
+
+
+def tiny_cond_unet():
+    torch.manual_seed(1)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=4, cross_attention_dim=8, attention_head_dim=2).eval()
+
+
+def vp_grid_and_off_grid():
+    """Four grid σ's (t = 0, 10, 500, 999) and four between grid points, with their exact t."""
+    ac = linear_table()
+    s = table_sigmas(ac)
+    t_grid = np.array([0.0, 10.0, 500.0, 999.0])
+    t_off = np.array([3.25, 120.5, 640.75, 998.5])
+    ls = np.log(s)
+    off = np.exp(np.interp(t_off, np.arange(N_TRAIN), ls))
+    return (torch.as_tensor(np.concatenate([s[t_grid.astype(int)], off]), dtype=F64),
+            torch.as_tensor(np.concatenate([t_grid, t_off]), dtype=F64))
+
+
+def manual_vp(unet, x, sigma, t, prediction, **kw):
+    """c_skip·x + c_out·unet(c_in·x, t), VP scalings written out for each prediction type."""
+    s = col(sigma, x)
+    c_in = 1 / torch.sqrt(1 + s**2)
+    scalings = {"epsilon": (1.0, -s), "v_prediction": (1 / (1 + s**2), -s * c_in), "sample": (0.0, 1.0)}
+    c_skip, c_out = scalings[prediction]
+    with torch.no_grad():
+        out = unet((c_in * x).float(), t.float(), **kw).sample.to(F64)
+    return c_skip * x + c_out * out
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_pipeline_dir_round_trip(tmp_path, prediction):
+    unet = tiny_unet()
+    unet.save_pretrained(tmp_path / "unet")
+    diffusers.DDPMScheduler(beta_schedule="linear", prediction_type=prediction).save_config(tmp_path / "scheduler")
+    den = load_diffusers(tmp_path)
+    assert type(den) is {"epsilon": VPEpsDenoiser, "v_prediction": VPVDenoiser, "sample": VPX0Denoiser}[prediction]
+    sigma, t = vp_grid_and_off_grid()
+    assert (den.sigma_to_t(sigma) - t).abs().max().item() < 1e-9  # grid σ's → exact integers
+    x = 1.5 * torch.randn(len(sigma), 1, 8, 8, dtype=F64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = den(x, sigma)
+    want = manual_vp(unet, x, sigma, t, prediction)
+    assert (got - want).abs().max().item() < 1e-6 * want.abs().max().item()
+
+
+def test_bare_unet_dir_with_config_dict_and_learned_variance(tmp_path):
+    unet = tiny_unet(out_channels=2)  # DDPM-style learned variance: ε is the first half
+    unet.save_pretrained(tmp_path)
+    cfg = dict(diffusers.DDPMScheduler(prediction_type="v_prediction", variance_type="learned_range").config)
+    den = load_diffusers(tmp_path, cfg)
+    sigma, t = vp_grid_and_off_grid()
+    x = torch.randn(len(sigma), 1, 8, 8, dtype=F64)
+    with torch.no_grad():
+        got = den(x, sigma)
+        s = col(sigma, x)
+        out = unet((x / torch.sqrt(1 + s**2)).float(), t.float()).sample[:, :1].to(F64)
+    want = x / (1 + s**2) - s / torch.sqrt(1 + s**2) * out
+    assert got.shape == x.shape
+    assert (got - want).abs().max().item() < 1e-6 * want.abs().max().item()
+
+
+def count_calls(unet):
+    batches = []
+    unet.register_forward_pre_hook(lambda m, args, kwargs: batches.append(args[0].shape[0]), with_kwargs=True)
+    return batches
+
+
+def test_class_conditional_unet_with_cfg():
+    unet = tiny_unet(num_class_embeds=5)
+    den = from_diffusers(unet, diffusers.DDPMScheduler(), null_label=4)
+    batches = count_calls(unet)
+    sigma, t = vp_grid_and_off_grid()
+    b = len(sigma)
+    x = torch.randn(b, 1, 8, 8, dtype=F64)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    w = 3.0
+    with torch.no_grad():
+        got = den(x, sigma, labels, guidance=w)
+    assert batches == [2 * b]
+    d_c = manual_vp(unet, x, sigma, t, "epsilon", class_labels=labels)
+    d_u = manual_vp(unet, x, sigma, t, "epsilon", class_labels=torch.full_like(labels, 4))
+    want = d_u + w * (d_c - d_u)
+    assert (got - want).abs().max().item() < 1e-6 * want.abs().max().item()
+    assert (d_c - d_u).abs().max().item() > 1e-4  # labels matter, so the check can fail
+    batches.clear()
+    with torch.no_grad():
+        plain = den(x, sigma, labels)
+    assert batches == [b]
+    assert (plain - d_c).abs().max().item() < 1e-6 * d_c.abs().max().item()
+
+
+def test_cross_attention_unet_with_encoder_states(tmp_path):
+    unet = tiny_cond_unet()
+    unet.save_pretrained(tmp_path / "unet")
+    diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_config(
+        tmp_path / "scheduler")
+    g = torch.Generator().manual_seed(2)
+    uncond = torch.randn(1, 3, 8, generator=g)
+    den = load_diffusers(tmp_path, uncond=uncond)
+    batches = count_calls(den.model.unet)
+    ac = np.cumprod(1 - np.linspace(0.00085**0.5, 0.012**0.5, N_TRAIN) ** 2)
+    t = torch.tensor([0.0, 250.0, 999.0, 400.5], dtype=F64)
+    sigma = t_to_sigma_np(t, ac)
+    x = torch.randn(4, 1, 8, 8, dtype=F64, generator=g)
+    cond = torch.randn(4, 3, 8, generator=g)
+    w = 7.5
+    with torch.no_grad():
+        got = den(x, sigma, cond, guidance=w)
+    assert batches == [8]
+    d_c = manual_vp(unet, x, sigma, t, "epsilon", encoder_hidden_states=cond)
+    d_u = manual_vp(unet, x, sigma, t, "epsilon", encoder_hidden_states=uncond.expand(4, 3, 8))
+    want = d_u + w * (d_c - d_u)
+    assert (got - want).abs().max().item() < 1e-6 * want.abs().max().item()
+    assert (d_c - d_u).abs().max().item() > 1e-5
+    with pytest.raises(ValueError, match="encoder hidden states"):
+        den(x, sigma)
+
+
+def test_flow_scheduler_config():
+    unet = tiny_unet()
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    den = from_diffusers(unet, sched)
+    assert isinstance(den, FlowDenoiser) and den.t_scale == 1000.0
+    # diffusers passes timesteps = t·1000 for its "sigmas" t; our σ = t/(1−t) must map to them
+    # (its first t = 1 is σ = ∞, which no σ grid holds; diffusers computes timesteps in float32)
+    sched.set_timesteps(7)
+    tt = sched.sigmas[1:-1].to(F64)
+    sigma = tt / (1 - tt)
+    assert torch.allclose(den.sigma_to_t(sigma), sched.timesteps[1:].to(F64), rtol=1e-6, atol=0)
+    # shift multiplies σ: the training range is t ∈ [1/N, (N−1)/N] shifted
+    assert den.sigma_min == pytest.approx(3.0 / 999) and den.sigma_max == pytest.approx(3.0 * 999)
+    x = torch.randn(len(sigma), 1, 8, 8, dtype=F64)
+    with torch.no_grad():
+        got = den(x, sigma)
+        s = col(sigma, x)
+        v = unet((x / (1 + s)).float(), (tt * 1000).float()).sample.to(F64)
+    want = x / (1 + s) - s / (1 + s) * v
+    assert (got - want).abs().max().item() < 1e-6 * want.abs().max().item()
+
+
+def test_edm_scheduler_config():
+    unet = tiny_unet()
+    den = from_diffusers(unet, diffusers.EDMEulerScheduler(sigma_data=0.5))
+    assert isinstance(den, EDMDenoiser)
+    sigma = torch.tensor([0.002, 0.5, 80.0], dtype=F64)
+    x = torch.randn(3, 1, 8, 8, dtype=F64)
+    c_skip, c_out, c_in, c_noise = (col(c, x) if c.ndim else c for c in edm_table1(sigma, 0.5))
+    with torch.no_grad():
+        got = den(x, sigma)
+        want = c_skip * x + c_out * unet((c_in * x).float(), c_noise.reshape(-1).float()).sample.to(F64)
+    assert (got - want).abs().max().item() < 1e-6 * want.abs().max().item()
+
+
+def test_unet_wrapper_checks_cond():
+    net = DiffusersUNet(tiny_unet())
+    with pytest.raises(ValueError, match="unconditional"):
+        net(torch.zeros(1, 1, 8, 8), torch.zeros(1), torch.tensor([1]))
