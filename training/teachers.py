@@ -41,7 +41,9 @@ def load(model: str) -> Teacher:
     if model == "digits":
         return _digits(None)
     if not os.path.exists(model):
-        raise ModelError(f"unknown model {model!r}: use 'digits', 'gmm' or a path to a checkpoint (no such file)")
+        if os.sep in model or model.endswith(".safetensors"):
+            raise ModelError(f"model file not found: {model}")
+        raise ModelError(f"unknown model {model!r}: use 'digits', 'gmm' or a path to a checkpoint")
     if os.path.isdir(model):
         ckpt = os.path.join(model, "digits_teacher.safetensors")
         if os.path.exists(ckpt):
@@ -63,10 +65,10 @@ def _digits(path: str | None) -> Teacher:
 
 
 def _diffusers(path: str) -> Teacher:
-    from ..runtime.diffusers_adapter import load_pretrained
+    from ..runtime.diffusers_adapter import load_diffusers
 
-    den = load_pretrained(path)
-    unet = den.model
+    den = load_diffusers(path)
+    unet = den.model.unet
     cfg = unet.config
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
     h = hashlib.sha256()
