@@ -5,16 +5,26 @@ VPY     := $(VENV)/bin/python
 PIP     := $(VPY) -m pip
 STAMP   := $(VENV)/.fewstep-installed
 
-.PHONY: demo test install dev lint clean
+.PHONY: demo test install dev lint clean sysdeps
+
+# A fresh Debian machine may lack venv/ensurepip or a C++ compiler: install them (as root).
+sysdeps:
+	@if ! $(PY) -c "import venv, ensurepip" 2>/dev/null || ! command -v g++ >/dev/null; then \
+	  echo "installing python3-venv python3-dev g++ (apt-get)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv python3-dev g++ >/dev/null; fi
 
 $(VENV)/bin/python:
+	$(MAKE) sysdeps
 	$(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# Build deps first so the package builds without isolation (no second torch download).
-$(STAMP): $(VENV)/bin/python pyproject.toml CMakeLists.txt
-	$(PIP) install -q "torch==2.13.0" scikit-build-core pybind11 cmake ninja
-	$(PIP) install -q --no-build-isolation ".[test]"
+# Dependencies (runtime, test and build, read from pyproject.toml) go in first, so the
+# package itself builds without isolation: no second torch in a throw-away build env.
+$(STAMP): $(VENV)/bin/python pyproject.toml
+	$(PIP) install -q $$($(VPY) -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); \
+	  print(' '.join(r for r in d['project']['dependencies'] + d['project']['optional-dependencies']['test'] \
+	  + d['build-system']['requires'] + ['cmake>=3.18', 'ninja']))")
 	touch $(STAMP)
 
 install: $(STAMP)

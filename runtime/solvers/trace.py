@@ -140,6 +140,8 @@ class Trace:
         else:
             coef = sum(rest_t.get(k, 0.0) * v for k, v in rest_s.items()) / ss
         scale = max(target.scale(), abs(coef) * state.scale(), 1.0)
+        if abs(coef) <= _TOL:  # e.g. the step to σ = 0: exactly 0, so runtimes can skip reading x
+            coef = 0.0
         for k in keys:
             if abs(rest_t.get(k, 0.0) - coef * rest_s.get(k, 0.0)) > _TOL * scale:
                 raise PlanError(

@@ -1,0 +1,163 @@
+"""The `fewstep` CLI contract: outputs, the Python API behind them, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import fewstep
+from fewstep.runtime import noise as fnoise
+from fewstep.runtime import sample
+from fewstep.runtime.solvers import build
+from fewstep.training.gmm import GMM
+
+
+def run(*args, ok=True):
+    p = subprocess.run([sys.executable, "-m", "fewstep", *map(str, args)], capture_output=True, text=True,
+                       timeout=600)
+    if ok:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+def test_version():
+    assert run("--version").stdout.strip() == f"fewstep {fewstep.__version__}"
+
+
+def test_sample_gmm_equals_python_api(tmp_path):
+    p = run("sample", "--model", "gmm", "--solver", "dpmpp-2m", "--nfe", 5, "--n", 33, "--seed", 7, "--out", tmp_path)
+    assert "NFE 5" in p.stdout and len(p.stdout.strip().splitlines()) == 1
+    x = np.load(tmp_path / "samples.npy")
+    assert x.dtype == np.float32 and x.shape == (33, 2)
+    g = GMM.default()
+    z, _ = fnoise.draw(7, 33, (2,), 0)
+    plan = build("dpmpp-2m", 5, g.sigma_min, g.sigma_max)
+    want = sample(plan, g, torch.from_numpy(z)).numpy()
+    np.testing.assert_array_equal(x, want)
+
+
+def test_sample_noise_file_and_plan_file(tmp_path):
+    z = np.random.default_rng(0).standard_normal((9, 2)).astype(np.float32)
+    np.save(tmp_path / "z.npy", z)
+    g = GMM.default()
+    plan = build("heun", 5, g.sigma_min, g.sigma_max)
+    plan.save(tmp_path / "plan.json")
+    run("sample", "--model", "gmm", "--plan", tmp_path / "plan.json", "--noise", tmp_path / "z.npy",
+        "--out", tmp_path / "o")
+    x = np.load(tmp_path / "o" / "samples.npy")
+    np.testing.assert_array_equal(x, sample(plan, g, torch.from_numpy(z)).numpy())
+
+
+def test_sample_stochastic_plan_is_seeded(tmp_path):
+    a = run("sample", "--model", "gmm", "--solver", "ddpm", "--nfe", 6, "--n", 8, "--seed", 3, "--out", tmp_path / "a")
+    b = run("sample", "--model", "gmm", "--solver", "ddpm", "--nfe", 6, "--n", 4, "--seed", 3, "--out", tmp_path / "b")
+    assert a.returncode == b.returncode == 0
+    xa, xb = np.load(tmp_path / "a" / "samples.npy"), np.load(tmp_path / "b" / "samples.npy")
+    np.testing.assert_array_equal(xa[:4], xb)  # per-sample streams: batch size does not matter
+
+
+def test_eval_json_gmm():
+    p = run("eval", "--model", "gmm", "--solver", "ddim", "--nfe", 4, "--n", 64, "--json")
+    res = json.loads(p.stdout)
+    assert res["nfe"] == 4 and res["n"] == 64
+    assert 0 < res["rmse_vs_reference"] < 2 and res["sliced_w2"] > 0
+
+
+def test_eval_error_falls_with_nfe():
+    e = [json.loads(run("eval", "--model", "gmm", "--solver", "dpmpp-2m", "--nfe", n, "--n", 128,
+                        "--json").stdout)["rmse_vs_reference"] for n in (3, 20)]
+    assert e[1] < e[0] / 3
+
+
+@pytest.mark.slow
+def test_sample_and_eval_digits(tmp_path):
+    run("sample", "--model", "digits", "--solver", "dpmpp-2m", "--nfe", 4, "--n", 20, "--class", 3,
+        "--guidance", 2, "--out", tmp_path)
+    x = np.load(tmp_path / "samples.npy")
+    assert x.shape == (20, 1, 8, 8) and x.dtype == np.float32
+    assert (tmp_path / "grid.png").stat().st_size > 100
+    res = json.loads(run("eval", "--model", "digits", "--solver", "dpmpp-2m", "--nfe", 6, "--n", 100,
+                         "--json").stdout)
+    for k in ("nfe", "rmse_vs_reference", "fd_digits", "class_accuracy"):
+        assert k in res
+    assert res["class_accuracy"] > 0.5
+
+
+# --- bad input: exit code != 0, one clear line, no traceback, nothing written ------------
+
+
+def _bad(tmp_path, *args, match):
+    out = tmp_path / "out"
+    p = run(*args, "--out", out, ok=False) if args[0] == "sample" else run(*args, ok=False)
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln]
+    assert len(lines) == 1 and lines[0].startswith("fewstep: error:"), p.stderr
+    assert match in lines[0], lines[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_bad_plan_json(tmp_path):
+    (tmp_path / "p.json").write_text('{"format": "fewstep.plan/1", "rows": [')
+    _bad(tmp_path, "sample", "--model", "gmm", "--plan", tmp_path / "p.json", match="not valid JSON")
+
+
+def test_nan_in_plan(tmp_path):
+    d = build("ddim", 3, 0.002, 80).to_dict()
+    text = json.dumps(d).replace('"c": ', '"c": NaN, "x": ', 1)
+    (tmp_path / "p.json").write_text(text)
+    _bad(tmp_path, "sample", "--model", "gmm", "--plan", tmp_path / "p.json", match="NaN")
+
+
+def test_unknown_solver(tmp_path):
+    _bad(tmp_path, "sample", "--model", "gmm", "--solver", "nope", "--nfe", 3, match="unknown solver 'nope'")
+
+
+def test_unknown_model(tmp_path):
+    _bad(tmp_path, "sample", "--model", "nope", "--solver", "ddim", "--nfe", 3, match="unknown model 'nope'")
+
+
+def test_missing_weights_file(tmp_path):
+    _bad(tmp_path, "sample", "--model", tmp_path / "gone.safetensors", "--solver", "ddim", "--nfe", 3,
+         match="gone.safetensors")
+
+
+def test_noise_wrong_shape(tmp_path):
+    np.save(tmp_path / "z.npy", np.zeros((4, 3), np.float32))
+    _bad(tmp_path, "sample", "--model", "gmm", "--solver", "ddim", "--nfe", 3, "--noise", tmp_path / "z.npy",
+         match="shape (4, 2)")
+
+
+def test_heun_even_nfe(tmp_path):
+    _bad(tmp_path, "sample", "--model", "gmm", "--solver", "heun", "--nfe", 4, match="2n − 1")
+
+
+def test_nfe_zero(tmp_path):
+    _bad(tmp_path, "sample", "--model", "gmm", "--solver", "ddim", "--nfe", 0, match="NFE")
+
+
+def test_plan_for_other_teacher(tmp_path):
+    plan = build("ddim", 3, 0.002, 80).replace(provenance={"teacher_hash": "sha256:" + "0" * 64})
+    plan.save(tmp_path / "p.json")
+    _bad(tmp_path, "sample", "--model", "gmm", "--plan", tmp_path / "p.json", match="content hash")
+    run("sample", "--model", "gmm", "--plan", tmp_path / "p.json", "--force", "--n", 2, "--out", tmp_path / "f")
+
+
+def test_guidance_needs_class(tmp_path):
+    _bad(tmp_path, "sample", "--model", "gmm", "--solver", "ddim", "--nfe", 3, "--guidance", 3, match="--class")
+
+
+def test_out_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    p = run("sample", "--model", "gmm", "--solver", "ddim", "--nfe", 3, "--out", tmp_path / "f", ok=False)
+    assert p.returncode != 0 and "not a directory" in p.stderr and "Traceback" not in p.stderr
+    assert (tmp_path / "f").read_text() == "x"
+
+
+def test_no_partial_files_on_success(tmp_path):
+    run("sample", "--model", "gmm", "--solver", "ddim", "--nfe", 2, "--n", 4, "--out", tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["samples.npy"]
