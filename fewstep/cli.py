@@ -21,14 +21,20 @@ class UserError(Exception):
     pass
 
 
+def user_error_types():
+    """For plugin commands that want to re-raise their own errors as user errors."""
+    return _user_errors()
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from .errors import FewstepError
     from .runtime.executor import InputError
     from .runtime.plan import PlanError
     from .runtime.schedules import ScheduleError
     from .runtime.solvers import SolverError
     from .training.teachers import ModelError
 
-    return (UserError, PlanError, SolverError, ScheduleError, InputError, ModelError, FileNotFoundError,
+    return (UserError, FewstepError, PlanError, SolverError, ScheduleError, InputError, ModelError, FileNotFoundError,
             NotADirectoryError, PermissionError, IsADirectoryError)
 
 
@@ -300,7 +306,22 @@ def build_parser() -> argparse.ArgumentParser:
     bq.add_argument("--nfe", default="2,3,4,5,6,8,10")
     bq.add_argument("--seed", type=int, default=0)
     bq.set_defaults(fn=cmd_bench_quality)
+
+    # Commands that live with their stage: each module has `register(subparsers, bench_subparsers)`.
+    import importlib
+
+    for mod in PLUGINS:
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+            continue
+        m.register(sub, bsub)
     return p
+
+
+PLUGINS = ("fewstep.training.fit_cli", "fewstep.export.cli", "fewstep.kernels.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
