@@ -21,11 +21,6 @@ class UserError(Exception):
     pass
 
 
-def user_error_types():
-    """For plugin commands that want to re-raise their own errors as user errors."""
-    return _user_errors()
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .errors import FewstepError
     from .runtime.executor import InputError
