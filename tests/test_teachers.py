@@ -1,0 +1,165 @@
+"""The shipped digits teacher and classifier, deterministic / resumable training, and the metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from fewstep.training import digits, metrics
+from fewstep.training.classifier import load_classifier
+
+# sha256 of training/weights/digits_teacher.safetensors as shipped: plans fitted on the teacher
+# record it, so changing the weights must be a deliberate act that updates this line.
+SHIPPED_TEACHER_HASH = "sha256:14248850c782cc0031a68518b637fa0b01bf6da96585637e60d683dde27770cd"
+
+TINY = digits.TrainConfig(unet=digits.UNetConfig(channels=(8, 16), blocks=1, emb_dim=16, fourier_dim=8, groups=4),
+                          batch=8, warmup=2, ema_halflife=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These tensors are tiny: on the shared 2-core machine two OpenMP threads made the 4-step
+    # training runs 10–80× slower (spin-waiting), so this module runs on one and restores the count.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def split():
+    return digits.load_digits_split()
+
+
+def test_split_is_fixed_and_stratified(split):
+    x_tr, y_tr, x_te, y_te = split
+    assert x_tr.shape == (1497, 1, 8, 8) and x_te.shape == (300, 1, 8, 8)
+    assert x_tr.dtype == torch.float32 and y_te.dtype == torch.long
+    assert torch.bincount(y_te).tolist() == [30] * 10
+    assert float(x_tr.min()) == -1.0 and float(x_tr.max()) == 1.0
+    assert torch.equal(digits.load_digits_split()[2], x_te)
+
+
+def test_shipped_teacher_loads_and_hash_is_stable():
+    den = digits.load_teacher()
+    meta = json.load(open(os.path.join(digits.WEIGHTS_DIR, "digits_teacher.json")))
+    assert den.sigma_data == meta["sigma_data"] and den.null_label == 10
+    assert os.path.getsize(os.path.join(digits.WEIGHTS_DIR, digits.TEACHER_FILE)) < 2_000_000
+    h = digits.teacher_hash()
+    assert h == digits.teacher_hash(digits.WEIGHTS_DIR) == SHIPPED_TEACHER_HASH
+    x = torch.zeros(3, 1, 8, 8)
+    out = den(x, torch.full((3,), 1.0), torch.tensor([0, 5, 10]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_missing_weights_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        digits.load_teacher(str(tmp_path / "nope.safetensors"))
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def test_training_is_deterministic_and_resumes(tmp_path):
+    kw = dict(seed=3, progress=False, config=TINY)
+    straight = _weights(digits.train_teacher(str(tmp_path / "a"), steps=4, **kw))
+    again = _weights(digits.train_teacher(str(tmp_path / "b"), steps=4, **kw))
+    digits.train_teacher(str(tmp_path / "c"), steps=2, **kw)
+    assert json.load(open(tmp_path / "c" / "train_state.json"))["step"] == 2
+    resumed = _weights(digits.train_teacher(str(tmp_path / "c"), steps=4, **kw))
+    other_seed = _weights(digits.train_teacher(str(tmp_path / "d"), steps=4, **{**kw, "seed": 4}))
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        assert torch.equal(straight[k], again[k]), k
+        assert torch.equal(straight[k], resumed[k]), k
+    assert any(not torch.equal(straight[k], other_seed[k]) for k in straight)
+    # the model actually moved away from its initialisation (zero-initialised output conv)
+    assert float(straight["out.weight"].abs().max()) > 0
+    # a resumed run with another config is refused rather than silently mixed
+    with pytest.raises(ValueError, match="another config or seed"):
+        digits.train_teacher(str(tmp_path / "c"), steps=6, seed=5, progress=False, config=TINY)
+
+
+def test_shipped_classifier_accuracy(split):
+    _, _, x_te, y_te = split
+    acc = metrics.class_accuracy(x_te, y_te)
+    assert acc >= 0.95  # measured 0.990 on the 300 held-out digits
+    meta = json.load(open(os.path.join(digits.WEIGHTS_DIR, "digits_classifier.json")))
+    assert acc == pytest.approx(meta["test_accuracy"], abs=1e-6)
+    assert load_classifier().features(x_te[:5]).shape == (5, 64)
+
+
+def test_fd_digits(split):
+    x_tr, _, x_te, _ = split
+    assert metrics.fd_digits(x_te, x_te) == pytest.approx(0.0, abs=1e-6)
+    real = metrics.fd_digits(x_tr, x_te)  # measured 4.86
+    noise = torch.randn(300, 1, 8, 8, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    assert 0.5 < real < 20
+    assert metrics.fd_digits(noise, x_te) > 20 * real  # measured 574
+    with pytest.raises(ValueError, match=r"\[N, 1, 8, 8\]"):
+        metrics.fd_digits(torch.zeros(10, 64), x_te)
+
+
+def test_frechet_distance_matches_closed_form():
+    # Commuting (diagonal) covariances: FD = |Δμ|² + Σ (√a − √b)².
+    a, b = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    fd = metrics.frechet_distance(np.zeros(3), np.diag(a), np.array([1.0, 0, 0]), np.diag(b))
+    assert fd == pytest.approx(1.0 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum(), rel=1e-12)
+
+
+def test_class_accuracy_checks_shapes(split):
+    _, _, x_te, y_te = split
+    with pytest.raises(ValueError, match="one per sample"):
+        metrics.class_accuracy(x_te, y_te[:10])
+    assert metrics.class_accuracy(x_te.numpy(), (y_te + 1).numpy() % 10) < 0.1
+
+
+def test_sliced_w2():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((500, 2))
+    assert metrics.sliced_w2(a, a.copy()) == 0.0
+    assert metrics.sliced_w2(torch.from_numpy(a), np.concatenate([a, a])) == pytest.approx(0.0, abs=1e-12)
+    v = np.array([0.3, -0.4])
+    theta = metrics.projections(2, 256, seed=0)
+    want = np.sqrt(((theta @ v) ** 2).mean())  # ≈ |v|/√2 = 0.354
+    assert metrics.sliced_w2(a, a + v) == pytest.approx(want, rel=1e-12)
+    assert want == pytest.approx(0.5 / np.sqrt(2), rel=0.1)
+    assert metrics.sliced_w2(a[:, :1], a[:, :1] + 0.7) == pytest.approx(0.7, rel=1e-12)  # 1-D: exactly the shift
+    with pytest.raises(ValueError, match="same d"):
+        metrics.sliced_w2(a, rng.standard_normal((500, 3)))
+
+
+def test_rmse():
+    a = np.zeros((2, 4))
+    b = np.array([[1.0, 1, 1, 1], [2, 0, 0, 0]])
+    assert metrics.rmse(a, b) == pytest.approx((1.0 + 1.0) / 2)  # per-sample RMS 1 and 1
+    assert metrics.rmse(torch.ones(3, 2), torch.ones(3, 2)) == 0.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        metrics.rmse(a, b[:1])
+
+
+def test_shipped_teacher_samples_are_the_requested_digits(split):
+    den = digits.load_teacher()
+    x, labels = digits.sample_teacher(den, 200, nfe=15, seed=1)
+    assert torch.isfinite(x).all() and x.shape == (200, 1, 8, 8)
+    acc = metrics.class_accuracy(x, labels)
+    # measured 0.990 (seed 1; 0.965 and 0.980 at seeds 2, 3); 1,000 samples at Heun 35: 0.989
+    assert acc >= 0.9, acc
+
+
+def test_classifier_training_is_deterministic(tmp_path):
+    from fewstep.training.classifier import ClassifierConfig, train_classifier
+
+    cfg = ClassifierConfig(epochs=3, width=16, feature_dim=32)
+    a = _weights(train_classifier(str(tmp_path / "a"), seed=0, config=cfg))
+    b = _weights(train_classifier(str(tmp_path / "b"), seed=0, config=cfg))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    acc = json.load(open(tmp_path / "a" / "digits_classifier.json"))["test_accuracy"]
+    assert acc > 0.5  # three epochs of a narrow net already read most digits (measured 0.713)
