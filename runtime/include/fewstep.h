@@ -31,7 +31,11 @@ typedef enum fewstep_status {
   FEWSTEP_ERR_INVALID_ARGUMENT = 1, /* NULL pointer, non-positive size, ... */
   FEWSTEP_ERR_OUT_OF_RANGE = 2,     /* a value outside its documented range */
   FEWSTEP_ERR_BUFFER_TOO_SMALL = 3, /* an output buffer shorter than the result */
-  FEWSTEP_ERR_INTERNAL = 4          /* a bug in fewstep; please report it */
+  FEWSTEP_ERR_INTERNAL = 4,         /* a bug in fewstep; please report it */
+  FEWSTEP_ERR_IO = 5,               /* a file cannot be opened or read */
+  FEWSTEP_ERR_INVALID_ENGINE = 6,   /* not a fewstep engine: unreadable ONNX, missing or bad metadata */
+  FEWSTEP_ERR_BACKEND = 7,          /* ONNX Runtime cannot be loaded, or failed (message in fewstep_last_error) */
+  FEWSTEP_ERR_UNSUPPORTED = 8       /* an execution provider the ONNX Runtime library does not have */
 } fewstep_status;
 
 /* Library version, "MAJOR.MINOR.PATCH" (the Python package's __version__). Never NULL. */
@@ -40,6 +44,11 @@ FEWSTEP_API const char* fewstep_version(void);
 /* A static, human-readable name for `status`; unknown codes give "unknown fewstep status".
  * Never NULL. */
 FEWSTEP_API const char* fewstep_status_string(fewstep_status status);
+
+/* The message of the last error on the calling thread (thread-local; every function that returns
+ * an error status sets it, successful calls leave it alone), "" if none. Valid until the next
+ * fewstep call on this thread. Never NULL. */
+FEWSTEP_API const char* fewstep_last_error(void);
 
 /* ---- Noise ---------------------------------------------------------------------------------
  * The one Gaussian noise generator of every fewstep runtime; runtime/noise.py is the numpy
@@ -73,6 +82,108 @@ FEWSTEP_API fewstep_status fewstep_philox4x32_10(const uint32_t counter[4], cons
  * Nothing is written unless FEWSTEP_OK is returned. Thread-safe (no global state). */
 FEWSTEP_API fewstep_status fewstep_randn(uint64_t seed, uint64_t stream, uint64_t first_sample, int64_t batch,
                                          int64_t per_sample, float* out, size_t out_len);
+
+
+/* ---- Engines ---------------------------------------------------------------------------------
+ * An engine is one exported sampler .onnx (the whole plan unrolled, see export/ and the contract
+ * in DESIGN §7) run through ONNX Runtime's C API. ONNX Runtime is loaded at run time (dlopen), so
+ * the same fewstep build runs on the CPU or the GPU build of ONNX Runtime. */
+
+typedef struct fewstep_engine fewstep_engine; /* opaque; fewstep_engine_load / fewstep_engine_free */
+
+typedef enum fewstep_provider {
+  FEWSTEP_PROVIDER_CPU = 0,      /* ONNX Runtime's CPU execution provider */
+  FEWSTEP_PROVIDER_CUDA = 1,     /* CUDA EP (needs the onnxruntime-gpu library), CPU fallback for other nodes */
+  FEWSTEP_PROVIDER_TENSORRT = 2  /* TensorRT EP, then CUDA, then CPU for nodes TensorRT does not take */
+} fewstep_provider;
+
+/* Load-time parameters. Always start from fewstep_default_params() and change fields, so code
+ * keeps compiling and meaning the same when fields are added. */
+typedef struct fewstep_engine_params {
+  int32_t intra_op_threads;     /* threads inside one operator; 0 = ONNX Runtime's default (one per core),
+                                   1 = run on the calling thread. Default 0. */
+  int32_t inter_op_threads;     /* threads across independent operators; 0 = default. Default 0. */
+  fewstep_provider provider;    /* execution provider. Default FEWSTEP_PROVIDER_CPU. */
+  int32_t device_id;            /* CUDA device ordinal for CUDA / TensorRT; ignored on the CPU. Default 0. */
+  int32_t cuda_graph;           /* non-zero: capture the run in a CUDA graph (CUDA / TensorRT providers;
+                                   fixed shapes, so one batch size per engine). Default 0. */
+  const char* engine_cache_dir; /* TensorRT engine + timing cache directory; NULL = no cache. Default NULL.
+                                   Copied during fewstep_engine_load. */
+  const char* ort_library;      /* path of libonnxruntime.so to dlopen; NULL = the environment variable
+                                   FEWSTEP_ORT_LIBRARY, else "libonnxruntime.so" on the loader's search
+                                   path. The first library loaded in a process stays loaded: later
+                                   loads must name the same file (or NULL). Default NULL. */
+} fewstep_engine_params;
+
+/* The defaults documented field by field above. */
+FEWSTEP_API fewstep_engine_params fewstep_default_params(void);
+
+/* Load the engine at `path`. params NULL = defaults. On FEWSTEP_OK *out is a new engine, to be
+ * released with fewstep_engine_free; on any error *out is NULL and fewstep_last_error says why.
+ *   FEWSTEP_ERR_INVALID_ARGUMENT  path or out NULL, a params field out of its range
+ *   FEWSTEP_ERR_IO                path missing or unreadable
+ *   FEWSTEP_ERR_INVALID_ENGINE    not ONNX, or ONNX without valid fewstep metadata (fewstep.format
+ *                                 "fewstep.engine/1", kind "sampler", a contract matching the graph)
+ *   FEWSTEP_ERR_BACKEND           ONNX Runtime library not found / too old, or session creation failed
+ *   FEWSTEP_ERR_UNSUPPORTED       the provider asked for is not in the ONNX Runtime library
+ * Thread-safe. */
+FEWSTEP_API fewstep_status fewstep_engine_load(const char* path, const fewstep_engine_params* params,
+                                               fewstep_engine** out);
+
+/* Release an engine and everything it owns. NULL is a no-op. No call on `engine` may be running. */
+FEWSTEP_API void fewstep_engine_free(fewstep_engine* engine);
+
+#define FEWSTEP_MAX_DIMS 8
+
+/* The engine's input contract (from its metadata, checked against the graph at load). */
+typedef struct fewstep_engine_info {
+  int32_t ndim;                          /* rank of one sample (e.g. 3 for C×H×W), 1..FEWSTEP_MAX_DIMS */
+  int64_t sample_shape[FEWSTEP_MAX_DIMS]; /* the first ndim entries are the shape of one sample */
+  int64_t per_sample;                    /* floats per sample: the product of sample_shape */
+  int64_t fixed_batch;                   /* the only batch the engine takes; 0 = any batch >= 1 */
+  int32_t nfe;                           /* network evaluations in the plan */
+  int32_t n_stochastic;                  /* plan rows that draw fresh noise (S) */
+  int32_t num_classes;                   /* class labels 0..num_classes-1; 0 = not class-conditional */
+  int32_t null_label;                    /* label meaning "no class" (classifier-free); -1 = none */
+  int32_t guidance_input;                /* non-zero: the engine takes a CFG scale per sample */
+  double sigma_init;                     /* sigma of the initial noise: x = sigma_init * z */
+  const char* compute_dtype;             /* "float32" | "float16" | "bfloat16" (inside the graph) */
+  const char* plan_json;                 /* the plan (fewstep.plan/1 JSON) baked into the graph */
+  const char* contract_json;             /* metadata fewstep.contract, verbatim */
+} fewstep_engine_info;
+
+/* Fill *out with the contract of `engine`. The strings belong to the engine and live as long as it.
+ * FEWSTEP_ERR_INVALID_ARGUMENT if a pointer is NULL. */
+FEWSTEP_API fewstep_status fewstep_engine_get_info(const fewstep_engine* engine, fewstep_engine_info* out);
+
+/* A metadata_props value of the engine's ONNX file (e.g. "fewstep.teacher_hash"), owned by the
+ * engine; NULL if the key is absent or an argument is NULL. */
+FEWSTEP_API const char* fewstep_engine_metadata(const fewstep_engine* engine, const char* key);
+
+/* Draw `batch` samples with seed `seed`: z = fewstep_randn(seed, stream 0), the noise of stochastic
+ * row j from stream 1 + j, sample index = position in the batch -- the same values the Python
+ * runtime uses, so the result equals `fewstep sample ... --seed seed` run through this engine.
+ *   batch     >= 1 (and == fixed_batch if the engine has one), <= 2^32.
+ *   labels    int64[batch] class labels in 0..num_classes-1 or the null label; NULL = the null label
+ *             for every sample (unconditional; FEWSTEP_ERR_INVALID_ARGUMENT if the engine has none).
+ *             Must be NULL for an engine that is not class-conditional.
+ *   guidance  float[batch] CFG scales W (finite); NULL = 1 (plain conditional). Must be NULL or all
+ *             1 for an engine without a guidance input.
+ *   out       float[out_len] receives batch * per_sample floats, sample-major, row-major.
+ * Returns FEWSTEP_OK; FEWSTEP_ERR_INVALID_ARGUMENT (NULL engine/out, bad batch, labels or guidance),
+ * FEWSTEP_ERR_OUT_OF_RANGE (a label out of range, batch over 2^32), FEWSTEP_ERR_BUFFER_TOO_SMALL,
+ * FEWSTEP_ERR_BACKEND (the run failed). On error `out` may be partly written.
+ * Thread-safe: any number of threads may sample from one engine at once; the results do not
+ * depend on it. */
+FEWSTEP_API fewstep_status fewstep_sample(fewstep_engine* engine, uint64_t seed, int64_t batch, const int64_t* labels,
+                                          const float* guidance, float* out, size_t out_len);
+
+/* As fewstep_sample, but with a given initial z (float[batch * per_sample], standard normal,
+ * e.g. read from a .npy; NULL = from the seed as above). The stochastic rows' noise still comes
+ * from `seed`, as in `fewstep sample --noise FILE`. */
+FEWSTEP_API fewstep_status fewstep_sample_from(fewstep_engine* engine, uint64_t seed, int64_t batch, const float* z,
+                                               const int64_t* labels, const float* guidance, float* out,
+                                               size_t out_len);
 
 #ifdef __cplusplus
 }

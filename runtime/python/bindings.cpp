@@ -1,13 +1,17 @@
-// fewstep._C: Python bindings over the public C API (fewstep.h) only.
+// fewstep._C: Python bindings over the public C API (fewstep.h) and its C++ wrapper (fewstep.hpp) only.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
 #include <limits>
 #include <string>
 #include <vector>
 
 #include "fewstep.h"
+#include "fewstep.hpp"
 
 namespace py = pybind11;
 
@@ -89,6 +93,125 @@ py::tuple philox4x32_10(const py::sequence& counter, const py::sequence& key) {
   return py::make_tuple(o[0], o[1], o[2], o[3]);
 }
 
+// ---- Engine ------------------------------------------------------------------------------
+
+// libonnxruntime.so of the installed onnxruntime / onnxruntime-gpu package (same import name),
+// found without importing it; "" if none is installed (then the C side tries FEWSTEP_ORT_LIBRARY
+// and the loader's search path).
+std::string find_ort_library() {
+  const char* env = std::getenv("FEWSTEP_ORT_LIBRARY");
+  if (env && *env) return env;
+  const py::object spec = py::module_::import("importlib.util").attr("find_spec")("onnxruntime");
+  if (spec.is_none() || spec.attr("submodule_search_locations").is_none()) return "";
+  for (const py::handle loc : spec.attr("submodule_search_locations")) {
+    const py::object capi = py::module_::import("pathlib").attr("Path")(loc) / py::str("capi");
+    const py::list libs = py::module_::import("builtins").attr("sorted")(capi.attr("glob")("libonnxruntime.so*"));
+    if (py::len(libs)) return py::str(libs[0]);
+  }
+  return "";
+}
+
+// Python exceptions for the C status codes: bad input is a ValueError (the fewstep convention),
+// an unreadable file an OSError, ONNX Runtime failures a RuntimeError.
+[[noreturn]] void raise(const fewstep::Error& e) {
+  switch (e.status()) {
+    case FEWSTEP_ERR_IO: throw py::value_error(e.what());  // FileNotFoundError-like but a ValueError for the CLI
+    case FEWSTEP_ERR_BACKEND:
+    case FEWSTEP_ERR_INTERNAL: throw std::runtime_error(e.what());
+    default: throw py::value_error(e.what());
+  }
+}
+
+class PyEngine {
+ public:
+  PyEngine(const std::string& path, int threads, const std::string& provider, int device_id, bool cuda_graph,
+           const py::object& cache_dir, const py::object& ort_library) {
+    fewstep::EngineOptions o;
+    o.intra_op_threads = threads;
+    if (provider == "cpu") o.provider = FEWSTEP_PROVIDER_CPU;
+    else if (provider == "cuda") o.provider = FEWSTEP_PROVIDER_CUDA;
+    else if (provider == "tensorrt") o.provider = FEWSTEP_PROVIDER_TENSORRT;
+    else throw py::value_error("provider must be 'cpu', 'cuda' or 'tensorrt', got '" + provider + "'");
+    o.device_id = device_id;
+    o.cuda_graph = cuda_graph;
+    if (!cache_dir.is_none()) o.engine_cache_dir = py::str(cache_dir);
+    o.ort_library = ort_library.is_none() ? find_ort_library() : std::string(py::str(ort_library));
+    try {
+      py::gil_scoped_release release;  // session creation can take a while (TensorRT: minutes)
+      engine_ = std::make_unique<fewstep::Engine>(path, o);
+    } catch (const fewstep::Error& e) {
+      raise(e);
+    }
+  }
+
+  // numpy in / out without copies: inputs must already be C-contiguous with the right dtype
+  // (forcecast would copy silently otherwise, which is fine but we avoid it for float32/int64),
+  // the output is allocated here and written by ONNX Runtime in place.
+  py::array_t<float> sample(const py::object& seed, const py::object& batch, const py::object& labels,
+                            const py::object& guidance, const py::object& z) const {
+    const uint64_t s = to_u64(seed, "seed");
+    const int64_t b = to_positive(batch, "batch");
+    const fewstep_engine_info& info = engine_->info();
+    using i64arr = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+    using f32arr = py::array_t<float, py::array::c_style | py::array::forcecast>;
+    i64arr l;
+    f32arr g, zz;
+    if (!labels.is_none()) {
+      l = i64arr::ensure(labels);
+      if (!l || l.ndim() != 1 || l.shape(0) != b) throw py::value_error("labels must be an int array of shape [batch]");
+    }
+    if (!guidance.is_none()) {
+      g = f32arr::ensure(guidance);
+      if (!g || g.ndim() != 1 || g.shape(0) != b) throw py::value_error("guidance must be a float array of shape [batch]");
+    }
+    std::vector<py::ssize_t> dims{py::ssize_t(b)};
+    dims.insert(dims.end(), info.sample_shape, info.sample_shape + info.ndim);
+    if (!z.is_none()) {
+      zz = f32arr::ensure(z);
+      if (!zz || std::vector<py::ssize_t>(zz.shape(), zz.shape() + zz.ndim()) != dims)
+        throw py::value_error("z must be a float32 array of shape [batch, *sample_shape]");
+    }
+    py::array_t<float> out(dims);
+    float* o = out.mutable_data();
+    const size_t n = size_t(out.size());
+    const int64_t* lp = labels.is_none() ? nullptr : l.data();
+    const float* gp = guidance.is_none() ? nullptr : g.data();
+    const float* zp = z.is_none() ? nullptr : zz.data();
+    try {
+      py::gil_scoped_release release;  // other Python threads run while ONNX Runtime samples
+      engine_->sample(s, b, lp, gp, o, n, zp);
+    } catch (const fewstep::Error& e) {
+      raise(e);
+    }
+    return out;
+  }
+
+  py::dict info() const {
+    const fewstep_engine_info& i = engine_->info();
+    py::dict d;
+    d["sample_shape"] = py::tuple(py::cast(engine_->sample_shape()));
+    d["per_sample"] = i.per_sample;
+    d["fixed_batch"] = i.fixed_batch ? py::object(py::int_(i.fixed_batch)) : py::object(py::none());
+    d["nfe"] = i.nfe;
+    d["n_stochastic"] = i.n_stochastic;
+    d["num_classes"] = i.num_classes ? py::object(py::int_(i.num_classes)) : py::object(py::none());
+    d["null_label"] = i.null_label >= 0 ? py::object(py::int_(i.null_label)) : py::object(py::none());
+    d["guidance_input"] = bool(i.guidance_input);
+    d["sigma_init"] = i.sigma_init;
+    d["compute_dtype"] = i.compute_dtype;
+    return d;
+  }
+
+  py::object metadata(const std::string& key) const {
+    const char* v = fewstep_engine_metadata(engine_->get(), key.c_str());
+    return v ? py::object(py::str(v)) : py::object(py::none());
+  }
+  std::string plan_json() const { return engine_->info().plan_json; }
+
+ private:
+  std::unique_ptr<fewstep::Engine> engine_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -100,4 +223,20 @@ PYBIND11_MODULE(_C, m) {
         "fewstep.runtime.noise.randn); raises ValueError on bad arguments.");
   m.def("philox4x32_10", &philox4x32_10, py::arg("counter"), py::arg("key"),
         "Philox4x32-10 block function on 4 counter words and 2 key words; returns 4 words.");
+  m.def("find_ort_library", &find_ort_library,
+        "Path of the installed onnxruntime package's libonnxruntime.so ($FEWSTEP_ORT_LIBRARY first), or ''.");
+  py::class_<PyEngine>(m, "Engine", "An exported fewstep sampler (.onnx) run by the C++ runtime over ONNX Runtime.")
+      .def(py::init<const std::string&, int, const std::string&, int, bool, const py::object&, const py::object&>(),
+           py::arg("path"), py::arg("threads") = 0, py::arg("provider") = "cpu", py::arg("device_id") = 0,
+           py::arg("cuda_graph") = false, py::arg("cache_dir") = py::none(), py::arg("ort_library") = py::none(),
+           "Load an engine. threads: ONNX Runtime intra-op threads (0 = its default). ort_library: "
+           "libonnxruntime.so to use (default: the installed onnxruntime package's). Raises ValueError "
+           "for a bad file or argument, RuntimeError when ONNX Runtime fails.")
+      .def("sample", &PyEngine::sample, py::arg("seed"), py::arg("batch"), py::arg("labels") = py::none(),
+           py::arg("guidance") = py::none(), py::arg("z") = py::none(),
+           "float32 [batch, *sample_shape]: z and noise from the Philox seed (or the given z), as "
+           "`fewstep sample --seed`. Releases the GIL while ONNX Runtime runs.")
+      .def_property_readonly("info", &PyEngine::info, "The input contract (dict).")
+      .def_property_readonly("plan_json", &PyEngine::plan_json)
+      .def("metadata", &PyEngine::metadata, py::arg("key"), "A metadata_props value, or None.");
 }

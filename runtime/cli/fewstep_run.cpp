@@ -1,0 +1,226 @@
+// fewstep-run: sample an exported engine from the command line. Uses only the public C++ wrapper.
+//   fewstep-run ENGINE --seed S --batch N [--class C] [--guidance W] [--noise Z.npy] --out X.npy
+//               [--threads T] [--provider cpu|cuda|tensorrt] [--device D] [--cuda-graph]
+//               [--cache-dir DIR] [--ort-library PATH] [--bench N]
+// Exit codes: 0 ok, 2 usage or input error, 1 engine / runtime error.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "fewstep.hpp"
+
+namespace {
+
+struct Usage : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+const char* kHelp =
+    "usage: fewstep-run ENGINE [--seed S] [--batch N] [--class C] [--guidance W] [--noise Z.npy] [--out X.npy]\n"
+    "                   [--threads T] [--provider cpu|cuda|tensorrt] [--device D] [--cuda-graph]\n"
+    "                   [--cache-dir DIR] [--ort-library PATH] [--bench N]\n"
+    "Samples N images from an exported fewstep engine with Philox seed S (default 0, batch 1).\n"
+    "Without --class a class-conditional engine draws classes 0,1,2,... in turn (like `fewstep sample`).\n"
+    "--bench N: time N more runs after one warm-up and print p50/p90/p99 latency and samples/s.\n"
+    "ONNX Runtime: --ort-library, else $FEWSTEP_ORT_LIBRARY, else libonnxruntime.so on the search path.\n";
+
+long long parse_int(const std::string& s, const char* what) {
+  char* end = nullptr;
+  errno = 0;
+  const long long v = std::strtoll(s.c_str(), &end, 10);
+  if (s.empty() || *end || errno) throw Usage(std::string(what) + " must be an integer, got '" + s + "'");
+  return v;
+}
+
+double parse_float(const std::string& s, const char* what) {
+  char* end = nullptr;
+  const double v = std::strtod(s.c_str(), &end);
+  if (s.empty() || *end || !std::isfinite(v)) throw Usage(std::string(what) + " must be a finite number, got '" + s + "'");
+  return v;
+}
+
+// .npy (format 1.0/2.0) of little-endian float32, C order: shape and data.
+std::vector<float> read_npy(const std::string& path, std::vector<long long>& shape) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw Usage("cannot open noise file " + path);
+  char magic[8];
+  if (!f.read(magic, 8) || std::memcmp(magic, "\x93NUMPY", 6) != 0) throw Usage(path + ": not a .npy file");
+  uint32_t hlen = 0;
+  unsigned char b[4] = {0, 0, 0, 0};
+  const int nb = magic[6] == 1 ? 2 : 4;
+  if (!f.read(reinterpret_cast<char*>(b), nb)) throw Usage(path + ": truncated .npy header");
+  for (int i = nb - 1; i >= 0; --i) hlen = (hlen << 8) | b[i];
+  if (hlen > (1u << 20)) throw Usage(path + ": .npy header too long");
+  std::string h(hlen, '\0');
+  if (!f.read(&h[0], hlen)) throw Usage(path + ": truncated .npy header");
+  if (h.find("'descr': '<f4'") == std::string::npos) throw Usage(path + ": noise must be float32 (<f4)");
+  if (h.find("'fortran_order': False") == std::string::npos) throw Usage(path + ": noise must be C-ordered");
+  const size_t p = h.find("'shape': (");
+  if (p == std::string::npos) throw Usage(path + ": .npy header without shape");
+  std::stringstream ss(h.substr(p + 10, h.find(')', p) - p - 10));
+  std::string tok;
+  size_t n = 1;
+  while (std::getline(ss, tok, ',')) {
+    tok.erase(std::remove(tok.begin(), tok.end(), ' '), tok.end());
+    if (tok.empty()) continue;
+    shape.push_back(parse_int(tok, "npy shape"));
+    if (shape.back() < 0 || (shape.back() && n > (size_t(1) << 40) / size_t(shape.back())))
+      throw Usage(path + ": bad shape");
+    n *= size_t(shape.back());
+  }
+  std::vector<float> data(n);
+  if (!f.read(reinterpret_cast<char*>(data.data()), std::streamsize(n * sizeof(float))))
+    throw Usage(path + ": truncated .npy data");
+  return data;
+}
+
+void write_npy(const std::string& path, const std::vector<long long>& shape, const float* data, size_t n) {
+  std::string dims;
+  for (long long d : shape) dims += std::to_string(d) + ", ";
+  if (shape.size() > 1) dims.resize(dims.size() - 1);  // "(4, 1, 8, 8)" but "(4,)"
+  if (shape.size() > 1) dims.pop_back();
+  std::string h = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + dims + "), }";
+  while ((10 + h.size() + 1) % 64) h += ' ';
+  h += '\n';
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::binary);
+    const unsigned short len = static_cast<unsigned short>(h.size());
+    f.write("\x93NUMPY\x01\x00", 8);
+    const char lb[2] = {char(len & 0xff), char(len >> 8)};
+    f.write(lb, 2);
+    f.write(h.data(), std::streamsize(h.size()));
+    f.write(reinterpret_cast<const char*>(data), std::streamsize(n * sizeof(float)));
+    if (!f) throw fewstep::Error(FEWSTEP_ERR_IO, "cannot write " + path);
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) throw fewstep::Error(FEWSTEP_ERR_IO, "cannot write " + path);
+}
+
+double percentile(std::vector<double> v, double q) {
+  std::sort(v.begin(), v.end());
+  const double pos = q * double(v.size() - 1);  // linear interpolation, as numpy's default
+  const size_t lo = size_t(pos);
+  const size_t hi = std::min(lo + 1, v.size() - 1);
+  return v[lo] + (pos - double(lo)) * (v[hi] - v[lo]);
+}
+
+int run(int argc, char** argv) {
+  std::string engine_path, out_path, noise_path;
+  long long seed = 0, batch = 1, bench = 0;
+  bool has_class = false, has_guidance = false;
+  long long cls = 0;
+  double guidance = 1.0;
+  fewstep::EngineOptions opt;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    const auto next = [&]() -> std::string {
+      if (i + 1 >= argc) throw Usage(a + " needs a value");
+      return argv[++i];
+    };
+    if (a == "-h" || a == "--help") {
+      std::fputs(kHelp, stdout);
+      return 0;
+    } else if (a == "--seed") seed = parse_int(next(), "--seed");
+    else if (a == "--batch") batch = parse_int(next(), "--batch");
+    else if (a == "--class") has_class = true, cls = parse_int(next(), "--class");
+    else if (a == "--guidance") has_guidance = true, guidance = parse_float(next(), "--guidance");
+    else if (a == "--noise") noise_path = next();
+    else if (a == "--out") out_path = next();
+    else if (a == "--threads") opt.intra_op_threads = int(parse_int(next(), "--threads"));
+    else if (a == "--device") opt.device_id = int(parse_int(next(), "--device"));
+    else if (a == "--cuda-graph") opt.cuda_graph = true;
+    else if (a == "--cache-dir") opt.engine_cache_dir = next();
+    else if (a == "--ort-library") opt.ort_library = next();
+    else if (a == "--bench") bench = parse_int(next(), "--bench");
+    else if (a == "--provider") {
+      const std::string p = next();
+      if (p == "cpu") opt.provider = FEWSTEP_PROVIDER_CPU;
+      else if (p == "cuda") opt.provider = FEWSTEP_PROVIDER_CUDA;
+      else if (p == "tensorrt") opt.provider = FEWSTEP_PROVIDER_TENSORRT;
+      else throw Usage("--provider must be cpu, cuda or tensorrt, got '" + p + "'");
+    } else if (!a.empty() && a[0] == '-') throw Usage("unknown option " + a);
+    else if (engine_path.empty()) engine_path = a;
+    else throw Usage("unexpected argument " + a);
+  }
+  if (engine_path.empty()) throw Usage("no ENGINE given");
+  if (seed < 0) throw Usage("--seed must be >= 0");
+  if (bench < 0) throw Usage("--bench must be >= 0");
+  if (out_path.empty() && bench == 0) throw Usage("give --out X.npy (or --bench N)");
+
+  const fewstep::Engine engine(engine_path, opt);
+  const fewstep_engine_info& info = engine.info();
+  std::vector<float> z;
+  if (!noise_path.empty()) {
+    std::vector<long long> shape;
+    z = read_npy(noise_path, shape);
+    std::vector<long long> want{batch};
+    want.insert(want.end(), info.sample_shape, info.sample_shape + info.ndim);
+    if (shape != want) throw Usage(noise_path + ": expected a float32 array of shape N x sample shape with N = --batch");
+    for (float v : z)
+      if (!std::isfinite(v)) throw Usage(noise_path + ": contains NaN or inf");
+  }
+  if (batch < 1) throw Usage("--batch must be >= 1");
+  std::vector<int64_t> labels;
+  if (has_class) {
+    if (!info.num_classes) throw Usage("--class given but this engine is not class-conditional");
+    if (cls < 0 || cls >= info.num_classes)
+      throw Usage("--class must be in 0.." + std::to_string(info.num_classes - 1) + ", got " + std::to_string(cls));
+    labels.assign(size_t(batch), cls);
+  } else if (info.num_classes) {
+    for (long long i = 0; i < batch; ++i) labels.push_back(i % info.num_classes);  // classes drawn evenly
+  }
+  std::vector<float> g;
+  if (has_guidance) g.assign(size_t(batch), float(guidance));
+
+  const size_t n = size_t(batch) * size_t(info.per_sample);
+  std::vector<float> out(n);
+  const auto once = [&] {
+    engine.sample(uint64_t(seed), batch, labels.empty() ? nullptr : labels.data(), g.empty() ? nullptr : g.data(),
+                  out.data(), out.size(), z.empty() ? nullptr : z.data());
+  };
+  once();
+  if (!out_path.empty()) {
+    std::vector<long long> shape{batch};
+    shape.insert(shape.end(), info.sample_shape, info.sample_shape + info.ndim);
+    write_npy(out_path, shape, out.data(), n);
+  }
+  if (bench > 0) {
+    std::vector<double> ms;
+    for (long long r = 0; r < bench; ++r) {
+      const auto t0 = std::chrono::steady_clock::now();
+      once();
+      ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    }
+    double total = 0;
+    for (double t : ms) total += t;
+    std::printf("fewstep-run bench: %lld runs, batch %lld, nfe %d\n", bench, batch, info.nfe);
+    std::printf("latency ms: p50 %.4f  p90 %.4f  p99 %.4f\n", percentile(ms, 0.5), percentile(ms, 0.9),
+                percentile(ms, 0.99));
+    std::printf("samples/s: %.1f\n", double(batch) * double(bench) / (total / 1000.0));
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const Usage& e) {
+    std::fprintf(stderr, "fewstep-run: error: %s\n", e.what());
+    return 2;
+  } catch (const fewstep::Error& e) {
+    std::fprintf(stderr, "fewstep-run: error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "fewstep-run: error: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,114 @@
+// fewstep C++ API: a header-only RAII wrapper over the C API in fewstep.h. Errors become
+// fewstep::Error exceptions here, on the caller's side of the C boundary.
+#ifndef FEWSTEP_HPP
+#define FEWSTEP_HPP
+
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "fewstep.h"
+
+namespace fewstep {
+
+// A failed C call: status() is the code, what() the message from fewstep_last_error().
+class Error : public std::runtime_error {
+ public:
+  Error(fewstep_status status, const std::string& message) : std::runtime_error(message), status_(status) {}
+  fewstep_status status() const noexcept { return status_; }
+
+ private:
+  fewstep_status status_;
+};
+
+inline void check(fewstep_status status) {
+  if (status != FEWSTEP_OK) {
+    const char* msg = fewstep_last_error();
+    throw Error(status, msg && *msg ? msg : fewstep_status_string(status));
+  }
+}
+
+// Load-time options; defaults are fewstep_default_params(). Strings are owned here.
+struct EngineOptions {
+  int intra_op_threads = 0;
+  int inter_op_threads = 0;
+  fewstep_provider provider = FEWSTEP_PROVIDER_CPU;
+  int device_id = 0;
+  bool cuda_graph = false;
+  std::string engine_cache_dir;  // empty = none
+  std::string ort_library;       // empty = FEWSTEP_ORT_LIBRARY, else libonnxruntime.so
+
+  fewstep_engine_params to_c() const {
+    fewstep_engine_params p = fewstep_default_params();
+    p.intra_op_threads = intra_op_threads;
+    p.inter_op_threads = inter_op_threads;
+    p.provider = provider;
+    p.device_id = device_id;
+    p.cuda_graph = cuda_graph ? 1 : 0;
+    p.engine_cache_dir = engine_cache_dir.empty() ? nullptr : engine_cache_dir.c_str();
+    p.ort_library = ort_library.empty() ? nullptr : ort_library.c_str();
+    return p;
+  }
+};
+
+// One loaded engine; movable, not copyable. sample() may be called from many threads at once.
+class Engine {
+ public:
+  explicit Engine(const std::string& path, const EngineOptions& options = {}) {
+    const fewstep_engine_params p = options.to_c();
+    fewstep_engine* e = nullptr;
+    check(fewstep_engine_load(path.c_str(), &p, &e));
+    handle_.reset(e);
+    check(fewstep_engine_get_info(e, &info_));
+  }
+
+  const fewstep_engine_info& info() const noexcept { return info_; }
+  std::vector<int64_t> sample_shape() const { return {info_.sample_shape, info_.sample_shape + info_.ndim}; }
+  // A metadata_props value, or "" if absent.
+  std::string metadata(const std::string& key) const {
+    const char* v = fewstep_engine_metadata(handle_.get(), key.c_str());
+    return v ? v : "";
+  }
+
+  // Into a caller's buffer of out_len floats (batch * per_sample needed). labels / guidance /
+  // z: nullptr or batch (batch * per_sample for z) values; see fewstep_sample_from.
+  void sample(uint64_t seed, int64_t batch, const int64_t* labels, const float* guidance, float* out, size_t out_len,
+              const float* z = nullptr) const {
+    check(fewstep_sample_from(handle_.get(), seed, batch, z, labels, guidance, out, out_len));
+  }
+
+  // Convenience: a new vector of batch * per_sample floats.
+  std::vector<float> sample(uint64_t seed, int64_t batch, const std::vector<int64_t>& labels = {},
+                            const std::vector<float>& guidance = {}) const {
+    std::vector<float> out(size_t(batch > 0 ? batch : 0) * size_t(info_.per_sample));
+    sample(seed, batch, labels.empty() ? nullptr : labels.data(), guidance.empty() ? nullptr : guidance.data(),
+           out.data(), out.size());
+    return out;
+  }
+
+  fewstep_engine* get() const noexcept { return handle_.get(); }
+
+ private:
+  struct Free {
+    void operator()(fewstep_engine* e) const noexcept { fewstep_engine_free(e); }
+  };
+  std::unique_ptr<fewstep_engine, Free> handle_;
+  fewstep_engine_info info_{};
+};
+
+// Noise from the shared Philox generator (see fewstep_randn).
+inline std::vector<float> randn(uint64_t seed, int64_t batch, int64_t per_sample, uint64_t stream = 0,
+                                uint64_t first_sample = 0) {
+  std::vector<float> out(size_t(batch > 0 ? batch : 0) * size_t(per_sample > 0 ? per_sample : 0));
+  check(fewstep_randn(seed, stream, first_sample, batch, per_sample, out.data(), out.size()));
+  return out;
+}
+
+inline std::string version() { return fewstep_version(); }
+
+}  // namespace fewstep
+
+#endif  // FEWSTEP_HPP

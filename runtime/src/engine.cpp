@@ -1,0 +1,517 @@
+// The engine: one exported sampler .onnx run through ONNX Runtime's C API.
+//
+// ONNX Runtime is dlopen'ed at run time (never linked), so the same build runs with the CPU or
+// the GPU wheel's library. We compile against the ORT_API_VERSION of the headers found at build
+// time and ask the library for exactly that API table: newer libraries keep older tables.
+#include <dlfcn.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "error.hpp"
+#include "fewstep.h"
+#include "json.hpp"
+#include "onnxruntime_c_api.h"
+
+namespace fewstep_impl {
+namespace {
+
+// ---- The ONNX Runtime library: loaded once per process and kept (ORT does not support being
+// unloaded; its env is a process-wide singleton anyway).
+struct Ort {
+  const OrtApi* api = nullptr;
+  OrtEnv* env = nullptr;
+  std::string path;
+};
+
+std::mutex g_ort_mutex;
+Ort* g_ort = nullptr;  // intentionally never freed: lives until the process exits
+
+const Ort& ort(const char* requested) {
+  std::string path = requested ? requested : "";
+  if (path.empty()) {
+    const char* env = std::getenv("FEWSTEP_ORT_LIBRARY");
+    path = env && *env ? env : "libonnxruntime.so";
+  }
+  std::lock_guard<std::mutex> lock(g_ort_mutex);
+  if (g_ort) {
+    if (requested && *requested && path != g_ort->path)
+      throw Error(FEWSTEP_ERR_BACKEND, "ONNX Runtime is already loaded from " + g_ort->path +
+                                           "; one process can use one library (asked for " + path + ")");
+    return *g_ort;
+  }
+  void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (!lib)
+    throw Error(FEWSTEP_ERR_BACKEND,
+                "cannot load ONNX Runtime (" + path + "): " + dlerror() +
+                    "; install the onnxruntime (or onnxruntime-gpu) Python package and point FEWSTEP_ORT_LIBRARY "
+                    "at its onnxruntime/capi/libonnxruntime.so.*");
+  using GetApiBase = const OrtApiBase* (*)();
+  auto get_base = reinterpret_cast<GetApiBase>(dlsym(lib, "OrtGetApiBase"));
+  if (!get_base) throw Error(FEWSTEP_ERR_BACKEND, path + " is not ONNX Runtime (no OrtGetApiBase)");
+  const OrtApi* api = get_base()->GetApi(ORT_API_VERSION);
+  if (!api)
+    throw Error(FEWSTEP_ERR_BACKEND, "ONNX Runtime " + std::string(get_base()->GetVersionString()) +
+                                         " at " + path + " is older than the C API version " +
+                                         std::to_string(ORT_API_VERSION) + " fewstep was built with");
+  OrtEnv* env = nullptr;
+  if (OrtStatus* st = api->CreateEnv(ORT_LOGGING_LEVEL_ERROR, "fewstep", &env)) {
+    const std::string msg = api->GetErrorMessage(st);
+    api->ReleaseStatus(st);
+    throw Error(FEWSTEP_ERR_BACKEND, "ONNX Runtime CreateEnv failed: " + msg);
+  }
+  g_ort = new Ort{api, env, path};
+  return *g_ort;
+}
+
+// Turn an OrtStatus into an Error (and release it).
+void check(const OrtApi* api, OrtStatus* st, const char* what, fewstep_status code = FEWSTEP_ERR_BACKEND) {
+  if (!st) return;
+  const std::string msg = std::string(what) + ": " + api->GetErrorMessage(st);
+  api->ReleaseStatus(st);
+  throw Error(code, msg);
+}
+
+// RAII for the ORT handles we hold only during load.
+template <class T>
+struct Owned {
+  T* p = nullptr;
+  void (*release)(T*) = nullptr;
+  explicit Owned(void (*r)(T*)) : release(r) {}
+  Owned(const Owned&) = delete;
+  Owned& operator=(const Owned&) = delete;
+  ~Owned() {
+    if (p) release(p);
+  }
+};
+
+// AllocatorFree returns a status (always null in practice); release it so nothing leaks.
+void afree(const OrtApi* api, OrtAllocator* alloc, void* p) {
+  if (OrtStatus* st = api->AllocatorFree(alloc, p)) api->ReleaseStatus(st);
+}
+
+struct InputSpec {
+  std::string name;
+  ONNXTensorElementDataType type;
+  std::vector<int64_t> dims;  // -1 (or another negative) = dynamic
+};
+
+}  // namespace
+}  // namespace fewstep_impl
+
+// The handle behind fewstep_engine*. Immutable after load, so concurrent fewstep_sample calls
+// share it safely (OrtApi::Run is thread-safe on one session).
+struct fewstep_engine {
+  const OrtApi* api = nullptr;
+  OrtSession* session = nullptr;
+  OrtMemoryInfo* cpu = nullptr;
+  std::map<std::string, std::string> metadata;
+  std::string compute_dtype, plan_json, contract_json;
+  fewstep_engine_info info{};
+  bool has_noise = false, has_labels = false, has_guidance = false;
+  std::vector<const char*> input_names;  // in the order we pass values: z [noise] [class_labels] [guidance]
+  const char* output_name = "sample";
+
+  ~fewstep_engine() {
+    if (session) api->ReleaseSession(session);
+    if (cpu) api->ReleaseMemoryInfo(cpu);
+  }
+};
+
+namespace fewstep_impl {
+namespace {
+
+std::string read_all_metadata(const OrtApi* api, OrtSession* session, fewstep_engine* e) {
+  OrtAllocator* alloc = nullptr;
+  check(api, api->GetAllocatorWithDefaultOptions(&alloc), "GetAllocatorWithDefaultOptions", FEWSTEP_ERR_INTERNAL);
+  Owned<OrtModelMetadata> meta(api->ReleaseModelMetadata);
+  check(api, api->SessionGetModelMetadata(session, &meta.p), "SessionGetModelMetadata", FEWSTEP_ERR_INVALID_ENGINE);
+  char** keys = nullptr;
+  int64_t nkeys = 0;
+  check(api, api->ModelMetadataGetCustomMetadataMapKeys(meta.p, alloc, &keys, &nkeys), "reading metadata_props",
+        FEWSTEP_ERR_INVALID_ENGINE);
+  // Copy every key/value into std::string first, then free ORT's buffers whatever happens.
+  std::string err;
+  for (int64_t k = 0; k < nkeys; ++k) {
+    char* value = nullptr;
+    if (err.empty()) {
+      if (OrtStatus* st = api->ModelMetadataLookupCustomMetadataMap(meta.p, alloc, keys[k], &value)) {
+        err = api->GetErrorMessage(st);
+        api->ReleaseStatus(st);
+      } else if (value) {
+        e->metadata[keys[k]] = value;
+      }
+    }
+    if (value) afree(api, alloc, value);
+    afree(api, alloc, keys[k]);
+  }
+  if (keys) afree(api, alloc, keys);
+  return err;
+}
+
+std::vector<InputSpec> session_inputs(const OrtApi* api, OrtSession* session, bool outputs) {
+  OrtAllocator* alloc = nullptr;
+  check(api, api->GetAllocatorWithDefaultOptions(&alloc), "GetAllocatorWithDefaultOptions", FEWSTEP_ERR_INTERNAL);
+  size_t n = 0;
+  check(api, outputs ? api->SessionGetOutputCount(session, &n) : api->SessionGetInputCount(session, &n),
+        "reading the graph's inputs/outputs", FEWSTEP_ERR_INVALID_ENGINE);
+  std::vector<InputSpec> specs;
+  for (size_t i = 0; i < n; ++i) {
+    InputSpec spec{};
+    char* name = nullptr;
+    check(api, outputs ? api->SessionGetOutputName(session, i, alloc, &name)
+                       : api->SessionGetInputName(session, i, alloc, &name),
+          "reading a graph input name", FEWSTEP_ERR_INVALID_ENGINE);
+    spec.name = name;
+    afree(api, alloc, name);
+    Owned<OrtTypeInfo> ti(api->ReleaseTypeInfo);
+    check(api, outputs ? api->SessionGetOutputTypeInfo(session, i, &ti.p) : api->SessionGetInputTypeInfo(session, i, &ti.p),
+          "reading a graph input type", FEWSTEP_ERR_INVALID_ENGINE);
+    const OrtTensorTypeAndShapeInfo* tinfo = nullptr;
+    check(api, api->CastTypeInfoToTensorInfo(ti.p, &tinfo), "graph input type", FEWSTEP_ERR_INVALID_ENGINE);
+    if (!tinfo) throw Error(FEWSTEP_ERR_INVALID_ENGINE, "graph input/output " + spec.name + " is not a tensor");
+    check(api, api->GetTensorElementType(tinfo, &spec.type), "graph input dtype", FEWSTEP_ERR_INVALID_ENGINE);
+    size_t nd = 0;
+    check(api, api->GetDimensionsCount(tinfo, &nd), "graph input rank", FEWSTEP_ERR_INVALID_ENGINE);
+    spec.dims.resize(nd);
+    if (nd) check(api, api->GetDimensions(tinfo, spec.dims.data(), nd), "graph input shape", FEWSTEP_ERR_INVALID_ENGINE);
+    specs.push_back(std::move(spec));
+  }
+  return specs;
+}
+
+[[noreturn]] void bad_contract(const std::string& path, const std::string& why) {
+  throw Error(FEWSTEP_ERR_INVALID_ENGINE, path + ": fewstep.contract: " + why);
+}
+
+int64_t json_int(const Json* v, const std::string& path, const char* key, int64_t lo, int64_t hi) {
+  if (!v || v->type != Json::Number || !(v->num >= double(lo) && v->num <= double(hi)) || v->num != std::floor(v->num))
+    bad_contract(path, std::string(key) + " must be an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+  return int64_t(v->num);
+}
+
+// Parse the metadata and check it against the graph; fills e->info and the input list.
+void read_contract(fewstep_engine* e, const std::string& path, const std::vector<InputSpec>& inputs,
+                   const std::vector<InputSpec>& outputs) {
+  const auto meta = [&](const char* key) -> const std::string* {
+    const auto it = e->metadata.find(key);
+    return it == e->metadata.end() ? nullptr : &it->second;
+  };
+  const std::string* format = meta("fewstep.format");
+  if (!format)
+    throw Error(FEWSTEP_ERR_INVALID_ENGINE,
+                path + ": an ONNX model without fewstep metadata (no fewstep.format); export it with `fewstep export`");
+  if (*format != "fewstep.engine/1")
+    throw Error(FEWSTEP_ERR_INVALID_ENGINE, path + ": fewstep.format is \"" + *format +
+                                                "\"; this runtime reads fewstep.engine/1");
+  const std::string* kind = meta("fewstep.kind");
+  if (!kind || *kind != "sampler")
+    throw Error(FEWSTEP_ERR_INVALID_ENGINE, path + ": fewstep.kind is " + (kind ? "\"" + *kind + "\"" : "missing") +
+                                                "; only sampler engines can be sampled (a step graph runs one evaluation)");
+  const std::string* contract = meta("fewstep.contract");
+  if (!contract) throw Error(FEWSTEP_ERR_INVALID_ENGINE, path + ": fewstep.contract metadata missing");
+  e->contract_json = *contract;
+  if (const std::string* plan = meta("fewstep.plan")) e->plan_json = *plan;
+  const Json c = parse_json(*contract, (path + ": fewstep.contract").c_str());
+  if (c.type != Json::Object) bad_contract(path, "not a JSON object");
+
+  fewstep_engine_info& info = e->info;
+  const Json* shape = c.get("sample_shape");
+  if (!shape || shape->type != Json::Array || shape->arr.empty() || shape->arr.size() > FEWSTEP_MAX_DIMS)
+    bad_contract(path, "sample_shape must be a list of 1.." + std::to_string(FEWSTEP_MAX_DIMS) + " sizes");
+  info.ndim = int32_t(shape->arr.size());
+  info.per_sample = 1;
+  for (int d = 0; d < info.ndim; ++d) {
+    info.sample_shape[d] = json_int(&shape->arr[d], path, "sample_shape entries", 1, int64_t(1) << 31);
+    if (info.per_sample > (int64_t(1) << 40) / info.sample_shape[d]) bad_contract(path, "sample_shape too large");
+    info.per_sample *= info.sample_shape[d];
+  }
+  info.nfe = int32_t(json_int(c.get("nfe"), path, "nfe", 0, 1 << 20));
+  info.n_stochastic = int32_t(json_int(c.get("n_stochastic"), path, "n_stochastic", 0, 1 << 20));
+  const Json* nc = c.get("num_classes");
+  info.num_classes = (!nc || nc->type == Json::Null) ? 0 : int32_t(json_int(nc, path, "num_classes", 1, 1 << 30));
+  const Json* nl = c.get("null_label");
+  info.null_label = (!nl || nl->type == Json::Null) ? -1 : int32_t(json_int(nl, path, "null_label", 0, 1 << 30));
+  const Json* gi = c.get("guidance_input");
+  if (gi && gi->type != Json::Bool) bad_contract(path, "guidance_input must be true or false");
+  info.guidance_input = gi && gi->b;
+  const Json* si = c.get("sigma_init");
+  info.sigma_init = si && si->type == Json::Number ? si->num : 0.0;
+  const Json* cd = c.get("compute_dtype");
+  e->compute_dtype = cd && cd->type == Json::String ? cd->str : "float32";
+
+  // The graph must be what the contract says: these checks turn a mismatched file into a
+  // clear load error instead of a failure (or worse, a silent misuse) at sample time.
+  const auto find = [&](const std::vector<InputSpec>& v, const char* name) -> const InputSpec* {
+    for (const auto& s : v)
+      if (s.name == name) return &s;
+    return nullptr;
+  };
+  const auto expect = [&](const InputSpec* s, const char* name, ONNXTensorElementDataType type, size_t lead) {
+    if (!s) bad_contract(path, std::string("the graph has no input/output '") + name + "'");
+    if (s->type != type) bad_contract(path, std::string("'") + name + "' has the wrong dtype");
+    const size_t want = lead + (std::strcmp(name, "class_labels") && std::strcmp(name, "guidance") ? size_t(info.ndim) : 0);
+    if (s->dims.size() != want) bad_contract(path, std::string("'") + name + "' has rank " + std::to_string(s->dims.size()) +
+                                                       ", expected " + std::to_string(want));
+    for (size_t d = lead; d < want; ++d)
+      if (s->dims[d] >= 0 && s->dims[d] != info.sample_shape[d - lead])
+        bad_contract(path, std::string("'") + name + "' shape does not match sample_shape");
+  };
+  const InputSpec* z = find(inputs, "z");
+  expect(z, "z", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 1);
+  info.fixed_batch = z->dims[0] > 0 ? z->dims[0] : 0;
+  e->input_names.push_back("z");
+  size_t expected_inputs = 1;
+  if (info.n_stochastic > 0) {
+    const InputSpec* nz = find(inputs, "noise");
+    expect(nz, "noise", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 2);
+    if (nz->dims[0] >= 0 && nz->dims[0] != info.n_stochastic) bad_contract(path, "'noise' has the wrong number of rows");
+    e->has_noise = true;
+    e->input_names.push_back("noise");
+    ++expected_inputs;
+  }
+  if (info.num_classes > 0) {
+    expect(find(inputs, "class_labels"), "class_labels", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, 1);
+    e->has_labels = true;
+    e->input_names.push_back("class_labels");
+    ++expected_inputs;
+  }
+  if (info.guidance_input) {
+    expect(find(inputs, "guidance"), "guidance", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 1);
+    e->has_guidance = true;
+    e->input_names.push_back("guidance");
+    ++expected_inputs;
+  }
+  if (inputs.size() != expected_inputs)
+    bad_contract(path, "the graph has " + std::to_string(inputs.size()) + " inputs, the contract names " +
+                           std::to_string(expected_inputs));
+  expect(find(outputs, "sample"), "sample", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 1);
+  if (info.null_label >= 0 && info.num_classes > 0 && info.null_label < info.num_classes)
+    bad_contract(path, "null_label must not be one of the classes 0..num_classes-1");
+}
+
+void append_provider(const OrtApi* api, OrtSessionOptions* so, const fewstep_engine_params& p) {
+  const std::string dev = std::to_string(p.device_id);
+  if (p.provider == FEWSTEP_PROVIDER_TENSORRT) {
+    OrtTensorRTProviderOptionsV2* trt = nullptr;
+    check(api, api->CreateTensorRTProviderOptions(&trt), "TensorRT provider options", FEWSTEP_ERR_UNSUPPORTED);
+    std::vector<const char*> keys{"device_id"}, vals{dev.c_str()};
+    if (p.cuda_graph) keys.push_back("trt_cuda_graph_enable"), vals.push_back("1");
+    if (p.engine_cache_dir) {
+      keys.insert(keys.end(), {"trt_engine_cache_enable", "trt_engine_cache_path", "trt_timing_cache_enable",
+                               "trt_timing_cache_path"});
+      vals.insert(vals.end(), {"1", p.engine_cache_dir, "1", p.engine_cache_dir});
+    }
+    OrtStatus* st = api->UpdateTensorRTProviderOptions(trt, keys.data(), vals.data(), keys.size());
+    if (!st) st = api->SessionOptionsAppendExecutionProvider_TensorRT_V2(so, trt);
+    api->ReleaseTensorRTProviderOptions(trt);
+    check(api, st, "TensorRT execution provider (needs onnxruntime-gpu with TensorRT)", FEWSTEP_ERR_UNSUPPORTED);
+  }
+  if (p.provider == FEWSTEP_PROVIDER_CUDA || p.provider == FEWSTEP_PROVIDER_TENSORRT) {
+    OrtCUDAProviderOptionsV2* cuda = nullptr;
+    check(api, api->CreateCUDAProviderOptions(&cuda), "CUDA provider options", FEWSTEP_ERR_UNSUPPORTED);
+    // With TensorRT in front, CUDA graphs are TensorRT's business.
+    const char* graph = p.cuda_graph && p.provider == FEWSTEP_PROVIDER_CUDA ? "1" : "0";
+    const char* keys[] = {"device_id", "enable_cuda_graph"};
+    const char* vals[] = {dev.c_str(), graph};
+    OrtStatus* st = api->UpdateCUDAProviderOptions(cuda, keys, vals, 2);
+    if (!st) st = api->SessionOptionsAppendExecutionProvider_CUDA_V2(so, cuda);
+    api->ReleaseCUDAProviderOptions(cuda);
+    check(api, st, "CUDA execution provider (needs the onnxruntime-gpu library)", FEWSTEP_ERR_UNSUPPORTED);
+  }
+}
+
+fewstep_engine* load(const char* path_c, const fewstep_engine_params& p) {
+  const std::string path = path_c;
+  if (p.intra_op_threads < 0 || p.inter_op_threads < 0 || p.device_id < 0 ||
+      p.provider < FEWSTEP_PROVIDER_CPU || p.provider > FEWSTEP_PROVIDER_TENSORRT)
+    throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "fewstep_engine_params: threads and device_id must be >= 0 and "
+                                              "provider one of FEWSTEP_PROVIDER_CPU / _CUDA / _TENSORRT");
+  {  // Our own check first: ORT's messages for a missing file are less direct.
+    std::ifstream f(path, std::ios::binary);
+    if (!f) throw Error(FEWSTEP_ERR_IO, "cannot open engine file " + path + ": " + std::strerror(errno));
+    char c;
+    if (!f.get(c)) throw Error(FEWSTEP_ERR_INVALID_ENGINE, path + ": empty file (not an ONNX model)");
+  }
+  const Ort& o = ort(p.ort_library);
+  const OrtApi* api = o.api;
+  Owned<OrtSessionOptions> so(api->ReleaseSessionOptions);
+  check(api, api->CreateSessionOptions(&so.p), "CreateSessionOptions");
+  if (p.intra_op_threads) check(api, api->SetIntraOpNumThreads(so.p, p.intra_op_threads), "SetIntraOpNumThreads");
+  if (p.inter_op_threads) check(api, api->SetInterOpNumThreads(so.p, p.inter_op_threads), "SetInterOpNumThreads");
+  append_provider(api, so.p, p);
+
+  std::unique_ptr<fewstep_engine> e(new fewstep_engine);
+  e->api = api;
+  check(api, api->CreateSession(o.env, path.c_str(), so.p, &e->session), (path + ": not a loadable ONNX model").c_str(),
+        FEWSTEP_ERR_INVALID_ENGINE);
+  const std::string meta_err = read_all_metadata(api, e->session, e.get());
+  if (!meta_err.empty()) throw Error(FEWSTEP_ERR_INVALID_ENGINE, path + ": cannot read metadata: " + meta_err);
+  read_contract(e.get(), path, session_inputs(api, e->session, false), session_inputs(api, e->session, true));
+  check(api, api->CreateCpuMemoryInfo(OrtArenaAllocator, OrtMemTypeDefault, &e->cpu), "CreateCpuMemoryInfo");
+  e->info.compute_dtype = e->compute_dtype.c_str();
+  e->info.plan_json = e->plan_json.c_str();
+  e->info.contract_json = e->contract_json.c_str();
+  return e.release();
+}
+
+// One run: wrap the caller's / our buffers as tensors (no copies) and let ORT write `out` directly.
+void run(fewstep_engine* e, uint64_t seed, int64_t batch, const float* z_in, const int64_t* labels_in,
+         const float* guidance_in, float* out, size_t out_len) {
+  const fewstep_engine_info& info = e->info;
+  if (batch < 1) throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "batch must be >= 1, got " + std::to_string(batch));
+  if (batch > (int64_t(1) << 32))
+    throw Error(FEWSTEP_ERR_OUT_OF_RANGE, "batch must be <= 2^32 (sample indices are 32-bit)");
+  if (info.fixed_batch && batch != info.fixed_batch)
+    throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "this engine was exported for batch " + std::to_string(info.fixed_batch) +
+                                                  ", got " + std::to_string(batch));
+  if (!out) throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "out is NULL");
+  if (uint64_t(batch) > uint64_t(SIZE_MAX) / uint64_t(info.per_sample) / 4)
+    throw Error(FEWSTEP_ERR_OUT_OF_RANGE, "batch too large");
+  const size_t n = size_t(batch) * size_t(info.per_sample);
+  if (out_len < n)
+    throw Error(FEWSTEP_ERR_BUFFER_TOO_SMALL, "out has room for " + std::to_string(out_len) + " floats, the batch needs " +
+                                                  std::to_string(n));
+  if (labels_in && !e->has_labels)
+    throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "labels given, but this engine is not class-conditional");
+  std::vector<int64_t> labels;
+  if (e->has_labels) {
+    if (!labels_in) {
+      if (info.null_label < 0)
+        throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "this engine is class-conditional without a null label: pass labels");
+      labels.assign(size_t(batch), info.null_label);
+      labels_in = labels.data();
+    }
+    for (int64_t i = 0; i < batch; ++i) {
+      const int64_t l = labels_in[i];
+      if ((l < 0 || l >= info.num_classes) && l != info.null_label)
+        throw Error(FEWSTEP_ERR_OUT_OF_RANGE, "label " + std::to_string(l) + " of sample " + std::to_string(i) +
+                                                  " is not in 0.." + std::to_string(info.num_classes - 1) +
+                                                  (info.null_label >= 0 ? " or the null label " + std::to_string(info.null_label) : ""));
+    }
+  }
+  std::vector<float> guidance;
+  if (guidance_in) {
+    for (int64_t i = 0; i < batch; ++i) {
+      if (!std::isfinite(guidance_in[i]))
+        throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "guidance of sample " + std::to_string(i) + " is not finite");
+      if (!e->has_guidance && guidance_in[i] != 1.0f)
+        throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "this engine takes no guidance scale (only W = 1)");
+    }
+  }
+  if (e->has_guidance && !guidance_in) {
+    guidance.assign(size_t(batch), 1.0f);
+    guidance_in = guidance.data();
+  }
+
+  std::vector<float> z, noise;
+  if (!z_in) {
+    z.resize(n);
+    if (fewstep_randn(seed, 0, 0, batch, info.per_sample, z.data(), n) != FEWSTEP_OK)
+      throw Error(FEWSTEP_ERR_INTERNAL, "fewstep_randn failed for z");
+    z_in = z.data();
+  }
+  if (e->has_noise) {
+    noise.resize(n * size_t(info.n_stochastic));
+    for (int32_t j = 0; j < info.n_stochastic; ++j)
+      if (fewstep_randn(seed, uint64_t(1 + j), 0, batch, info.per_sample, noise.data() + n * size_t(j), n) != FEWSTEP_OK)
+        throw Error(FEWSTEP_ERR_INTERNAL, "fewstep_randn failed for the noise");
+  }
+
+  const OrtApi* api = e->api;
+  std::vector<int64_t> shape{batch}, nshape{info.n_stochastic, batch}, bshape{batch};
+  shape.insert(shape.end(), info.sample_shape, info.sample_shape + info.ndim);
+  nshape.insert(nshape.end(), info.sample_shape, info.sample_shape + info.ndim);
+  OrtValue* values[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};  // 4 inputs + the output
+  size_t k = 0;
+  struct Release {  // frees whatever was created, on every path out
+    const OrtApi* api;
+    OrtValue** v;
+    ~Release() {
+      for (int i = 0; i < 5; ++i)
+        if (v[i]) api->ReleaseValue(v[i]);
+    }
+  } release{api, values};
+  const auto wrap = [&](const void* data, size_t bytes, const std::vector<int64_t>& dims, ONNXTensorElementDataType t,
+                        OrtValue** v) {
+    // ORT never writes through input tensors; the const_cast only satisfies the C signature.
+    check(api, api->CreateTensorWithDataAsOrtValue(e->cpu, const_cast<void*>(data), bytes, dims.data(), dims.size(), t, v),
+          "creating an input tensor");
+  };
+  wrap(z_in, n * sizeof(float), shape, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &values[k++]);
+  if (e->has_noise) wrap(noise.data(), noise.size() * sizeof(float), nshape, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &values[k++]);
+  if (e->has_labels)
+    wrap(labels_in, size_t(batch) * sizeof(int64_t), bshape, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, &values[k++]);
+  if (e->has_guidance)
+    wrap(guidance_in, size_t(batch) * sizeof(float), bshape, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &values[k++]);
+  wrap(out, n * sizeof(float), shape, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &values[4]);
+  check(api, api->Run(e->session, nullptr, e->input_names.data(), values, k, &e->output_name, 1, &values[4]),
+        "ONNX Runtime run failed");
+  // A pre-allocated output is written in place; if ORT had to give us a different buffer, copy.
+  void* got = nullptr;
+  check(api, api->GetTensorMutableData(values[4], &got), "reading the output");
+  if (got != out) std::memcpy(out, got, n * sizeof(float));
+}
+
+}  // namespace
+}  // namespace fewstep_impl
+
+extern "C" {
+
+fewstep_engine_params fewstep_default_params(void) {
+  fewstep_engine_params p;
+  p.intra_op_threads = 0;
+  p.inter_op_threads = 0;
+  p.provider = FEWSTEP_PROVIDER_CPU;
+  p.device_id = 0;
+  p.cuda_graph = 0;
+  p.engine_cache_dir = nullptr;
+  p.ort_library = nullptr;
+  return p;
+}
+
+fewstep_status fewstep_engine_load(const char* path, const fewstep_engine_params* params, fewstep_engine** out) {
+  FEWSTEP_GUARD({
+    if (out) *out = nullptr;
+    if (!path || !out) return fewstep_impl::set_error(FEWSTEP_ERR_INVALID_ARGUMENT, "fewstep_engine_load: path and out must not be NULL");
+    *out = fewstep_impl::load(path, params ? *params : fewstep_default_params());
+    return FEWSTEP_OK;
+  })
+}
+
+void fewstep_engine_free(fewstep_engine* engine) { delete engine; }
+
+fewstep_status fewstep_engine_get_info(const fewstep_engine* engine, fewstep_engine_info* out) {
+  if (!engine || !out) return fewstep_impl::set_error(FEWSTEP_ERR_INVALID_ARGUMENT, "fewstep_engine_get_info: NULL argument");
+  *out = engine->info;
+  return FEWSTEP_OK;
+}
+
+const char* fewstep_engine_metadata(const fewstep_engine* engine, const char* key) {
+  if (!engine || !key) return nullptr;
+  const auto it = engine->metadata.find(key);
+  return it == engine->metadata.end() ? nullptr : it->second.c_str();
+}
+
+fewstep_status fewstep_sample_from(fewstep_engine* engine, uint64_t seed, int64_t batch, const float* z,
+                                   const int64_t* labels, const float* guidance, float* out, size_t out_len) {
+  FEWSTEP_GUARD({
+    if (!engine) return fewstep_impl::set_error(FEWSTEP_ERR_INVALID_ARGUMENT, "fewstep_sample: engine is NULL");
+    fewstep_impl::run(engine, seed, batch, z, labels, guidance, out, out_len);
+    return FEWSTEP_OK;
+  })
+}
+
+fewstep_status fewstep_sample(fewstep_engine* engine, uint64_t seed, int64_t batch, const int64_t* labels,
+                              const float* guidance, float* out, size_t out_len) {
+  return fewstep_sample_from(engine, seed, batch, nullptr, labels, guidance, out, out_len);
+}
+
+}  // extern "C"
