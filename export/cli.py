@@ -1,0 +1,128 @@
+"""`fewstep export`: a Plan + model as one ONNX engine, optionally verified, built for TensorRT, served by Triton.
+
+Imported at CLI start: nothing here imports onnx, onnxruntime or tensorrt at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..errors import FewstepError
+
+
+def _batch(text: str):
+    if text == "dynamic":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'dynamic' or an integer ≥ 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected 'dynamic' or an integer ≥ 1, got {text!r}")
+    return n
+
+
+def _trt_batch(text: str) -> tuple[int, int, int]:
+    try:
+        lo, opt, hi = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,OPT,MAX (e.g. 1,8,64), got {text!r}") from None
+    return lo, opt, hi
+
+
+def register(sub, bench_sub) -> None:
+    p = sub.add_parser("export", help="export a Plan + model as one ONNX engine (TensorRT, Triton)",
+                       description="Unroll the plan into one ONNX graph (opset 17, coefficients as constants); "
+                                   "--step-graph writes the single-evaluation denoiser graph instead.")
+    p.add_argument("--model", required=True, help="digits | gmm | PATH (checkpoint or diffusers directory)")
+    g = p.add_argument_group("sampler (one of; optional with --step-graph)")
+    g.add_argument("--plan", help="a plan JSON file (fewstep.plan/1)")
+    g.add_argument("--solver", help="solver name (see `fewstep solvers`)")
+    g.add_argument("--nfe", type=int, help="network evaluations (with --solver)")
+    g.add_argument("--schedule", help="σ schedule for --solver (default: the solver's)")
+    p.add_argument("--out", required=True, help="output .onnx file (written atomically)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+                   help="compute dtype inside the graph (the interface stays float32)")
+    p.add_argument("--batch", type=_batch, default=None, metavar="dynamic|N",
+                   help="dynamic batch (default) or a fixed batch N")
+    p.add_argument("--step-graph", action="store_true", help="export D(x, sigma, class[, guidance]) -> x0")
+    p.add_argument("--force", action="store_true", help="export a plan fitted for another teacher anyway")
+    p.add_argument("--verify", action="store_true",
+                   help="check the engine in ONNX Runtime (CPU) against the Python executor; exit 1 if it fails")
+    p.add_argument("--tensorrt", action="store_true", help="also build a TensorRT engine (OUT with .plan)")
+    p.add_argument("--trt-batch", type=_trt_batch, default=(1, 8, 64), metavar="MIN,OPT,MAX",
+                   help="TensorRT optimisation profile batch range (default 1,8,64)")
+    p.add_argument("--timing-cache", help="TensorRT timing cache file (loaded if present, saved after the build)")
+    p.add_argument("--triton-repo", metavar="DIR", help="also write a Triton model repository in DIR")
+    p.set_defaults(fn=cmd_export)
+
+
+def _plan(args, teacher):
+    from ..runtime.plan import Plan
+    from ..runtime.solvers import build
+
+    if args.plan and (args.solver or args.nfe is not None):
+        raise FewstepError("give either --plan FILE or --solver NAME --nfe N, not both")
+    if args.plan:
+        return Plan.load(args.plan)
+    if args.solver or args.nfe is not None:
+        if not args.solver or args.nfe is None:
+            raise FewstepError("--solver and --nfe go together")
+        den = teacher.denoiser
+        return build(args.solver, args.nfe, den.sigma_min, den.sigma_max, schedule=args.schedule)
+    if args.step_graph:
+        return None
+    raise FewstepError("choose a sampler: --solver NAME --nfe N, or --plan FILE")
+
+
+def cmd_export(args) -> int:
+    from .onnx import check_out_path, export_onnx, load_teacher, require_onnx
+
+    require_onnx()
+    out = check_out_path(args.out)
+    if args.tensorrt:
+        from .tensorrt import require_tensorrt
+
+        require_tensorrt()  # before anything is written: name what is missing
+        check_out_path(os.path.splitext(out)[0] + ".plan")
+    if args.triton_repo:
+        d = os.path.abspath(args.triton_repo)
+        if os.path.exists(d) and not os.path.isdir(d):
+            raise FewstepError(f"--triton-repo {args.triton_repo}: exists and is not a directory")
+        if not os.access(d if os.path.isdir(d) else os.path.dirname(d), os.W_OK):
+            raise FewstepError(f"--triton-repo {args.triton_repo}: cannot write there")
+    if args.verify:
+        from .verify import require_ort
+
+        require_ort()
+    teacher = load_teacher(args.model)
+    plan = _plan(args, teacher)
+    res = export_onnx(teacher.denoiser, plan, out, sample_shape=teacher.shape, num_classes=teacher.num_classes,
+                      dtype=args.dtype, batch=args.batch, step_graph=args.step_graph,
+                      teacher_hash=teacher.content_hash, force=args.force)
+    c = res.contract
+    ins = ", ".join(f"{s['name']}{s['shape']}" for s in c["inputs"])
+    what = "step graph" if args.step_graph else f"{plan.name}, {c['nfe']} NFE"
+    print(f"exported {out}: {what}, "
+          f"{c['compute_dtype']}, {res.bytes / 1e6:.2f} MB in {res.seconds:.1f} s; inputs {ins}")
+    rc = 0
+    if args.verify:
+        from .verify import verify
+
+        model = None if args.model in ("digits", "gmm") else args.model
+        v = verify(out, model=model)
+        print(v.line())
+        rc = 0 if v.passed else 1
+    engine = None
+    if args.tensorrt:
+        from .tensorrt import build_tensorrt
+
+        lo, opt, hi = args.trt_batch
+        engine = build_tensorrt(out, min_batch=lo, opt_batch=opt, max_batch=hi, timing_cache=args.timing_cache).path
+    if args.triton_repo:
+        from .triton_repo import write_triton_repo
+
+        for d in write_triton_repo(out, args.triton_repo, engine_path=engine):
+            print(f"triton model {d}")
+    return rc

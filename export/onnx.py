@@ -1,0 +1,474 @@
+"""Export a Plan + denoiser as one ONNX graph (DESIGN §7; the contract in docs shared with the C++ runtime).
+
+The sampler graph is the reference executor's loop unrolled by tracing: E evaluations sharing
+one set of weights, every Plan coefficient a constant. σ is a per-row constant, so the
+denoiser's σ maths (c_skip, c_out, c_in and the network's time input t) is done here in
+float64, once per row, and baked as constants — the graph holds no float64 arithmetic for
+scalings denoisers. Models whose denoiser is not a scalings adapter (the exact GMM) are traced
+as they are, float64 ops included.
+
+onnx is imported inside functions: ``fewstep.export.cli`` imports this module at CLI start and
+must work where onnx is missing.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import FewstepError
+from ..runtime.denoisers import Denoiser
+from ..runtime.plan import Plan, atomic_write_bytes
+
+FORMAT = "fewstep.engine/1"
+OPSET = 17
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+class ExportError(FewstepError):
+    """An export that cannot be done as asked (plan/model mismatch, dtype, path)."""
+
+
+def require_onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise ExportError("the onnx package is not installed: pip install onnx (fewstep export needs it)") from None
+    return onnx
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPE_NAMES:
+            raise ExportError(f"unsupported export dtype {dtype}; choose one of fp32, fp16, bf16")
+        return dtype
+    key = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "half": "fp16"}.get(dtype, dtype)
+    if key not in DTYPES:
+        raise ExportError(f"unsupported export dtype {dtype!r}; choose one of fp32, fp16, bf16")
+    return DTYPES[key]
+
+
+# --- what the model takes ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelInfo:
+    sample_shape: tuple[int, ...]
+    num_classes: int | None  # class-conditional: labels 0..num_classes−1
+    null_label: int | None  # the label meaning "no class" (classifier-free guidance), None: no CFG
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes is not None
+
+    @property
+    def guided(self) -> bool:
+        return self.conditional and self.null_label is not None
+
+
+def find_null_label(denoiser) -> int | None:
+    """The null class label of a class-conditional denoiser, None when it has no CFG input."""
+    try:
+        v = denoiser.null_cond(torch.zeros(1, dtype=torch.long))
+    except (ValueError, TypeError, NotImplementedError, AttributeError):
+        return None
+    if isinstance(v, torch.Tensor) and v.dtype == torch.long and v.numel() == 1:
+        return int(v.reshape(-1)[0])
+    return None
+
+
+def _is_scalings_denoiser(den) -> bool:
+    """True when D = c_skip·x + c_out·F(c_in·x, t(σ)): σ maths can be baked per row."""
+    return (isinstance(den, Denoiser) and type(den)._denoise is Denoiser._denoise
+            and type(den).get_scalings is not Denoiser.get_scalings and den.model is not None)
+
+
+# --- the graphs as torch modules --------------------------------------------------------------------
+class _Evaluator(nn.Module):
+    """D(u; σ, cond[, w]) as plain torch ops, mirroring ``Denoiser.forward`` and ``executor.call_denoiser``."""
+
+    def __init__(self, denoiser, info: ModelInfo, dtype: torch.dtype):
+        super().__init__()
+        self.den = denoiser
+        self.info = info
+        self.dtype = dtype
+        self.baked = _is_scalings_denoiser(denoiser)
+
+    def row_constants(self, sigma: float):
+        """c_skip, c_out, c_in as 0-d tensors in the compute dtype (cast from float64 as the adapter does),
+        and t(σ) as a float64 number (the network casts it, as it does in the executor)."""
+        if not self.baked:
+            return None
+        s = torch.tensor([sigma], dtype=torch.float64)
+        c = tuple(v.reshape(-1)[0].to(self.dtype) for v in self.den.get_scalings(s))
+        t = float(self.den.sigma_to_t(s).reshape(-1)[0])
+        return c, t
+
+    def plain(self, u, sigma: float | torch.Tensor, cond, consts):
+        col = u.reshape(u.shape[0], -1)[:, 0]  # a [B] tensor whose length follows the dynamic batch
+        if consts is None:
+            sig = sigma if isinstance(sigma, torch.Tensor) else torch.full_like(col, sigma)
+            return self.den._denoise(u, sig, cond)
+        (c_skip, c_out, c_in), t = consts
+        tt = torch.full_like(col, t, dtype=torch.float64)
+        f = self.den.run_model(u * c_in, tt, cond)
+        return c_skip * u + c_out * f.to(u.dtype)
+
+    def guided(self, u, sigma, cond, w, consts):
+        """One batched call over [unconditional; conditional], D_u + w·(D_c − D_u)."""
+        n = u.shape[0]
+        null = torch.full_like(cond, self.info.null_label)
+        sig2 = torch.cat([sigma, sigma]) if isinstance(sigma, torch.Tensor) else sigma
+        both = self.plain(torch.cat([u, u]), sig2, torch.cat([null, cond]), consts)
+        d_u, d_c = both[:n], both[n:]
+        return d_u + w * (d_c - d_u)
+
+
+class SamplerGraph(nn.Module):
+    """The Plan unrolled: forward(z[, noise][, class_labels][, guidance]) → sample (float32 interface)."""
+
+    def __init__(self, denoiser, plan: Plan, info: ModelInfo, dtype: torch.dtype = torch.float32,
+                 guidance_input: bool | None = None):
+        super().__init__()
+        self.plan, self.info, self.dtype = plan, info, dtype
+        self.ev = _Evaluator(denoiser, info, dtype)
+        self.n_stochastic = len(plan.stochastic_rows)
+        self.guidance_input = info.guided if guidance_input is None else guidance_input
+        self.consts = [self.ev.row_constants(r.sigma) for r in plan.rows]
+        self.input_names = ["z"] + (["noise"] if self.n_stochastic else []) \
+            + (["class_labels"] if info.conditional else []) + (["guidance"] if self.guidance_input else [])
+
+    def forward(self, *inputs):
+        named = dict(zip(self.input_names, inputs))
+        dt = self.dtype
+        z = named["z"].to(dt)
+        noise = named["noise"].to(dt) if self.n_stochastic else None
+        cond = named.get("class_labels")
+        gw = named.get("guidance")
+        if gw is not None:
+            gw = gw.to(dt).reshape(-1, *([1] * (z.ndim - 1)))
+        # The executor's loop (runtime/executor.py), row by row, with the same operation order.
+        x = self.plan.sigma_init * z
+        hist: list[torch.Tensor] = []
+        ns = 0
+        for e, row in enumerate(self.plan.rows):
+            u = row.a * x if row.a != 1.0 else x
+            for k in range(1, len(row.p) + 1):
+                if row.p[k - 1] != 0.0:
+                    u = u + row.p[k - 1] * hist[-k]
+            d = self._evaluate(u, row, cond, gw, self.consts[e])
+            h = d if row.s == 0.0 else d - row.s * u
+            hist.append(h)
+            x = row.c * x if row.c != 1.0 else x
+            for k in range(len(row.q)):
+                if row.q[k] != 0.0:
+                    x = x + row.q[k] * hist[-1 - k]
+            if row.g != 0.0:
+                x = x + row.g * noise[ns]
+                ns += 1
+            del hist[:-4]
+        return x.to(torch.float32)
+
+    def _evaluate(self, u, row, cond, gw, consts):
+        w = row.guidance
+        if w is not None:
+            if w == 1.0 or cond is None:
+                return self.ev.plain(u, row.sigma, cond, consts)
+            return self.ev.guided(u, row.sigma, cond, w, consts)
+        if gw is None or cond is None:
+            return self.ev.plain(u, row.sigma, cond, consts)
+        return self.ev.guided(u, row.sigma, cond, gw, consts)
+
+
+class StepGraph(nn.Module):
+    """One evaluation: forward(x, sigma[, class_labels][, guidance]) → x0 (EDM convention, guidance inside)."""
+
+    def __init__(self, denoiser, info: ModelInfo, dtype: torch.dtype = torch.float32,
+                 guidance_input: bool | None = None):
+        super().__init__()
+        self.info, self.dtype = info, dtype
+        self.ev = _Evaluator(denoiser, info, dtype)
+        self.guidance_input = info.guided if guidance_input is None else guidance_input
+        self.input_names = ["x", "sigma"] + (["class_labels"] if info.conditional else []) \
+            + (["guidance"] if self.guidance_input else [])
+
+    def forward(self, *inputs):
+        named = dict(zip(self.input_names, inputs))
+        x = named["x"].to(self.dtype)
+        sigma = named["sigma"].to(self.dtype)  # σ maths stays float64 inside the adapter
+        cond = named.get("class_labels")
+        gw = named.get("guidance")
+        if gw is None or cond is None:
+            d = self.ev.plain(x, sigma, cond, None)
+        else:
+            d = self.ev.guided(x, sigma, cond, gw.to(self.dtype).reshape(-1, *([1] * (x.ndim - 1))), None)
+        return d.to(torch.float32)
+
+
+# --- the contract ------------------------------------------------------------------------------------
+def _shape(batch, *rest):
+    return [batch, *rest]
+
+
+def contract_for(graph: nn.Module, kind: str, batch: int | None, plan: Plan | None, sigma_init: float) -> dict:
+    info: ModelInfo = graph.info
+    b = "batch" if batch is None else int(batch)
+    ss = list(info.sample_shape)
+    inputs = []
+    for name in graph.input_names:
+        if name in ("z", "x"):
+            inputs.append({"name": name, "dtype": "float32", "shape": _shape(b, *ss)})
+        elif name == "noise":
+            inputs.append({"name": name, "dtype": "float32", "shape": [graph.n_stochastic, b, *ss]})
+        elif name == "sigma" or name == "guidance":
+            inputs.append({"name": name, "dtype": "float32", "shape": [b]})
+        elif name == "class_labels":
+            inputs.append({"name": name, "dtype": "int64", "shape": [b]})
+    out_name = "sample" if kind == "sampler" else "x0"
+    return {
+        "inputs": inputs,
+        "outputs": [{"name": out_name, "dtype": "float32", "shape": _shape(b, *ss)}],
+        "sample_shape": ss,
+        "nfe": plan.nfe if (plan is not None and kind == "sampler") else 1,
+        "n_stochastic": len(plan.stochastic_rows) if (plan is not None and kind == "sampler") else 0,
+        "sigma_init": float(sigma_init),
+        "num_classes": info.num_classes,
+        "null_label": info.null_label if info.guided else None,
+        "guidance_input": bool(graph.guidance_input),
+        "compute_dtype": DTYPE_NAMES[graph.dtype],
+    }
+
+
+def example_inputs(contract: dict, batch: int, seed: int = 0, guidance: float = 1.5) -> dict:
+    """Inputs for one run, drawn from fewstep's Philox generator as the contract's "Noise" section says:
+    z = stream 0, noise slice j = stream 1 + j; class labels i mod num_classes; σ (step graphs) log-spaced."""
+    import numpy as np
+
+    from ..runtime import noise as _noise
+
+    shape = tuple(contract["sample_shape"])
+    z, eps = _noise.draw(seed, batch, shape, contract["n_stochastic"])
+    out = {}
+    for spec in contract["inputs"]:
+        name = spec["name"]
+        if name == "z":
+            out[name] = z
+        elif name == "x":
+            sig = _step_sigmas(batch, contract)
+            out[name] = (z * sig.reshape(-1, *([1] * len(shape)))).astype(np.float32)
+        elif name == "noise":
+            out[name] = eps
+        elif name == "sigma":
+            out[name] = _step_sigmas(batch, contract)
+        elif name == "class_labels":
+            out[name] = (np.arange(batch) % contract["num_classes"]).astype(np.int64)
+        elif name == "guidance":
+            out[name] = np.full((batch,), guidance, np.float32)
+    return out
+
+
+def _step_sigmas(batch: int, contract: dict):
+    import numpy as np
+
+    hi = contract.get("sigma_init") or 80.0
+    return np.exp(np.linspace(math.log(0.002), math.log(hi), batch)).astype(np.float32)
+
+
+# --- checks before anything is written ------------------------------------------------------------------
+def check_out_path(path) -> str:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ExportError(f"--out {path}: is a directory, expected a file path")
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise ExportError(f"--out {path}: directory {d} does not exist")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise ExportError(f"--out {path}: directory {d} is not writable")
+    return path
+
+
+def check_plan(plan: Plan, info: ModelInfo, teacher_hash: str | None, force: bool, guidance_input: bool) -> None:
+    want = plan.provenance.get("teacher_hash")
+    if want and teacher_hash and want != teacher_hash and not force:
+        raise ExportError(f"plan {plan.name!r} was fitted for teacher {want[:19]}…, but the model is "
+                          f"{teacher_hash[:19]}… (content hash); pass --force to export it anyway")
+    for key in ("sample_shape", "shape"):
+        if key in plan.provenance:
+            got = tuple(plan.provenance[key])
+            if got != tuple(info.sample_shape):
+                raise ExportError(f"plan {plan.name!r} is for samples of shape {got}, the model's are "
+                                  f"{tuple(info.sample_shape)}")
+    guided_rows = [e for e, r in enumerate(plan.rows) if r.guidance is not None and r.guidance != 1.0]
+    if guided_rows and not info.guided:
+        what = "not class-conditional" if not info.conditional else "has no null label (no classifier-free guidance)"
+        raise ExportError(f"plan {plan.name!r} sets guidance on row(s) {guided_rows}, but the model {what}")
+    if guidance_input and not info.guided:
+        raise ExportError("a guidance input was asked for, but the model has no classifier-free guidance")
+
+
+def check_model_runs(graph: nn.Module, contract: dict) -> None:
+    """One eager run at batch 2 with the contract's inputs: a model that does not take this shape
+    (channels, resolution) fails here with a named error, before tracing or writing."""
+    feeds = example_inputs(contract, 2)
+    try:
+        with torch.no_grad():
+            out = graph(*[torch.from_numpy(feeds[s["name"]]) for s in contract["inputs"]])
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        raise ExportError(f"the model does not run on inputs of shape {contract['sample_shape']} "
+                          f"(sample shape / channels mismatch?): {str(exc).splitlines()[0]}") from None
+    if tuple(out.shape) != (2, *contract["sample_shape"]):
+        raise ExportError(f"the model maps samples of shape {contract['sample_shape']} to {tuple(out.shape[1:])}")
+
+
+# --- export -------------------------------------------------------------------------------------------
+@dataclass
+class ExportResult:
+    path: str
+    seconds: float
+    bytes: int
+    contract: dict
+
+
+def _prepare(denoiser, dtype):
+    den = copy.deepcopy(denoiser)
+    den.eval().requires_grad_(False)
+    if dtype != torch.float32:
+        if not _is_scalings_denoiser(den):
+            raise ExportError(f"--dtype {DTYPE_NAMES[dtype]}: only network denoisers (scalings adapters) run in "
+                              f"low precision; {type(den).__name__} is exported in float32 only")
+        den.model.to(dtype)
+    return den
+
+
+def export_onnx(denoiser, plan: Plan | None, path, *, sample_shape, num_classes: int | None = None,
+                dtype="fp32", batch: int | None = None, step_graph: bool = False, teacher_hash: str | None = None,
+                force: bool = False, guidance_input: bool | None = None, conditional: bool | None = None,
+                extra_metadata: dict | None = None) -> ExportResult:
+    """Export ``plan`` over ``denoiser`` (or, with ``step_graph``, the denoiser alone) to ``path``.
+
+    batch None = dynamic (dim_param "batch"), else that fixed batch. ``guidance_input`` /
+    ``conditional`` None = what the model supports; True on a model that cannot → ExportError.
+    Every check runs before the file is written; the file is written atomically.
+    """
+    onnx = require_onnx()
+    dt = parse_dtype(dtype)
+    path = check_out_path(path)
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise ExportError(f"--batch must be 'dynamic' or an integer ≥ 1, got {batch!r}")
+    info = ModelInfo(tuple(int(s) for s in sample_shape), num_classes,
+                     find_null_label(denoiser) if num_classes is not None else None)
+    if conditional and not info.conditional:
+        raise ExportError("class labels were asked for, but the model is not class-conditional")
+    if conditional is False and info.conditional:
+        raise ExportError("the model is class-conditional: its engine takes class_labels")
+    if plan is None and not step_graph:
+        raise ExportError("a sampler export needs a plan: --plan FILE or --solver NAME --nfe N")
+    if plan is not None:
+        check_plan(plan, info, teacher_hash, force, bool(guidance_input))
+    elif guidance_input and not info.guided:
+        raise ExportError("a guidance input was asked for, but the model has no classifier-free guidance")
+    den = _prepare(denoiser, dt)
+    if step_graph:
+        graph = StepGraph(den, info, dt, guidance_input)
+        kind = "step"
+        sigma_init = plan.sigma_init if plan is not None else float(getattr(denoiser, "sigma_max", 80.0))
+    else:
+        graph = SamplerGraph(den, plan, info, dt, guidance_input)
+        kind = "sampler"
+        sigma_init = plan.sigma_init
+    contract = contract_for(graph, kind, batch, plan, sigma_init)
+    check_model_runs(graph, contract)
+
+    t0 = time.perf_counter()
+    ex_batch = batch if batch is not None else 2  # an example batch ≥ 2 keeps batch-1 special cases out of the trace
+    feeds = example_inputs(contract, ex_batch)
+    args = tuple(torch.from_numpy(feeds[s["name"]]) for s in contract["inputs"])
+    out_name = contract["outputs"][0]["name"]
+    dyn = None
+    if batch is None:
+        dyn = {s["name"]: {s["shape"].index("batch"): "batch"} for s in contract["inputs"]}
+        dyn[out_name] = {0: "batch"}
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        # TracerWarnings flag Python branches on shapes; the dynamic-batch tests at 1, 7 and 64 are the check.
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(graph, args, buf, dynamo=False, opset_version=OPSET, input_names=list(graph.input_names),
+                              output_names=[out_name], dynamic_axes=dyn, do_constant_folding=True)
+        except Exception as exc:  # the exporter raises many types; name the model and the first line
+            raise ExportError(f"ONNX export of {type(denoiser).__name__} failed: {str(exc).splitlines()[0]}") from None
+    model = onnx.load_from_string(buf.getvalue())
+    import fewstep
+
+    meta = {
+        "fewstep.format": FORMAT,
+        "fewstep.kind": kind,
+        "fewstep.version": fewstep.__version__,
+        "fewstep.teacher_hash": teacher_hash or "",
+        "fewstep.contract": json.dumps(contract),
+    }
+    if plan is not None:
+        meta["fewstep.plan"] = plan.to_json()
+    meta.update(extra_metadata or {})
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        p = model.metadata_props.add()
+        p.key, p.value = k, v
+    model.producer_name = "fewstep"
+    model.producer_version = fewstep.__version__
+    try:  # e.g. bfloat16 fails here: Cos / Sin accept bfloat16 only from opset 22 on
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"--dtype {DTYPE_NAMES[dt]}: the exported graph is not valid ONNX opset {OPSET}: "
+                          f"{str(exc).strip().splitlines()[0]}") from None
+    data = model.SerializeToString()
+    atomic_write_bytes(path, data)
+    return ExportResult(path, time.perf_counter() - t0, len(data), contract)
+
+
+def read_metadata(path) -> dict:
+    """metadata_props of an exported engine, with ``fewstep.contract`` parsed and ``fewstep.plan`` as a Plan."""
+    onnx = require_onnx()
+    try:
+        model = onnx.load(os.fspath(path), load_external_data=False)
+    except FileNotFoundError:
+        raise ExportError(f"engine file not found: {path}") from None
+    except Exception as exc:
+        raise ExportError(f"{path}: not a readable ONNX file ({str(exc).splitlines()[0]})") from None
+    meta = {p.key: p.value for p in model.metadata_props}
+    if meta.get("fewstep.format") != FORMAT:
+        raise ExportError(f"{path}: not a fewstep engine (metadata fewstep.format is {meta.get('fewstep.format')!r})")
+    out = dict(meta)
+    out["fewstep.contract"] = json.loads(meta["fewstep.contract"])
+    out["fewstep.plan"] = Plan.from_json(meta["fewstep.plan"]) if "fewstep.plan" in meta else None
+    return out
+
+
+def export_teacher(model: str, plan: Plan | None, path, **kw) -> ExportResult:
+    """``export_onnx`` for a `--model` name (digits | gmm | PATH) as the CLI resolves it."""
+    teacher = load_teacher(model)
+    return export_onnx(teacher.denoiser, plan, path, sample_shape=teacher.shape, num_classes=teacher.num_classes,
+                       teacher_hash=teacher.content_hash, **kw)
+
+
+def load_teacher(model: str):
+    from ..training.teachers import ModelError, load
+
+    try:
+        return load(model)
+    except (ModelError, FileNotFoundError) as exc:
+        raise ExportError(str(exc)) from None
+
+
+def export_step_onnx(denoiser, path, **kw) -> ExportResult:
+    """The single-evaluation graph D(x, σ, class[, guidance]) → x0."""
+    kw.setdefault("step_graph", True)
+    return export_onnx(denoiser, kw.pop("plan", None), path, **kw)

@@ -1,0 +1,151 @@
+"""Verify an exported engine: ONNX Runtime (CPU provider) against the Python reference executor.
+
+Inputs come from fewstep's Philox generator as the contract's "Noise" section says, so the
+engine and the executor see the same z / noise. The error is the max absolute difference over
+the largest reference magnitude: max|ort − ref| / max|ref| (an element-wise relative error is
+meaningless near zero).
+
+Tolerances (against the float32 executor, which is the answer a user wants):
+- float32: 1e-4. Both sides do the same float32 ops; measured ≤ 1.2e-6 on the digits teacher.
+- float16: 5e-2. The state x runs in float16 as the contract says, and at σ_max = 80 |x| reaches
+  ~320, where float16's spacing is 0.25; measured 2e-3 (DPM++ 2M / DDPM, 4 NFE) and 4.4e-2 (Heun,
+  3 NFE) on the digits teacher. A bigger error means a wrong graph, not rounding.
+- bfloat16: not exportable at opset 17 (Cos / Sin have no bfloat16 kernel type before opset 22);
+  export says so, and ONNX Runtime's CPU provider has almost no bfloat16 kernels anyway.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import FewstepError
+from .onnx import ExportError, read_metadata
+
+TOLERANCE = {"float32": 1e-4, "float16": 5e-2}
+
+
+class VerifyError(FewstepError):
+    """The engine cannot be checked as asked (model unknown, dtype ONNX Runtime's CPU provider cannot run)."""
+
+
+class UnsupportedOnCPU(VerifyError):
+    """ONNX Runtime's CPU provider has no kernel for this engine's compute dtype."""
+
+
+@dataclass
+class VerifyResult:
+    path: str
+    kind: str
+    compute_dtype: str
+    batch: int
+    max_rel_err: float
+    tolerance: float
+    passed: bool
+
+    def line(self) -> str:
+        ok = "ok" if self.passed else "FAILED"
+        return (f"verify {os.path.basename(self.path)}: {self.kind} {self.compute_dtype}, batch {self.batch}, "
+                f"max rel err {self.max_rel_err:.3g} (tolerance {self.tolerance:g}) {ok}")
+
+
+def require_ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise VerifyError("the onnxruntime package is not installed: pip install onnxruntime (verify needs it)") \
+            from None
+    return onnxruntime
+
+
+def resolve_model(meta: dict, model: str | None):
+    """The teacher the engine was exported from: `model` if given, else found by the recorded content hash
+    among the shipped teachers (digits, gmm)."""
+    from .onnx import load_teacher
+
+    want = meta.get("fewstep.teacher_hash", "")
+    if model is not None:
+        t = load_teacher(model)
+        if want and t.content_hash != want:
+            raise VerifyError(f"--model {model} has content hash {t.content_hash[:19]}…, the engine was exported "
+                              f"from {want[:19]}…")
+        return t
+    for name in ("digits", "gmm"):
+        try:
+            t = load_teacher(name)
+        except (ExportError, OSError):
+            continue
+        if t.content_hash == want:
+            return t
+    raise VerifyError(f"the engine's teacher ({want[:19]}…) is not a shipped teacher: pass --model PATH")
+
+
+def session(path, providers=("CPUExecutionProvider",), threads: int | None = None):
+    ort = require_ort()
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(os.fspath(path), opts, providers=list(providers))
+    except Exception as exc:  # onnxruntime raises its own exception types per failure
+        msg = str(exc)
+        if "NOT_IMPLEMENTED" in msg or "Could not find an implementation" in msg:
+            raise UnsupportedOnCPU(f"ONNX Runtime's CPU provider cannot run {os.path.basename(os.fspath(path))}: "
+                                   f"{_first_line(msg)}") from None
+        raise VerifyError(f"ONNX Runtime could not load {path}: {_first_line(msg)}") from None
+
+
+def _first_line(msg: str) -> str:
+    return msg.strip().splitlines()[0][:300] if msg.strip() else "(no message)"
+
+
+@torch.no_grad()
+def reference(teacher, meta: dict, feeds: dict, guidance: float | None) -> np.ndarray:
+    """The Python executor (float32) on the engine's inputs."""
+    from ..runtime.executor import call_denoiser, sample
+
+    c = meta["fewstep.contract"]
+    t = lambda k: torch.from_numpy(feeds[k]) if k in feeds else None  # noqa: E731
+    cond = t("class_labels")
+    if meta["fewstep.kind"] == "step":
+        return call_denoiser(teacher.denoiser, t("x"), t("sigma"), cond, guidance if c["guidance_input"] else None) \
+            .numpy()
+    return sample(meta["fewstep.plan"], teacher.denoiser, t("z"), cond=cond,
+                  guidance=guidance if c["guidance_input"] else None, noise=t("noise")).numpy()
+
+
+def verify(path, model: str | None = None, batch: int = 7, seed: int = 0, guidance: float = 1.5,
+           tolerance: float | None = None) -> VerifyResult:
+    """Run ``path`` in ONNX Runtime (CPU) and the Python executor on the same Philox inputs; compare."""
+    from .onnx import example_inputs
+
+    path = os.fspath(path)
+    meta = read_metadata(path)
+    c = meta["fewstep.contract"]
+    dt = c["compute_dtype"]
+    if dt not in TOLERANCE:
+        raise UnsupportedOnCPU(f"{os.path.basename(path)}: compute dtype {dt} has no CPU check here "
+                               "(ONNX Runtime's CPU provider has almost no bfloat16 kernels)")
+    fixed = c["inputs"][0]["shape"][0]
+    if fixed != "batch":
+        batch = int(fixed)
+    teacher = resolve_model(meta, model)
+    feeds = example_inputs(c, batch, seed=seed, guidance=guidance)
+    sess = session(path)
+    try:
+        out = sess.run(None, feeds)[0]
+    except Exception as exc:
+        msg = str(exc)
+        if "NOT_IMPLEMENTED" in msg:
+            raise UnsupportedOnCPU(f"ONNX Runtime's CPU provider cannot run this {dt} engine: {_first_line(msg)}") \
+                from None
+        raise VerifyError(f"ONNX Runtime failed on {path}: {_first_line(msg)}") from None
+    ref = reference(teacher, meta, feeds, guidance)
+    err = float(np.abs(out.astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-30))
+    tol = TOLERANCE[dt] if tolerance is None else tolerance
+    ok = bool(np.all(np.isfinite(out))) and err <= tol
+    return VerifyResult(path, meta["fewstep.kind"], dt, batch, err, tol, ok)
