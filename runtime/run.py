@@ -1,0 +1,89 @@
+"""`fewstep run`: sample an exported engine with the C++ runtime (``fewstep._C.Engine``).
+
+The engine's z and stochastic noise come from the shared Philox generator, so
+``fewstep run engine.onnx --seed S --batch N`` equals ``fewstep sample --plan P --seed S --n N``
+for the plan baked into the engine (bit-identical to ONNX Runtime called from Python on the same
+inputs, within the export tolerance of the PyTorch executor).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..errors import FewstepError
+
+
+class RunError(FewstepError):
+    """A bad engine file or bad sampling arguments (message names the problem)."""
+
+
+def load_engine(path: str, threads: int = 0, provider: str = "cpu", device_id: int = 0, cuda_graph: bool = False,
+                cache_dir: str | None = None, ort_library: str | None = None):
+    """Load an exported engine into the C++ runtime. ONNX Runtime comes from ``ort_library``, else
+    ``$FEWSTEP_ORT_LIBRARY``, else the installed ``onnxruntime`` / ``onnxruntime-gpu`` package."""
+    from .. import _C
+
+    if not os.path.exists(path):
+        raise RunError(f"engine not found: {path}")
+    if ort_library is None and not _C.find_ort_library():
+        raise RunError("ONNX Runtime not found: pip install onnxruntime (or onnxruntime-gpu), "
+                       "or set FEWSTEP_ORT_LIBRARY to a libonnxruntime.so")
+    try:
+        return _C.Engine(path, threads=threads, provider=provider, device_id=device_id, cuda_graph=cuda_graph,
+                         cache_dir=cache_dir, ort_library=ort_library)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+
+
+def default_labels(info: dict, batch: int, cls) -> np.ndarray | None:
+    """Class labels as ``fewstep sample`` picks them: ``cls`` for every sample ("none" = the null
+    label, unconditional); without ``cls`` classes 0, 1, 2, … in turn."""
+    k = info["num_classes"]
+    if k is None:
+        if cls is not None:
+            raise RunError("--class given but this engine is not class-conditional")
+        return None
+    if cls is None:
+        return np.arange(batch, dtype=np.int64) % k
+    if cls == "none":
+        if info["null_label"] is None:
+            raise RunError("--class none: this engine has no null label (no unconditional sampling)")
+        return np.full(batch, info["null_label"], np.int64)
+    if not 0 <= cls < k:
+        raise RunError(f"--class must be in 0..{k - 1} or 'none', got {cls}")
+    return np.full(batch, cls, np.int64)
+
+
+def sample(engine, seed: int = 0, batch: int | None = None, cls=None, guidance: float | None = None,
+           z: np.ndarray | None = None) -> np.ndarray:
+    """float32 [batch, *sample_shape] from ``engine`` (a ``_C.Engine``); ``z`` replaces the seed's
+    initial noise (the stochastic rows still draw from ``seed``), as ``fewstep sample --noise``."""
+    info = engine.info
+    if z is not None:
+        want = tuple(info["sample_shape"])
+        if z.dtype != np.float32 or z.ndim != 1 + len(want) or tuple(z.shape[1:]) != want:
+            raise RunError(f"noise file: expected a float32 array of shape N×{'×'.join(map(str, want))}, "
+                           f"got {z.dtype} {tuple(z.shape)}")
+        if batch is not None and batch != z.shape[0]:
+            raise RunError(f"--batch {batch} but the noise file has {z.shape[0]} samples")
+        if not np.all(np.isfinite(z)):
+            raise RunError("noise file: contains NaN or inf")
+        batch = z.shape[0]
+        z = np.ascontiguousarray(z)
+    batch = 1 if batch is None else batch
+    if batch < 1:
+        raise RunError(f"--batch must be ≥ 1, got {batch}")
+    labels = default_labels(info, batch, cls)
+    g = None
+    if guidance is not None:
+        if not np.isfinite(guidance):
+            raise RunError(f"--guidance must be finite, got {guidance}")
+        if not info["guidance_input"] and guidance != 1.0:
+            raise RunError(f"--guidance {guidance}: this engine has no guidance input")
+        g = np.full(batch, guidance, np.float32) if info["guidance_input"] else None
+    try:
+        return engine.sample(seed, batch, labels=labels, guidance=g, z=z)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
