@@ -81,8 +81,9 @@ def train_classifier(out_dir: str = WEIGHTS_DIR, seed: int = 0, config: Classifi
 
     cfg = config or ClassifierConfig()
     x_train, y_train, x_test, y_test = load_digits_split()
-    torch.manual_seed(seed)
-    model = DigitsClassifier(cfg)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = DigitsClassifier(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, foreach=False)
     n = x_train.shape[0]
     steps_per_epoch = (n + cfg.batch - 1) // cfg.batch

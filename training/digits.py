@@ -242,8 +242,9 @@ def train_teacher(out_dir: str, seed: int = 0, steps: int = SHIPPED_STEPS, batch
     x_train, y_train, _, _ = load_digits_split()
     sigma_data = round(measure_sigma_data(x_train), 4)
 
-    torch.manual_seed(seed)  # parameter init
-    model = DigitsUNet(cfg.unet)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = DigitsUNet(cfg.unet)
     ema = DigitsUNet(cfg.unet)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
