@@ -119,8 +119,11 @@ def reference(teacher, meta: dict, feeds: dict, guidance: float | None) -> np.nd
 
 
 def verify(path, model: str | None = None, batch: int = 7, seed: int = 0, guidance: float = 1.5,
-           tolerance: float | None = None) -> VerifyResult:
-    """Run ``path`` in ONNX Runtime (CPU) and the Python executor on the same Philox inputs; compare."""
+           tolerance: float | None = None, threads: int | None = None) -> VerifyResult:
+    """Run ``path`` in ONNX Runtime (CPU) and the Python executor on the same Philox inputs; compare.
+
+    ``threads``: ONNX Runtime intra-op threads (None: its default, one per core).
+    """
     from .onnx import example_inputs
 
     path = os.fspath(path)
@@ -135,7 +138,7 @@ def verify(path, model: str | None = None, batch: int = 7, seed: int = 0, guidan
         batch = int(fixed)
     teacher = resolve_model(meta, model)
     feeds = example_inputs(c, batch, seed=seed, guidance=guidance)
-    sess = session(path)
+    sess = session(path, threads=threads)
     try:
         out = sess.run(None, feeds)[0]
     except Exception as exc:
