@@ -173,7 +173,7 @@ def test_fixed_batch(gmm, tmp_path):
     m = onnx.load(str(path))
     assert [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim] == [3, 2]
     assert verify(path, threads=1).batch == 3
-    with pytest.raises(Exception):  # a fixed-batch engine refuses another batch
+    with pytest.raises(Exception, match="invalid dimensions"):  # a fixed-batch engine refuses another batch
         _run(path, xo.example_inputs(res.contract, 4))
 
 
