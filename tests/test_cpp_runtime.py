@@ -1,0 +1,369 @@
+"""The C++ runtime (issue 5): C API engines over ONNX Runtime, `_C.Engine`, `fewstep run`, the
+native `fewstep-run`, embedding through `cmake --install` + find_package, and reliability
+(bad files, threads, fuzzing). The ASan/LSan cycle test is in test_cpp_asan.py."""
+
+import ctypes
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+from fewstep import _C  # noqa: E402
+from fewstep.export.onnx import export_onnx  # noqa: E402
+from fewstep.runtime import noise as fnoise  # noqa: E402
+from fewstep.runtime import sample as py_sample  # noqa: E402
+from fewstep.runtime.solvers import build  # noqa: E402
+from fewstep.training.teachers import load  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ORT_LIB = _C.find_ort_library()
+TOL = 1e-4  # export tolerance (float32): max |Δ| / max |ref|
+
+
+def _rel(a, b):
+    return float(np.abs(a.astype(np.float64) - b).max() / np.abs(b).max())
+
+
+def _meta(m, key, value):
+    for p in m.metadata_props:
+        if p.key == key:
+            p.value = value
+            return m
+    raise KeyError(key)
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    return load("gmm")
+
+
+@pytest.fixture(scope="module")
+def engines(gmm, tmp_path_factory):
+    """GMM engines: stochastic DDPM with labels + CFG input (every input of the contract), a fixed
+    batch one, a step graph, and broken variants."""
+    d = tmp_path_factory.mktemp("engines")
+    den = gmm.denoiser
+    kw = dict(sample_shape=gmm.shape, num_classes=gmm.num_classes, teacher_hash=gmm.content_hash)
+    plan = build("ddpm", 6, den.sigma_min, den.sigma_max)
+    tiny = build("ddim", 1, den.sigma_min, den.sigma_max)
+    out = {"plan": plan, "dir": d}
+    export_onnx(den, plan, d / "ddpm.onnx", **kw)
+    export_onnx(den, tiny, d / "fixed3.onnx", batch=3, guidance_input=False, **kw)
+    export_onnx(den, tiny, d / "tiny.onnx", guidance_input=False, **kw)
+    export_onnx(den, tiny, d / "step.onnx", step_graph=True, **kw)
+    good = (d / "ddpm.onnx").read_bytes()
+    (d / "truncated.onnx").write_bytes(good[: len(good) // 2])
+    (d / "garbage.onnx").write_bytes(np.random.default_rng(0).bytes(5000))
+    (d / "empty.onnx").write_bytes(b"")
+    m = onnx.load(d / "ddpm.onnx")
+    del m.metadata_props[:]
+    onnx.save(m, d / "nometa.onnx")
+    c = json.loads(next(p.value for p in onnx.load(d / "ddpm.onnx").metadata_props if p.key == "fewstep.contract"))
+    onnx.save(_meta(onnx.load(d / "ddpm.onnx"), "fewstep.contract", json.dumps({**c, "sample_shape": [3]})),
+              d / "badshape.onnx")
+    onnx.save(_meta(onnx.load(d / "ddpm.onnx"), "fewstep.contract", '{"sample_shape": [2], "nfe": '),
+              d / "badjson.onnx")
+    for k in ("ddpm", "fixed3", "tiny", "step", "truncated", "garbage", "empty", "nometa", "badshape", "badjson"):
+        out[k] = str(d / f"{k}.onnx")
+    return out
+
+
+def _ort_run(path, feeds):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+# ---- same sample everywhere -------------------------------------------------------------------
+
+
+def test_engine_contract(engines):
+    e = _C.Engine(engines["ddpm"], threads=1)
+    assert e.info == {"sample_shape": (2,), "per_sample": 2, "fixed_batch": None, "nfe": 6, "n_stochastic": 5,
+                      "num_classes": 9, "null_label": 9, "guidance_input": True, "sigma_init": 80.0,
+                      "compute_dtype": "float32"}
+    assert json.loads(e.plan_json) == json.loads(engines["plan"].to_json())
+    assert e.metadata("fewstep.format") == "fewstep.engine/1" and e.metadata("nope") is None
+    assert _C.Engine(engines["fixed3"]).info["fixed_batch"] == 3
+
+
+@pytest.mark.parametrize("seed", [0, 12345, 2**63 + 5])
+def test_cpp_equals_ort_python_bitwise_and_executor(engines, gmm, seed):
+    b = 7
+    labels = np.array([0, 3, 8, 9, 1, 9, 4], np.int64)  # 9 = null label (unconditional rows)
+    guidance = np.full(b, 2.5, np.float32)
+    e = _C.Engine(engines["ddpm"], threads=1)
+    x = e.sample(seed, b, labels=labels, guidance=guidance)
+    z, eps = fnoise.draw(seed, b, (2,), 5)
+    want = _ort_run(engines["ddpm"], {"z": z, "noise": eps, "class_labels": labels, "guidance": guidance})
+    np.testing.assert_array_equal(x, want)  # bit-identical to ONNX Runtime from Python
+    ref = py_sample(engines["plan"], gmm.denoiser, torch.from_numpy(z), cond=torch.from_numpy(labels), guidance=2.5,
+                    noise=torch.from_numpy(eps)).numpy()
+    assert _rel(x, ref) <= TOL
+    # per-sample guidance is honoured: a different W changes only that sample
+    g2 = guidance.copy()
+    g2[1] = 4.0
+    y = e.sample(seed, b, labels=labels, guidance=g2)
+    assert not np.array_equal(y[1], x[1]) and np.array_equal(np.delete(y, 1, 0), np.delete(x, 1, 0))
+
+
+def test_given_z_and_defaults(engines):
+    e = _C.Engine(engines["ddpm"], threads=1)
+    z = np.random.default_rng(1).standard_normal((4, 2)).astype(np.float32)
+    _, eps = fnoise.draw(3, 4, (2,), 5)
+    null = np.full(4, 9, np.int64)
+    want = _ort_run(engines["ddpm"], {"z": z, "noise": eps, "class_labels": null, "guidance": np.ones(4, np.float32)})
+    np.testing.assert_array_equal(e.sample(3, 4, z=z), want)  # labels None = null label, guidance None = 1
+
+
+def _cli(*args):
+    """`fewstep ...` in-process with the runtime's plugin registered (cli.py lists it once merged)."""
+    import fewstep.cli as cli
+
+    plugins = cli.PLUGINS
+    if "fewstep.runtime.run_cli" not in plugins:
+        cli.PLUGINS = plugins + ("fewstep.runtime.run_cli",)
+    try:
+        return cli.main([str(a) for a in args])
+    finally:
+        cli.PLUGINS = plugins
+
+
+def test_fewstep_run_equals_fewstep_sample(engines, tmp_path):
+    plan_path = tmp_path / "plan.json"
+    engines["plan"].save(plan_path)
+    common = ["--class", 3, "--guidance", 2.0]
+    assert _cli("run", engines["ddpm"], "--seed", 11, "--batch", 6, *common, "--out", tmp_path / "run.npy") == 0
+    assert _cli("sample", "--model", "gmm", "--plan", plan_path, "--seed", 11, "--n", 6, *common,
+                "--out", tmp_path / "s") == 0
+    x, ref = np.load(tmp_path / "run.npy"), np.load(tmp_path / "s" / "samples.npy")
+    assert x.shape == ref.shape == (6, 2) and _rel(x, ref) <= TOL
+    z, eps = fnoise.draw(11, 6, (2,), 5)
+    want = _ort_run(engines["ddpm"], {"z": z, "noise": eps, "class_labels": np.full(6, 3, np.int64),
+                                      "guidance": np.full(6, 2.0, np.float32)})
+    np.testing.assert_array_equal(x, want)
+    # --noise: z from the file (stochastic rows from seed 0), as `fewstep sample --noise`
+    np.save(tmp_path / "z.npy", np.random.default_rng(5).standard_normal((5, 2)).astype(np.float32))
+    assert _cli("run", engines["ddpm"], "--noise", tmp_path / "z.npy", "--class", 1, "--out", tmp_path / "r2.npy") == 0
+    assert _cli("sample", "--model", "gmm", "--plan", plan_path, "--noise", tmp_path / "z.npy", "--class", 1,
+                "--out", tmp_path / "s2") == 0
+    assert _rel(np.load(tmp_path / "r2.npy"), np.load(tmp_path / "s2" / "samples.npy")) <= TOL
+    # bad input is one line + exit 2
+    assert _cli("run", engines["ddpm"], "--class", 12, "--out", tmp_path / "x.npy") == 2
+    assert _cli("run", engines["nometa"], "--out", tmp_path / "x.npy") == 2
+    assert _cli("run", tmp_path / "missing.onnx", "--out", tmp_path / "x.npy") == 2
+
+
+# ---- reliability ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,match", [
+    ("truncated", "not a loadable ONNX model"), ("garbage", "not a loadable ONNX model"), ("empty", "empty file"),
+    ("nometa", "without fewstep metadata"), ("step", "only sampler engines"), ("badshape", "shape does not match"),
+    ("badjson", "malformed JSON"),
+])
+def test_bad_files_raise(engines, name, match):
+    with pytest.raises(ValueError, match=match):
+        _C.Engine(engines[name])
+
+
+def test_bad_arguments_raise(engines):
+    e = _C.Engine(engines["ddpm"], threads=1)
+    with pytest.raises(ValueError, match="label 10 of sample 1"):
+        e.sample(0, 2, labels=np.array([0, 10]))
+    with pytest.raises(ValueError, match="labels must be"):
+        e.sample(0, 3, labels=np.array([0, 1]))
+    with pytest.raises(ValueError, match="not finite"):
+        e.sample(0, 1, guidance=np.array([np.nan], np.float32))
+    with pytest.raises(ValueError, match="batch"):
+        e.sample(0, 0)
+    with pytest.raises(ValueError, match="exported for batch 3"):
+        _C.Engine(engines["fixed3"]).sample(0, 4, labels=np.zeros(4, np.int64))
+    with pytest.raises(ValueError, match="provider"):
+        _C.Engine(engines["ddpm"], provider="tpu")
+    with pytest.raises(RuntimeError, match="ONNX Runtime"):  # one library per process: already loaded
+        _C.Engine(engines["ddpm"], ort_library="/nonexistent/libonnxruntime.so")
+
+
+def test_c_api_status_codes(engines, native):
+    """Through ctypes on libfewstep.so: every failure is a status code + thread-local message."""
+    lib = ctypes.CDLL(str(native / "libfewstep.so"))
+    lib.fewstep_last_error.restype = ctypes.c_char_p
+    lib.fewstep_engine_load.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
+    lib.fewstep_sample.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p,
+                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    lib.fewstep_engine_free.argtypes = [ctypes.c_void_p]
+    os.environ["FEWSTEP_ORT_LIBRARY"] = ORT_LIB  # params NULL: the library comes from the environment
+    try:
+        want = {"missing": 5, "truncated": 6, "garbage": 6, "empty": 6, "nometa": 6, "step": 6, "badshape": 6}
+        for name, code in want.items():
+            h = ctypes.c_void_p(1)
+            path = str(engines["dir"] / "missing.onnx") if name == "missing" else engines[name]
+            assert lib.fewstep_engine_load(path.encode(), None, ctypes.byref(h)) == code, name
+            assert h.value is None and lib.fewstep_last_error()
+        assert lib.fewstep_engine_load(None, None, None) == 1
+        h = ctypes.c_void_p()
+        assert lib.fewstep_engine_load(engines["tiny"].encode(), None, ctypes.byref(h)) == 0
+        out = np.zeros(8, np.float32)
+        labels = np.array([0, 1, 2, 30], np.int64)
+        assert lib.fewstep_sample(h, 0, 4, labels.ctypes.data, None, out.ctypes.data, 7) == 3  # buffer too small
+        assert lib.fewstep_sample(h, 0, 4, labels.ctypes.data, None, out.ctypes.data, 8) == 2  # label 30
+        assert b"label 30" in lib.fewstep_last_error()
+        assert lib.fewstep_sample(h, 0, 0, None, None, out.ctypes.data, 8) == 1
+        assert lib.fewstep_sample(None, 0, 1, None, None, out.ctypes.data, 8) == 1
+        labels[3] = 3
+        assert lib.fewstep_sample(h, 0, 4, labels.ctypes.data, None, out.ctypes.data, 8) == 0
+        lib.fewstep_engine_free(h)
+        lib.fewstep_engine_free(None)
+    finally:
+        del os.environ["FEWSTEP_ORT_LIBRARY"]
+
+
+def test_eight_threads_equal_serial(engines):
+    e = _C.Engine(engines["ddpm"], threads=1)
+    labels = np.arange(16, dtype=np.int64) % 10
+    serial = [e.sample(s, 16, labels=labels) for s in range(32)]
+    got = [None] * 32
+
+    def work(t):
+        for s in range(t, 32, 8):
+            got[s] = e.sample(s, 16, labels=labels)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in range(32):
+        np.testing.assert_array_equal(got[s], serial[s])
+    assert not np.array_equal(serial[0], serial[1])
+
+
+def test_fuzz_loader(engines, tmp_path):
+    """Bounded atheris run over the loader: random files, mutated engines, fuzzed contracts."""
+    pytest.importorskip("atheris")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    good = Path(engines["tiny"]).read_bytes()
+    contract = next(p.value for p in onnx.load(engines["tiny"]).metadata_props if p.key == "fewstep.contract")
+    (corpus / "contract").write_bytes(contract.encode() + b"\x02")  # atheris takes the mode from the last byte
+    (corpus / "engine").write_bytes(good[:2000] + b"\x01")
+    (corpus / "raw").write_bytes(good[:300] + b"\x00")
+    env = {**os.environ, "FEWSTEP_FUZZ_ENGINE": engines["tiny"]}
+    p = subprocess.run([sys.executable, str(ROOT / "tests/fuzz/fuzz_loader.py"), "-runs=600", "-seed=1",
+                        "-max_len=20000", "-len_control=0", str(corpus)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    stats = [ln for ln in p.stdout.splitlines() if ln.startswith("fuzz stats:")][-1]
+    assert "mode2_loaded" in stats and "mode2_rejected_contract" in stats and "mode0_rejected" in stats, stats
+
+
+# ---- native build: fewstep-run, install, find_package, minimal.c ------------------------------
+
+
+def _cmake():
+    exe = shutil.which("cmake") or shutil.which("cmake", path=str(Path(sys.executable).parent))
+    if not exe or not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("cmake and a C++ compiler are needed for the native build")
+    return exe
+
+
+def _gen():
+    return ["-G", "Ninja"] if shutil.which("ninja") else []
+
+
+def ort_headers_arg():
+    """Reuse headers an earlier build fetched (make dev / the wheel build); else CMake fetches them."""
+    hits = sorted(glob.glob(str(ROOT / "build/*/onnxruntime-headers/include/onnxruntime/onnxruntime_c_api.h")))
+    return [f"-DFEWSTEP_ORT_INCLUDE_DIR={Path(hits[0]).parent}"] if hits else []
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    cmake = _cmake()
+    b = tmp_path_factory.mktemp("native")
+    subprocess.run([cmake, "-S", ROOT, "-B", b, *_gen(), "-DCMAKE_BUILD_TYPE=Release", "-DFEWSTEP_PYTHON=OFF",
+                    *ort_headers_arg()], check=True, capture_output=True)
+    p = subprocess.run([cmake, "--build", b], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    return b
+
+
+def _env():
+    return {**os.environ, "FEWSTEP_ORT_LIBRARY": ORT_LIB}
+
+
+def test_native_cli(engines, native, tmp_path):
+    exe = str(native / "fewstep-run")
+    run = [exe, engines["ddpm"], "--seed", "9", "--batch", "5", "--class", "2", "--guidance", "1.5", "--threads", "1"]
+    p = subprocess.run([*run, "--out", tmp_path / "x.npy", "--bench", "20"], env=_env(), capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stderr
+    e = _C.Engine(engines["ddpm"], threads=1)
+    want = e.sample(9, 5, labels=np.full(5, 2), guidance=np.full(5, 1.5, np.float32))
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), want)
+    lat = [ln for ln in p.stdout.splitlines() if ln.startswith("latency ms:")][0].split()
+    p50, p90, p99 = float(lat[3]), float(lat[5]), float(lat[7])
+    assert 0 < p50 <= p90 <= p99 and "samples/s:" in p.stdout
+    # --noise
+    z = np.random.default_rng(2).standard_normal((3, 2)).astype(np.float32)
+    np.save(tmp_path / "z.npy", z)
+    p = subprocess.run([exe, engines["ddpm"], "--noise", tmp_path / "z.npy", "--batch", "3", "--class", "4",
+                        "--out", tmp_path / "y.npy"], env=_env(), capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), e.sample(0, 3, labels=np.full(3, 4), z=z))
+    # errors: usage 2, engine 1, never a crash
+    for args, rc in [(["--class", "12"], 2), (["--batch", "x"], 2), (["--noise", tmp_path / "x.npy"], 2)]:
+        q = subprocess.run([exe, engines["ddpm"], *map(str, args), "--out", tmp_path / "e.npy"], env=_env(),
+                           capture_output=True, text=True)
+        assert q.returncode == rc and q.stderr.startswith("fewstep-run: error:"), q.stderr
+    q = subprocess.run([exe, engines["tiny"], "--ort-library", "/nonexistent/libonnxruntime.so", "--out",
+                        tmp_path / "e.npy"], capture_output=True, text=True)
+    assert q.returncode == 1 and "cannot load ONNX Runtime" in q.stderr
+    for name in ("garbage", "nometa", "truncated"):
+        q = subprocess.run([exe, engines[name], "--out", tmp_path / "e.npy"], env=_env(), capture_output=True,
+                           text=True)
+        assert q.returncode == 1 and "fewstep-run: error:" in q.stderr
+
+
+def test_install_find_package_and_minimal_c(engines, native, tmp_path):
+    cmake = _cmake()
+    prefix = tmp_path / "prefix"
+    subprocess.run([cmake, "--install", native, "--prefix", prefix], check=True, capture_output=True)
+    assert (prefix / "include/fewstep.h").exists() and (prefix / "include/fewstep.hpp").exists()
+    assert glob.glob(str(prefix / "lib*/libfewstep.so*")) and glob.glob(str(prefix / "lib*/cmake/fewstep"))
+    b = tmp_path / "embed"
+    p = subprocess.run([cmake, "-S", ROOT / "examples/find_package", "-B", b, *_gen(), f"-DCMAKE_PREFIX_PATH={prefix}",
+                        "-DCMAKE_C_FLAGS=-Wall -Werror -pedantic"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    p = subprocess.run([cmake, "--build", b], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    p = subprocess.run([b / "minimal", engines["ddpm"], "4", "6", tmp_path / "m.npy"], env=_env(),
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    e = _C.Engine(engines["ddpm"], threads=1)
+    want = e.sample(4, 6, labels=np.arange(6) % 9)
+    np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), want)
+    p = subprocess.run([b / "embed", engines["ddpm"], "4", "6"], env=_env(), capture_output=True, text=True)
+    assert p.returncode == 0 and f"sum={want.astype(np.float64).sum():.9g}" in p.stdout, p.stdout + p.stderr
+    p = subprocess.run([b / "minimal", engines["nometa"], "0", "1", tmp_path / "n.npy"], env=_env(),
+                       capture_output=True, text=True)
+    assert p.returncode == 1 and "without fewstep metadata" in p.stderr
+    # the installed fewstep-run finds libfewstep through its RPATH
+    p = subprocess.run([prefix / "bin/fewstep-run", engines["tiny"], "--batch", "2", "--out", tmp_path / "i.npy"],
+                       env=_env(), capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
