@@ -203,7 +203,7 @@ class StepGraph(nn.Module):
     def forward(self, *inputs):
         named = dict(zip(self.input_names, inputs))
         x = named["x"].to(self.dtype)
-        sigma = named["sigma"].to(self.dtype)  # σ maths stays float64 inside the adapter
+        sigma = named["sigma"]  # kept float32: the adapter does its σ maths in float64 and casts the scalings
         cond = named.get("class_labels")
         gw = named.get("guidance")
         if gw is None or cond is None:

@@ -377,3 +377,25 @@ def test_tensorrt_build_on_gpu(digits_engine, tmp_path):
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engine = runtime.deserialize_cuda_engine((tmp_path / "e.plan").read_bytes())
     assert engine is not None and engine.num_io_tensors == 4
+
+
+def test_bf16_has_no_cpu_kernels_even_where_valid(tmp_path):
+    """Why bf16 engines are not verified here: even at opset 22, where Cos accepts bfloat16, ONNX Runtime's
+    CPU provider has no kernel for it (the digits UNet's time embedding is a Cos / Sin)."""
+    from onnx import TensorProto
+    from onnx import helper as h
+
+    from fewstep.export.verify import UnsupportedOnCPU, session
+
+    bf16 = TensorProto.BFLOAT16
+    g = h.make_graph([h.make_node("Cos", ["x"], ["y"])], "g", [h.make_tensor_value_info("x", bf16, [2])],
+                     [h.make_tensor_value_info("y", bf16, [2])])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 22)])
+    m.ir_version = 10
+    onnx.checker.check_model(m, full_check=True)
+    path = tmp_path / "cos.onnx"
+    onnx.save(m, str(path))
+    with pytest.raises(UnsupportedOnCPU, match="NOT_IMPLEMENTED.*Cos"):
+        session(path)
+    with pytest.raises(xo.ExportError, match="not a fewstep engine"):
+        verify(path)
