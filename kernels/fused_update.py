@@ -25,6 +25,8 @@ stream into a tensor, which is how the tests compare the fused path with the ref
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -264,6 +266,35 @@ def _block(n: int) -> int:
     return BLOCK_GPU
 
 
+@contextlib.contextmanager
+def _launching():
+    """Under TRITON_INTERPRET, make ``tl.randn`` and its helpers callable by the interpreter for one launch.
+
+    ``triton.language.random`` wraps them with ``triton.jit`` when triton is imported; when that import happened
+    with the interpreter off (diffusers imports triton, for one) they stay compiled-only ``JITFunction``s, which
+    the interpreter refuses to call. They are swapped for interpreted wrappers of the same Python functions
+    during the launch and restored after, so compiled launches never see the swap.
+    """
+    if not _interpreting():
+        yield
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    mods = [sys.modules["triton.language.random"], sys.modules["triton.language"]]
+    saved = []
+    for mod in mods:
+        for name, value in list(vars(mod).items()):
+            if isinstance(value, JITFunction) and getattr(value.fn, "__module__", "") == "triton.language.random":
+                saved.append((mod, name, value))
+                setattr(mod, name, InterpretedFunction(value.fn))
+    try:
+        yield
+    finally:
+        for mod, name, value in saved:
+            setattr(mod, name, value)
+
+
 def _check_device(t: torch.Tensor) -> None:
     if not t.is_cuda and not _interpreting():
         raise ValueError("fused_update: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
@@ -294,7 +325,8 @@ def kernel_randn(seed, shape, noise_offset: int = 0, device="cuda", block: int |
     out = torch.empty(shape, dtype=torch.float32, device=seed_t.device)
     n = out.numel()
     blk = block or _block(n)
-    rk[(triton.cdiv(n, blk),)](out, seed_t, n, int(noise_offset), BLOCK=blk)
+    with _launching():
+        rk[(triton.cdiv(n, blk),)](out, seed_t, n, int(noise_offset), BLOCK=blk)
     return out
 
 
@@ -345,19 +377,20 @@ def fused_update(
     dummy = x  # pointers the specialisation never dereferences still need a tensor
     hp = [h if h is not None else dummy for h in hist]
     p, q, pn = coefs.p, coefs.q, coefs.p_next
-    kern[(triton.cdiv(n, blk),)](
-        x, d, d_c if d_c is not None else dummy, hp[0], hp[1], hp[2], hp[3],
-        eps if noise == 2 else dummy, seed if noise == 1 else _dummy_seed(x.device),
-        h_out, x_out, u_out if coefs.has_next else dummy, u_out2 if u_out2 is not None else dummy,
-        n, int(noise_offset),
-        A=coefs.a, P1=p[0], P2=p[1], P3=p[2], P4=p[3], S=coefs.s, C=coefs.c,
-        Q0=q[0], Q1=q[1], Q2=q[2], Q3=q[3], Q4=q[4],
-        G=coefs.g, CFG=d_c is not None, W=coefs.w, SKIP=coefs.skip, SCALE=coefs.scale,
-        NOISE=noise, NEXT=coefs.has_next, AN=coefs.a_next,
-        PN1=pn[0], PN2=pn[1], PN3=pn[2], PN4=pn[3], CIN=coefs.c_in_next,
-        DUP_U=coefs.has_next and u_out2 is not None,
-        BLOCK=blk,
-    )
+    with _launching():
+        kern[(triton.cdiv(n, blk),)](
+            x, d, d_c if d_c is not None else dummy, hp[0], hp[1], hp[2], hp[3],
+            eps if noise == 2 else dummy, seed if noise == 1 else _dummy_seed(x.device),
+            h_out, x_out, u_out if coefs.has_next else dummy, u_out2 if u_out2 is not None else dummy,
+            n, int(noise_offset),
+            A=coefs.a, P1=p[0], P2=p[1], P3=p[2], P4=p[3], S=coefs.s, C=coefs.c,
+            Q0=q[0], Q1=q[1], Q2=q[2], Q3=q[3], Q4=q[4],
+            G=coefs.g, CFG=d_c is not None, W=coefs.w, SKIP=coefs.skip, SCALE=coefs.scale,
+            NOISE=noise, NEXT=coefs.has_next, AN=coefs.a_next,
+            PN1=pn[0], PN2=pn[1], PN3=pn[2], PN4=pn[3], CIN=coefs.c_in_next,
+            DUP_U=coefs.has_next and u_out2 is not None,
+            BLOCK=blk,
+        )
     return h_out, x_out, (u_out if coefs.has_next else None)
 
 

@@ -1,0 +1,422 @@
+"""The fused update kernel against its torch reference, and the fast executor against the reference executor.
+
+CPU: the Triton kernel runs under TRITON_INTERPRET=1 (set per test with monkeypatch, so a GPU session still
+compiles for its GPU tests); the interpreter's cost is per program, so the launcher uses one 65536-element block.
+GPU tests (``-m gpu``) skip cleanly without CUDA. Tolerances are derived next to each check.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from fewstep.kernels import fused_update as fu  # noqa: E402
+from fewstep.kernels.fused_update import RowCoefs, fused_update, fused_update_ref, kernel_randn  # noqa: E402
+from fewstep.runtime import fast, sample, solvers  # noqa: E402
+from fewstep.training.gmm import GMM  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Relative spacing of each storage dtype (one ulp at |v| ≤ 2^k is ≤ 2^(k - mantissa bits)).
+ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+F32_EPS = 2.0**-24
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _coefs(k: int, rng: random.Random, *, g=0.0, w=1.0, has_next=True) -> RowCoefs:
+    """A row reading exactly K history entries, every term non-zero and O(1)."""
+    r = lambda: rng.choice([-1, 1]) * rng.uniform(0.2, 1.5)  # noqa: E731
+    return RowCoefs(
+        a=r(), p=tuple(r() for _ in range(k)), s=r(), c=r(), q=tuple(r() for _ in range(k + 1)), g=g, w=w,
+        skip=r(), scale=r(), has_next=has_next, a_next=r(), p_next=tuple(r() for _ in range(min(k + 1, 4))),
+        c_in_next=r(),
+    )
+
+
+def _abs(c: RowCoefs) -> RowCoefs:
+    """|coefficients| with −|s| (h = d − s·u): fused_update_ref on |inputs| then bounds Σ|terms| element-wise."""
+    a = abs
+    return RowCoefs(a=a(c.a), p=tuple(map(a, c.p)), s=-a(c.s), c=a(c.c), q=tuple(map(a, c.q)), g=a(c.g),
+                    skip=a(c.skip), scale=a(c.scale), has_next=c.has_next, a_next=a(c.a_next),
+                    p_next=tuple(map(a, c.p_next)), c_in_next=a(c.c_in_next))
+
+
+def _inputs(n, k, dtype, cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = lambda: torch.randn(n, generator=g).to(dtype)  # noqa: E731
+    return t(), [t() for _ in range(k)], t(), (t() if cfg else None)
+
+
+def _assert_close(out, ref, mag, dtype, what):
+    """|out − ref| ≤ ulp_dtype·|ref| + 16·2^-24·mag.
+
+    mag bounds Σ|terms| of every fp32 sum on the way to the value; each of the ≤ 16 roundings along the longest
+    chain (FMA contraction on a GPU changes some of them) errs by ≤ 2^-24 of it: that is the fp32 term (about
+    1e-6 relative). The storage term is one ulp of the output dtype: both sides round the same fp32 value to the
+    dtype, and can land on neighbouring values when the fp32 values differ or when the rounding differs (the
+    interpreter converts fp32 → bf16 by truncation, a GPU rounds to nearest). fp32 outputs are not re-rounded.
+    """
+    o, r = out.double(), ref.double()
+    tol = 16 * F32_EPS * mag.double() + (ULP[dtype] * r.abs() if dtype != torch.float32 else 0) + 1e-30
+    bad = (o - r).abs() > tol
+    assert not bad.any(), f"{what}: {int(bad.sum())} element(s) off, worst {float(((o - r).abs() - tol).max()):.3g}"
+
+
+def _check(x, hist, d, coefs, d_c, eps, dtype, **kw):
+    h, xn, un = fused_update(x, hist, d, coefs, d_c=d_c, eps=eps, **kw)
+    if eps is None and kw.get("seed") is not None and coefs.g != 0.0:
+        eps = kernel_randn(kw["seed"], x.shape, kw.get("noise_offset", 0), device=x.device)
+    hr, xr, ur = fused_update_ref(x, hist, d, coefs, d_c=d_c, eps=eps)
+    # magnitude bound: the reference on |inputs|, with CFG f + w(f_c − f) = (1−w) f + w f_c folded into |d|.
+    dm = d.float().abs() if d_c is None else abs(1 - coefs.w) * d.float().abs() + abs(coefs.w) * d_c.float().abs()
+    hm, xm, um = fused_update_ref(x.float().abs(), [t.float().abs() for t in hist], dm, _abs(coefs),
+                                  eps=None if eps is None else eps.float().abs())
+    _assert_close(h, hr, hm, dtype, "h")
+    _assert_close(xn, xr, xm, dtype, "x'")
+    if coefs.has_next:
+        _assert_close(un, ur, um, dtype, "u'")
+    else:
+        assert un is None and ur is None
+    return h, xn, un
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the kernel against fused_update_ref (CPU, interpreter)
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 7, 4099])
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 4])
+def test_kernel_matches_ref_shapes(interpret, dtype, n, k):
+    rng = random.Random(100 * k + n)
+    cfg = (k + n) % 2 == 1
+    coefs = _coefs(k, rng, w=2.5 if cfg else 1.0, has_next=k != 2)  # k = 2: a last row (no next input)
+    x, hist, d, d_c = _inputs(n, k, dtype, cfg, seed=k)
+    _check(x, hist, d, coefs, d_c, None, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cfg", [False, True])
+@pytest.mark.parametrize("noise", ["none", "philox", "tensor"])
+def test_kernel_matches_ref_cfg_noise(interpret, dtype, cfg, noise):
+    rng = random.Random(7)
+    coefs = _coefs(3, rng, g=0.0 if noise == "none" else 0.7, w=3.0 if cfg else 1.0)
+    x, hist, d, d_c = _inputs(4099, 3, dtype, cfg, seed=1)
+    eps = torch.randn(4099, generator=torch.Generator().manual_seed(9)).to(dtype) if noise == "tensor" else None
+    kw = dict(seed=1234, noise_offset=5 * 4099) if noise == "philox" else {}
+    _check(x, hist, d, coefs, d_c, eps, dtype, **kw)
+
+
+def test_kernel_any_shape_and_in_place(interpret):
+    """A 4-D tensor (flattened inside) and outputs aliasing the inputs (x updated in place)."""
+    rng = random.Random(3)
+    coefs = _coefs(2, rng)
+    g = torch.Generator().manual_seed(0)
+    x, d = torch.randn(3, 1, 5, 7, generator=g), torch.randn(3, 1, 5, 7, generator=g)
+    hist = [torch.randn(3, 1, 5, 7, generator=g) for _ in range(2)]
+    h, xn, un = fused_update(x, hist, d, coefs)
+    assert h.shape == xn.shape == un.shape == x.shape
+    x2 = x.clone()
+    h2, xn2, un2 = fused_update(x2, hist, d, coefs, x_out=x2)
+    assert xn2 is x2 and torch.equal(x2, xn) and torch.equal(h2, h) and torch.equal(un2, un)
+
+
+def test_tolerance_can_fail(interpret):
+    """The fp32 check rejects a coefficient off by 1e-4 (relative): it is not too loose to see a wrong row."""
+    rng = random.Random(5)
+    coefs = _coefs(3, rng)
+    x, hist, d, _ = _inputs(4099, 3, torch.float32, False)
+    wrong = RowCoefs(**{**coefs.__dict__, "q": (coefs.q[0] * (1 + 1e-4),) + coefs.q[1:]})
+    h, xn, un = fused_update(x, hist, d, wrong)
+    _, xr, _ = fused_update_ref(x, hist, d, coefs)
+    _, xm, _ = fused_update_ref(x.abs(), [t.abs() for t in hist], d.abs(), _abs(coefs))
+    with pytest.raises(AssertionError):
+        _assert_close(xn, xr, xm, torch.float32, "x'")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# in-kernel noise
+
+def test_in_kernel_noise_is_standard_normal_and_deterministic(interpret):
+    n = 1 << 16
+    a = kernel_randn(42, (n,), device="cpu")
+    assert torch.equal(a, kernel_randn(42, (n,), device="cpu"))
+    b = kernel_randn(43, (n,), device="cpu")
+    assert (a != b).float().mean() > 0.99
+    # moments of N(0, 1) within 5 standard errors: se(mean) = 1/√n, se(var) = √(2/n)
+    assert abs(float(a.mean())) < 5 / n**0.5
+    assert abs(float(a.var()) - 1) < 5 * (2 / n) ** 0.5
+    assert abs(float(torch.corrcoef(torch.stack([a[:-1], a[1:]]))[0, 1])) < 5 / n**0.5  # neighbours independent
+    # the offset shifts the stream: row s of a plan reads elements [s·N, (s+1)·N)
+    c = kernel_randn(42, (1000,), noise_offset=n - 1000, device="cpu")
+    assert torch.equal(c, a[n - 1000:])
+
+
+def test_kernel_noise_enters_x(interpret):
+    """x' − (the noiseless update) = g·ε with ε the in-kernel stream at this row's offset."""
+    coefs = RowCoefs(c=0.5, q=(0.25,), g=0.8)
+    x, _, d, _ = _inputs(4099, 0, torch.float32, False)
+    _, xn, _ = fused_update(x, [], d, coefs, seed=7, noise_offset=4099)
+    _, x0, _ = fused_update(x, [], d, RowCoefs(c=0.5, q=(0.25,)))
+    eps = kernel_randn(7, (4099,), 4099, device="cpu")
+    torch.testing.assert_close(xn - x0, 0.8 * eps, rtol=0, atol=4 * F32_EPS * 8)
+
+
+def test_kernel_input_errors(interpret, monkeypatch):
+    x = torch.zeros(8)
+    with pytest.raises(ValueError, match="hist"):
+        fused_update(x, [], x, RowCoefs(q=(0.0, 1.0)))
+    with pytest.raises(ValueError, match="eps or seed"):
+        fused_update(x, [], x, RowCoefs(g=1.0))
+    with pytest.raises(ValueError, match="shape"):
+        fused_update(x, [], torch.zeros(9), RowCoefs())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA"):
+        fused_update(x, [], x, RowCoefs())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the fast executor against the reference executor
+
+PLANS = [("ddim", 3), ("heun", 5), ("dpmpp-3m", 4), ("ipndm", 6), ("unipc", 4), ("deis-3", 5), ("ddpm", 4)]
+
+
+def _gmm_case(name, nfe, dtype=torch.float32, b=16):
+    g = GMM.default()
+    plan = solvers.build(name, nfe, g.sigma_min, g.sigma_max)
+    gen = torch.Generator().manual_seed(nfe)
+    z = torch.randn(b, 2, generator=gen)
+    cond = torch.arange(b) % g.num_classes
+    s = len(plan.stochastic_rows)
+    noise = torch.randn(s, b, 2, generator=gen) if s else None
+    return g, plan, z, cond, noise
+
+
+@pytest.mark.parametrize("name,nfe", PLANS)
+@pytest.mark.parametrize("guidance", [None, 2.0])
+def test_fast_equals_reference_gmm(interpret, name, nfe, guidance):
+    """fp32: same operations in the same order (the CFG combine included), so equal up to fp32 rounding of the
+    terms: 1e-6 relative to the sample's scale (observed: bit-identical on CPU)."""
+    g, plan, z, cond, noise = _gmm_case(name, nfe)
+    ref = sample(plan, g, z, cond=cond, guidance=guidance, noise=noise)
+    scale = 1 + float(ref.abs().max())
+    for use_kernel in (False, True):
+        out = fast.sample(plan, g, z, cond=cond, guidance=guidance, noise=noise, use_kernel=use_kernel)
+        assert float((out - ref).abs().max()) <= 1e-6 * scale, (use_kernel, float((out - ref).abs().max()))
+
+
+def test_fast_seed_path_equals_reference_with_kernel_noise(interpret):
+    """In-kernel ε for the s-th stochastic row = kernel_randn(seed, shape, s·N): the reference fed those slices."""
+    g, plan, z, cond, _ = _gmm_case("ddpm", 4)
+    n = z.numel()
+    noise = torch.stack([kernel_randn(11, z.shape, s * n, device="cpu") for s in range(len(plan.stochastic_rows))])
+    ref = sample(plan, g, z, cond=cond, noise=noise)
+    out = fast.sample(plan, g, z, cond=cond, seed=11, use_kernel=True)
+    assert float((out - ref).abs().max()) <= 1e-6 * (1 + float(ref.abs().max()))
+    assert not torch.equal(out, fast.sample(plan, g, z, cond=cond, seed=12, use_kernel=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name,nfe", [("ddim", 3), ("dpmpp-3m", 4), ("ipndm", 6), ("ddpm", 4)])
+def test_fast_low_precision_within_budget(interpret, dtype, name, nfe):
+    """fp16/bf16 storage: judged against the float64 reference executor (the exact Plan).
+
+    Each row stores h, x and u once in the dtype (relative error ≤ one ulp each, ULP[dtype]; bf16 under the
+    interpreter truncates, so a full ulp) and carries the error into the next rows; on these contracting plans
+    it grows at most linearly: budget 2·E·ulp·(1 + max|x|). The fp32-arithmetic fast path must also be no
+    worse than 1.5 × the reference executor run in the same dtype (which rounds after every op) + 2 ulp.
+    """
+    g, plan, z, cond, noise = _gmm_case(name, nfe, b=64)
+    r64 = sample(plan, g, z.double(), cond=cond, guidance=2.0, noise=None if noise is None else noise.double())
+    n_dt = None if noise is None else noise.to(dtype)
+    r_dt = sample(plan, g, z.to(dtype), cond=cond, guidance=2.0, noise=n_dt)
+    scale = 1 + float(r64.abs().max())
+    budget = 2 * plan.nfe * ULP[dtype] * scale
+    ref_err = float((r_dt.double() - r64).abs().max())
+    for use_kernel in (False, True):
+        out = fast.sample(plan, g, z.to(dtype), cond=cond, guidance=2.0, noise=n_dt, use_kernel=use_kernel)
+        assert out.dtype == dtype
+        err = float((out.double() - r64).abs().max())
+        assert err <= budget, (use_kernel, err, budget)
+        assert err <= 1.5 * ref_err + 2 * ULP[dtype] * scale, (use_kernel, err, ref_err)
+
+
+def _digits():
+    try:
+        from fewstep.training.digits import load_teacher
+
+        return load_teacher()
+    except (ImportError, FileNotFoundError, OSError) as exc:  # the teacher's weights are built by another stage
+        pytest.skip(f"digits teacher not available: {exc}")
+
+
+def test_fast_equals_reference_digits(interpret):
+    """The raw-network path (digits UNet, iPNDM at NFE 3: K = 2): the update writes c_in(σ_next)·u_next and
+    folds D = c_skip·u + c_out·F.
+
+    Unguided rows do the reference's operations in its order (observed: bit-identical): 1e-6 of the sample's
+    scale. Guided rows reassociate c_skip·u + c_out·(F_u + w(F_c − F_u)) against D_u + w(D_c − D_u): ≤ ~4·2^-24
+    (1+|w|) of the terms per row, carried through ≤ 3 network evaluations whose gain here is ≲ 10 → 2e-5.
+    """
+    den = _digits()
+    assert fast._Network(den).mode == "raw"
+    plan = solvers.build("ipndm", 3, den.sigma_min, den.sigma_max)
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 1, 8, 8, generator=gen)
+    cond = torch.arange(2)
+    with torch.no_grad():
+        for guidance, rtol, paths in ((None, 1e-6, (True,)), (2.0, 2e-5, (False, True))):
+            ref = sample(plan, den, z, cond=cond, guidance=guidance)
+            scale = 1 + float(ref.abs().max())
+            for use_kernel in paths:
+                out = fast.sample(plan, den, z, cond=cond, guidance=guidance, use_kernel=use_kernel)
+                assert float((out - ref).abs().max()) <= rtol * scale, (guidance, use_kernel)
+
+
+def test_network_modes_and_black_box():
+    g = GMM.default()
+    assert fast._Network(g).mode == "denoise"
+    box = lambda x, sigma, cond=None, guidance=None: g(x, sigma, cond, guidance=guidance)  # noqa: E731
+    assert fast._Network(box).mode == "call"
+    _, plan, z, cond, _ = _gmm_case("dpmpp-2m", 3)
+    ref = sample(plan, g, z, cond=cond, guidance=2.0)
+    out = fast.sample(plan, box, z, cond=cond, guidance=2.0)
+    assert float((out - ref).abs().max()) <= 1e-6 * (1 + float(ref.abs().max()))
+
+
+def test_fast_input_errors():
+    g, plan, z, cond, noise = _gmm_case("ddpm", 3)
+    with pytest.raises(ValueError, match="noise"):
+        fast.sample(plan, g, z, cond=cond)
+    with pytest.raises(ValueError, match="noise"):
+        fast.sample(plan, g, z, cond=cond, noise=noise[:1])
+    fs = fast.FastSampler(plan, g, z, cond)
+    with pytest.raises(ValueError, match="shape"):
+        fs.run(z[:2], cond[:2], noise=noise)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# AOT (Triton's compile/link for sm_80 and sm_90; nvcc checks that the generated C compiles)
+
+def test_aot_sources_compile_with_nvcc(tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not installed")
+    from fewstep.runtime.plan import Plan, Row
+
+    same = [Row(sigma=s, c=0.5, q=(0.5,)) for s in (80.0, 40.0)]  # rows 0 and 1: one specialisation
+    plan = Plan("t", 80.0, tuple(same + [Row(sigma=10.0, c=0.5, q=(0.5, 0.1))]))  # the last row reads h_(e-1)
+    plan.save(tmp_path / "plan.json")
+    # A fresh process, as a build would run it (and away from this process's interpreter patches).
+    r = subprocess.run([sys.executable, "-m", "fewstep.kernels.aot", "--plan", str(tmp_path / "plan.json"),
+                        "--dtype", "fp16", "--out", str(tmp_path / "aot")], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"Triton AOT compile unavailable here: {r.stderr.strip().splitlines()[-1:]}")
+    tmp_path = tmp_path / "aot"
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert set(m["targets"]) == {"sm80", "sm90"}
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    for arch, t in m["targets"].items():
+        assert t["algo_of_row"] == [0, 0, 1] and len(t["algos"]) == 2
+        for a in t["algos"]:
+            cubin = (tmp_path / a["cubin"]).read_bytes()
+            assert cubin[:4] == b"\x7fELF"
+            if cuobjdump.exists():
+                elf = subprocess.run([str(cuobjdump), "-elf", str(tmp_path / a["cubin"])], capture_output=True,
+                                     text=True, check=True).stdout
+                assert f"sm_{arch[2:]}" in elf
+        disp = (tmp_path / t["dispatcher"][0]).read_text()
+        order = [f"fewstep_fused_update_{arch}_algo{i}," for i in range(len(t["algos"]))]
+        assert all(disp.index(order[i]) < disp.index(order[i + 1]) for i in range(len(order) - 1))
+        sources = [s for a in t["algos"] for s in a["sources"] if s.endswith(".c")] + [t["dispatcher"][0]]
+        for src in sources:
+            r = subprocess.run([nvcc, "-x", "c", "-c", str(tmp_path / src), "-o", str(tmp_path / "o.o")],
+                               capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr[-2000:]
+    assert m["dtype"] == "fp16"
+
+
+def test_aot_cli_help(capsys):
+    from fewstep.kernels import aot
+
+    with pytest.raises(SystemExit) as exc:
+        aot.main(["--help"])
+    assert exc.value.code == 0 and "--plan" in capsys.readouterr().out
+    assert aot.main(["--plan", "/nonexistent/plan.json", "--out", "/tmp/x"]) == 2
+
+
+def test_gpu_suite_help_and_no_cuda_message(capsys):
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.py"
+    spec = importlib.util.spec_from_file_location("gpu_suite", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit) as exc:
+        mod.parse(["--help"])
+    assert exc.value.code == 0 and "--out" in capsys.readouterr().out
+    if not CUDA:
+        assert mod.main([]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPU (run with a lent GPU: pytest -m gpu tests/test_kernels.py)
+
+@pytest.fixture
+def compiled(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 7, 4099, 1 << 20])
+def test_gpu_kernel_matches_ref(compiled, dtype, n):
+    for k in range(5):
+        rng = random.Random(k)
+        cfg = k % 2 == 1
+        coefs = _coefs(k, rng, g=0.5, w=2.0 if cfg else 1.0, has_next=k != 4)
+        x, hist, d, d_c = _inputs(n, k, dtype, cfg, seed=k)
+        x, d = x.cuda(), d.cuda()
+        hist = [h.cuda() for h in hist]
+        d_c = d_c.cuda() if d_c is not None else None
+        _check(x, hist, d, coefs, d_c, None, dtype, seed=99, noise_offset=k * n)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name,nfe", [("dpmpp-3m", 4), ("ddpm", 4)])
+def test_gpu_fast_and_cuda_graph_equal_eager(compiled, name, nfe):
+    g, plan, z, cond, _ = _gmm_case(name, nfe)
+    g = g.cuda()
+    z, cond = z.cuda(), cond.cuda()
+    eager = fast.sample(plan, g, z, cond=cond, guidance=2.0, seed=5)
+    n = z.numel()
+    noise = torch.stack([kernel_randn(5, z.shape, s * n, device="cuda") for s in range(len(plan.stochastic_rows))]) \
+        if plan.stochastic_rows else None
+    ref = sample(plan, g, z, cond=cond, guidance=2.0, noise=noise)
+    assert float((eager - ref).abs().max()) <= 1e-5 * (1 + float(ref.abs().max()))
+    cg = fast.CUDAGraphSampler(plan, g, z, cond, guidance=2.0).capture()
+    torch.testing.assert_close(cg.run(z, cond, seed=5), eager, rtol=0, atol=0)
+    z2 = torch.randn_like(z)
+    torch.testing.assert_close(cg.run(z2, cond, seed=6), fast.sample(plan, g, z2, cond=cond, guidance=2.0, seed=6),
+                               rtol=0, atol=0)
+    torch.cuda.synchronize()
+
+
+def test_block_choice_under_interpreter(interpret):
+    assert fu._block(10) == fu.BLOCK_INTERPRET
