@@ -399,3 +399,17 @@ def test_bf16_has_no_cpu_kernels_even_where_valid(tmp_path):
         session(path)
     with pytest.raises(xo.ExportError, match="not a fewstep engine"):
         verify(path)
+
+
+def test_cli_plan_from_another_teacher(tmp_path, capsys):
+    from fewstep.cli import main
+
+    plan = build("ddim", 2, 0.002, 80.0)
+    plan = plan.replace(provenance={**plan.provenance, "teacher_hash": "sha256:" + "1" * 64})
+    pf = tmp_path / "p.json"
+    plan.save(pf)
+    out = tmp_path / "e.onnx"
+    assert main(["export", "--model", "gmm", "--plan", str(pf), "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err and not out.exists()
+    assert main(["export", "--model", "gmm", "--plan", str(pf), "--out", str(out), "--force"]) == 0
+    assert xo.read_metadata(out)["fewstep.plan"] == plan
