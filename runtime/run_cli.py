@@ -173,7 +173,9 @@ def latency(model: str, plan, batch: int = 1, repeats: int = 200, threads: int =
         "cpp_equals_ort_python": same,
         "notes": "network_only = step graph in ONNX Runtime from Python (one session.run per evaluation) × NFE; "
                  "ort_python = the sampler graph's raw session.run on precomputed inputs; cpp_runtime = "
-                 "_C.Engine.sample (draws z/noise with Philox, then one ORT run).",
+                 "_C.Engine.sample (Philox z/noise, then one ORT run). On the CPU the one-graph sampler has come out "
+                 "faster than NFE separate step-graph calls (same convolutions per evaluation); the cause is not "
+                 "pinned down, so read the second ratio as an upper bound.",
         "cuda": "not measured (no GPU): pip install onnxruntime-gpu; fewstep-run ENGINE --provider cuda --bench 200",
         "tensorrt": "not measured (no GPU): fewstep-run ENGINE --provider tensorrt --cache-dir trt_cache --bench 200",
     }
