@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import FewstepError
-from ..runtime.denoisers import Denoiser
+from ..runtime.denoisers import Denoiser, DiscreteVPDenoiser
 from ..runtime.plan import Plan, atomic_write_bytes
 
 FORMAT = "fewstep.engine/1"
@@ -91,6 +91,16 @@ def _is_scalings_denoiser(den) -> bool:
             and type(den).get_scalings is not Denoiser.get_scalings and den.model is not None)
 
 
+def _vp_sigma_to_t(den, sigma):
+    """``DiscreteVPDenoiser.sigma_to_t`` with searchsorted written as a count (same index, left side)."""
+    ls = den.log_sigmas.to(sigma.device)
+    log_sigma = sigma.to(torch.float64).log().clamp(ls[0], ls[-1])
+    idx = (ls[None, :] < log_sigma[:, None]).sum(1).clamp(1, len(ls) - 1)
+    lo, hi = ls[idx - 1], ls[idx]
+    frac = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
+    return (idx - 1).to(torch.float64) + frac
+
+
 # --- the graphs as torch modules --------------------------------------------------------------------
 class _Evaluator(nn.Module):
     """D(u; σ, cond[, w]) as plain torch ops, mirroring ``Denoiser.forward`` and ``executor.call_denoiser``."""
@@ -116,11 +126,23 @@ class _Evaluator(nn.Module):
         col = u.reshape(u.shape[0], -1)[:, 0]  # a [B] tensor whose length follows the dynamic batch
         if consts is None:
             sig = sigma if isinstance(sigma, torch.Tensor) else torch.full_like(col, sigma)
+            if self.baked:  # σ is an input (step graph): the adapter's σ maths in the graph, float64
+                return self._scalings_denoise(u, sig, cond)
             return self.den._denoise(u, sig, cond)
         (c_skip, c_out, c_in), t = consts
         tt = torch.full_like(col, t, dtype=torch.float64)
         f = self.den.run_model(u * c_in, tt, cond)
         return c_skip * u + c_out * f.to(u.dtype)
+
+    def _scalings_denoise(self, x, sigma, cond):
+        """``Denoiser._denoise`` with an exportable σ → t for discrete VP tables (no searchsorted in ONNX 17)."""
+        den = self.den
+        sig = sigma.to(torch.float64).reshape(-1, *([1] * (x.ndim - 1)))
+        c_skip, c_out, c_in = (s.to(x.dtype) for s in den.get_scalings(sig))
+        vp = isinstance(den, DiscreteVPDenoiser)
+        t = _vp_sigma_to_t(den, sigma) if vp else den.sigma_to_t(sigma.to(torch.float64))
+        f = den.run_model(x * c_in, t, cond)
+        return c_skip * x + c_out * f.to(x.dtype)
 
     def guided(self, u, sigma, cond, w, consts):
         """One batched call over [unconditional; conditional], D_u + w·(D_c − D_u)."""

@@ -413,3 +413,33 @@ def test_cli_plan_from_another_teacher(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err and not out.exists()
     assert main(["export", "--model", "gmm", "--plan", str(pf), "--out", str(out), "--force"]) == 0
     assert xo.read_metadata(out)["fewstep.plan"] == plan
+
+
+def test_diffusers_vp_unet_step_and_sampler(tmp_path):
+    """A tiny unconditional diffusers UNet2DModel on a DDPM (ε, discrete VP) table: σ → t goes through the
+    table lookup inside the step graph (searchsorted written as a count) and is baked in the sampler."""
+    diffusers = pytest.importorskip("diffusers")
+    from fewstep.runtime.diffusers_adapter import from_diffusers
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=4)
+    den = from_diffusers(unet.eval(), {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000,
+                                       "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"})
+    step = xo.export_onnx(den, None, tmp_path / "s.onnx", sample_shape=(3, 8, 8), step_graph=True)
+    assert [s["name"] for s in step.contract["inputs"]] == ["x", "sigma"]
+    feeds = xo.example_inputs(step.contract, 7)  # σ from 0.002 (below the table: clamped) to σ_max
+    feeds["sigma"][3] = np.float32(den.t_to_sigma(torch.tensor([500.0]))[0])  # a grid σ
+    with torch.no_grad():
+        ref = den(torch.from_numpy(feeds["x"]), torch.from_numpy(feeds["sigma"])).numpy()
+    assert _rel(_run(tmp_path / "s.onnx", feeds), ref) <= 1e-4
+    plan = build("dpmpp-2m", 2, den.sigma_min, den.sigma_max)
+    res = xo.export_onnx(den, plan, tmp_path / "p.onnx", sample_shape=(3, 8, 8))
+    assert [s["name"] for s in res.contract["inputs"]] == ["z"] and res.contract["num_classes"] is None
+    feeds = xo.example_inputs(res.contract, 3)
+    with torch.no_grad():
+        ref = sample(plan, den, torch.from_numpy(feeds["z"])).numpy()
+    assert _rel(_run(tmp_path / "p.onnx", feeds), ref) <= 1e-4
+    with pytest.raises(xo.ExportError, match="not class-conditional"):
+        xo.export_onnx(den, plan, tmp_path / "c.onnx", sample_shape=(3, 8, 8), conditional=True)
