@@ -208,7 +208,7 @@ def cmd_demo(args) -> int:
     import numpy as np
 
     from .runtime.solvers import build
-    from .training.evaluate import make_inputs, quality, reference, run_plan
+    from .training.evaluate import REFERENCE_STEPS, make_inputs, quality, reference, run_plan
     from .training.teachers import load
 
     teacher = load("digits")
@@ -225,14 +225,15 @@ def cmd_demo(args) -> int:
         inputs = make_inputs(teacher, plan, args.n, args.seed)
         if ref is None:
             inputs0 = inputs
+            print(f"  reference ODE solve ({4 * REFERENCE_STEPS['digits']} NFE) ...", flush=True)
             ref = reference(teacher, inputs0, plan.sigma_init)
         x = run_plan(teacher, plan, inputs)
         q = quality(teacher, x, inputs, ref)
         rows.append(x[:20].numpy())
         print(f"  NFE {nfe:2d}: fd_digits {q['fd_digits']:7.3f}  class_accuracy {q['class_accuracy']:.3f}  "
-              f"rmse_vs_reference {q['rmse_vs_reference']:.4f}")
+              f"rmse_vs_reference {q['rmse_vs_reference']:.4f}", flush=True)
     qr = quality(teacher, ref, inputs0, None)
-    print(f"  reference ODE solve (400 NFE): fd_digits {qr['fd_digits']:7.3f}  "
+    print(f"  reference ODE solve: fd_digits {qr['fd_digits']:7.3f}  "
           f"class_accuracy {qr['class_accuracy']:.3f}")
     rows.append(ref[:20].numpy())
     grid = os.path.join(args.out, "grid.png")
@@ -285,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_out")
     d.add_argument("--solver", default="dpmpp-2m")
     d.add_argument("--nfe", default="2,4,6,8,10")
-    d.add_argument("--n", type=int, default=1000)
+    d.add_argument("--n", type=int, default=500)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=cmd_demo)
 
@@ -316,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-PLUGINS = ("fewstep.training.fit_cli", "fewstep.export.cli", "fewstep.kernels.cli")
+PLUGINS = ("fewstep.training.fit_cli", "fewstep.export.cli", "fewstep.kernels.cli", "fewstep.runtime.run_cli")
 
 
 def main(argv: list[str] | None = None) -> int:
