@@ -32,9 +32,10 @@ from dataclasses import dataclass
 import torch
 
 MAX_HISTORY = 4
-# 1024 elements per program, 4 warps: 8 fp32 (16 B) per thread, a 128-bit load per tensor; the update is
-# bandwidth-bound and this is the size Triton's element-wise tutorial (vector add) settles on. Under the
-# interpreter the cost is per program, so the launcher uses one huge block there (see _block).
+# 1024 elements per program, 4 warps (Triton's default): 8 elements per thread, i.e. one 128-bit access per tensor in
+# fp16/bf16 and two in fp32, enough bytes in flight per SM for a streaming kernel, and the size Triton's element-wise
+# tutorial (vector add) uses. Chosen by that reasoning, not tuned: no GPU was available (benchmarks/gpu_suite.py).
+# Under the interpreter the cost is per program, so the launcher uses one huge block there (see _block).
 BLOCK_GPU = 1024
 BLOCK_INTERPRET = 1 << 16
 
@@ -281,18 +282,30 @@ def _launching():
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    mods = [sys.modules["triton.language.random"], sys.modules["triton.language"]]
-    saved = []
-    for mod in mods:
+    lang = [sys.modules[m] for m in _TL_MODULES]
+    # The interpreter patches triton.language.core for a nested call and never restores it (triton 3.9,
+    # InterpretedFunction.__call__); a later compiled kernel would then trip over the patches. Snapshot them all.
+    before = [dict(vars(m)) for m in lang]
+    for mod in (lang[3], lang[0]):
         for name, value in list(vars(mod).items()):
             if isinstance(value, JITFunction) and getattr(value.fn, "__module__", "") == "triton.language.random":
-                saved.append((mod, name, value))
                 setattr(mod, name, InterpretedFunction(value.fn))
     try:
         yield
     finally:
-        for mod, name, value in saved:
-            setattr(mod, name, value)
+        # The interpreter also injects its own globals into the modules of the functions it rewrites (once, then
+        # caches the rewrite); a compiled kernel would resolve names through them. Remove both.
+        for mod, snap in zip(lang, before):
+            for name in set(vars(mod)) - set(snap):
+                delattr(mod, name)
+            for name, value in snap.items():
+                if vars(mod).get(name) is not value:
+                    setattr(mod, name, value)
+        for fn in [f for f in InterpretedFunction.rewritten_fn if getattr(f, "__module__", "") in _TL_MODULES]:
+            del InterpretedFunction.rewritten_fn[fn]
+
+
+_TL_MODULES = ("triton.language", "triton.language.core", "triton.language.math", "triton.language.random")
 
 
 def _check_device(t: torch.Tensor) -> None:

@@ -175,6 +175,18 @@ def test_kernel_noise_enters_x(interpret):
     torch.testing.assert_close(xn - x0, 0.8 * eps, rtol=0, atol=4 * F32_EPS * 8)
 
 
+def test_compiler_usable_after_interpreter(interpret, monkeypatch, tmp_path):
+    """A GPU session runs these interpreter tests and then compiles the same kernel: the interpreter's patches
+    to triton.language (left behind by nested calls such as tl.randn) must be gone after each launch."""
+    from fewstep.kernels import aot
+
+    x = torch.zeros(64)
+    fused_update(x, [], x, RowCoefs(g=1.0), seed=1)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    m = aot.compile_rows([RowCoefs(c=0.5, q=(0.5,), g=0.3)], tmp_path, targets=("cuda:80",))
+    assert m["targets"]["sm80"]["algo_of_row"] == [0]
+
+
 def test_kernel_input_errors(interpret, monkeypatch):
     x = torch.zeros(8)
     with pytest.raises(ValueError, match="hist"):
