@@ -11,7 +11,7 @@ out_{−1} is the initial state x_T (z in the noise form), as in the public code
 and "replace out_e by (1+λ')out_e − λ'out_{e−1}" span the same correction direction, so they fit
 the same x_{i+1}; only λ's scale differs (λ = λ'·(the weight the solver gives out_e)).
 
-Mapped onto Plan rows (``fit.compile_plan`` does the algebra):
+Mapped onto Plan rows (``fit.to_plan`` does the algebra):
 - data form, s = 0 rows: q_0 += λ, q_1 −= λ (DESIGN §2's D-DDIM row);
 - noise form: ε_e and ε_{e−1} are rewritten through U = a·x + Σ p·h and the previous state, which
   changes c and the q's of the row;
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from ..runtime.plan import Plan
 from ..runtime.solvers import get
-from .fit import Batch, FitError, Slot, compile_plan, grid_of, lstsq, run, steps_of, subdivide
+from .fit import Batch, FitError, Slot, grid_of, lstsq, run, steps_of, subdivide, to_plan
 
 
 def _diff_data(v, e):
@@ -70,7 +70,7 @@ def fit_dode(plan: Plan, solver: str, den, batch: Batch, factor: int = 10, form:
         return lstsq(feats, targets[slot.target] - q0)
 
     run(plan, den, batch, slots, fit_slot)
-    fitted = compile_plan(plan, slots)
+    fitted = to_plan(plan, slots)
     forms = sorted({("eps" if plan.rows[s.anchor].s != 0.0 else "data") if form is None else form for s in slots})
     return fitted, {"dode_form": "+".join(forms), "teacher_nfe": teacher_nfe, "fine_factor": factor,
                     "lambdas": [float(s.phi[0]) for s in slots]}

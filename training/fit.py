@@ -170,8 +170,13 @@ def _comb(terms, hist, start):
     return out
 
 
-def compile_plan(plan: Plan, slots: Sequence[Slot], name: str | None = None, provenance: dict | None = None) -> Plan:
-    """Replay ``plan`` on a Trace with the fitted slots added; the result is an ordinary Plan."""
+def compile_plan(plan: Plan, slots: Sequence[Slot], name: str | None = None, provenance: dict | None = None,
+                 s: float | None = None) -> Plan:
+    """Replay ``plan`` on a Trace with the fitted slots added; the result is an ordinary Plan.
+
+    ``s`` re-expresses every row's history entry as h = D − s·U (same samples, different bookkeeping):
+    features on past ε's (noise-form D-ODE, BIIA, IIA-EDM r = 1) reach past *states*, which a bounded
+    history can only hold as s = 1 entries (−σ·ε̂). ``to_plan`` tries the plan's own s, then s = 1."""
     by = {(s.where, s.row): s for s in slots}
     tr = Trace(plan.sigma_init)
     v = View(plan)
@@ -182,7 +187,7 @@ def compile_plan(plan: Plan, slots: Sequence[Slot], name: str | None = None, pro
         if ("u", e) in by:
             u = _add(u, by["u", e], v)
         v.us.append(u)
-        d = tr.eval(u, row.sigma, s=row.s, guidance=row.guidance)
+        d = tr.eval(u, row.sigma, s=row.s if s is None else s, guidance=row.guidance)
         v.ds.append(d)
         hist.append(d - row.s * u)
         xn = _comb(((q, k + 1) for k, q in enumerate(row.q)), hist, row.c * x if row.c != 0.0 else Lin())
@@ -191,6 +196,20 @@ def compile_plan(plan: Plan, slots: Sequence[Slot], name: str | None = None, pro
         x = tr.update(xn, noise=row.g)
     out = tr.plan(name or plan.name, provenance if provenance is not None else plan.provenance)
     return out
+
+
+def to_plan(plan: Plan, slots: Sequence[Slot]) -> Plan:
+    """``compile_plan`` with the plan's own history form, else with s = 1; FitError if neither fits K ≤ 4."""
+    from ..runtime.plan import PlanError
+
+    try:
+        return compile_plan(plan, slots)
+    except PlanError:
+        pass
+    try:
+        return compile_plan(plan, slots, s=1.0)
+    except PlanError as exc:
+        raise FitError(f"the fitted corrections are not expressible with a history of ≤ 4 entries ({exc})") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -354,12 +373,15 @@ def reference_target(teacher, batch: Batch, sigma_max: float) -> torch.Tensor:
 
 def fit(teacher, solver: str, nfe: int, method: str, batch: int | None = None, fine: int | None = None,
         cls: int | None = None, guidance: float | None = None, seed: int = 0, schedule: str | None = None,
-        progress: Callable[[str], None] | None = None) -> Plan:
+        progress: Callable[[str], None] | None = None, timestep_evals: int | None = None,
+        cache: dict | None = None) -> Plan:
     """Fit ``solver`` at ``nfe`` evaluations on ``teacher`` with ``method`` and return the Plan.
 
     ``teacher``: a ``training.teachers.Teacher`` or a ``--model`` string. ``method``: one of
     ``METHODS`` or ``timesteps+<coefficient method>`` (timesteps are learned first, then the
-    coefficients are fitted on the learned grid). ``batch``/``fine`` default per method
+    coefficients are fitted on the learned grid). ``timestep_evals`` caps the Nelder–Mead objective
+    evaluations; ``cache`` (a dict the caller keeps) reuses the fitting batch's reference solve across
+    fits with the same inputs. ``batch``/``fine`` default per method
     (METHODS.md: D-ODE 100 samples and a 10× teacher; IIA-DDIM 16 / M = 3, IIA-EDM 200 / M = 3,
     guided 20 / M = 10; timesteps 100). ``guidance`` is written into every row.
     """
@@ -390,15 +412,22 @@ def fit(teacher, solver: str, nfe: int, method: str, batch: int | None = None, f
     defaults = iia.defaults(coef, solver_obj.name) if coef and coef.startswith(("iia", "biia")) else (100, 10)
     n = batch or (defaults[0] if coef else timesteps.DEFAULT_BATCH)
     m = fine or defaults[1]
-    b = make_batch(teacher, n, seed, cls, guidance)
     say = progress or (lambda s: None)
-    say(f"reference solve for {n} fitting samples")
-    ref = reference_target(teacher, b, base.sigma_init)
+    key = (teacher.content_hash, n, seed, cls, guidance, base.sigma_init)
+    if cache is not None and key in cache:
+        b, ref = cache[key]
+    else:
+        b = make_batch(teacher, n, seed, cls, guidance)
+        say(f"reference solve for {n} fitting samples")
+        ref = reference_target(teacher, b, base.sigma_init)
+        if cache is not None:
+            cache[key] = (b, ref)
     info: dict = {}
     plan = base
     if want_ts:
         say("learning timesteps")
-        plan, ts_info = timesteps.fit_timesteps(plan, solver_obj.name, den, b, ref, guidance=guidance)
+        plan, ts_info = timesteps.fit_timesteps(plan, solver_obj.name, den, b, ref, guidance=guidance,
+                                                 max_evals=timestep_evals)
         info["timesteps"] = ts_info
     if coef:
         say(f"fitting {coef}")

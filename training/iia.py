@@ -12,6 +12,7 @@ and last row of step i; D_e, ε_e = (U_e − D_e)/σ_e, X_e the state before row
 | variant | features F_{i,j} added to row L's update | paper form |
 |---|---|---|
 | iia-ddim | D_L − D_{L−1}, ε_L − ε_{L−1} | z_{i+1} = DDIM(z_i) + φ_{i0}(x̂_i − x̂_{i−1}) + φ_{i1}(ε̂_i − ε̂_{i−1}) |
+| iia-ddim-local | D_L − D_{L−1}, ε_L (s = 1 rows: D_L, ε_L − ε_{L−1}) | iia-ddim past K ≤ 4 (NFE ≳ 6) |
 | iia-dpmpp | X_f, D_L | z_{i+1} = DPM++(z_i, …) + φ_{i0} z_i + φ_{i1} x̂_i |
 | iia-edm0 | X_f − D_f, D_f − D_L | z_{i+1} = z_i + β^ε_{i0}(z_i − D_i) + β^D_{i0}(D(z_i) − D(z̃_{i+1})) |
 | iia-edm1 (= iia-edm) | the above, plus X_f' − D_f', D_f' − D_L' of step i−1 | r = 1 history terms |
@@ -28,12 +29,12 @@ from __future__ import annotations
 
 from ..runtime.plan import Plan
 from ..runtime.solvers import get
-from .fit import Batch, FitError, Slot, compile_plan, grid_of, lstsq, run, steps_of, subdivide
+from .fit import Batch, FitError, Slot, grid_of, lstsq, run, steps_of, subdivide, to_plan
 
-VARIANTS = ("iia-ddim", "iia-dpmpp", "iia-edm0", "iia-edm1", "biia-edm", "iia-guided")
+VARIANTS = ("iia-ddim", "iia-ddim-local", "iia-dpmpp", "iia-edm0", "iia-edm1", "biia-edm", "iia-guided")
 # (batch, M) from the papers (METHODS.md); iia-dpmpp uses IIA-DDIM's.
-DEFAULTS = {"iia-ddim": (16, 3), "iia-dpmpp": (16, 3), "iia-edm0": (200, 3), "iia-edm1": (200, 3),
-            "biia-edm": (200, 3), "iia-guided": (20, 10)}
+DEFAULTS = {"iia-ddim": (16, 3), "iia-ddim-local": (16, 3), "iia-dpmpp": (16, 3), "iia-edm0": (200, 3),
+            "iia-edm1": (200, 3), "biia-edm": (200, 3), "iia-guided": (20, 10)}
 # The paper's variant per base family; families the paper does not treat get IIA-DDIM's generic differences.
 PAPER_VARIANT = {"heun": "iia-edm1", "dpmpp-2m": "iia-dpmpp", "dpmpp-3m": "iia-dpmpp", "dpmpp-3m-taylor": "iia-dpmpp"}
 
@@ -83,6 +84,11 @@ def slots_for(plan: Plan, variant: str) -> list[Slot]:
         if variant == "iia-ddim":
             feats = [lambda v, a: v.D(a) - v.D(a - 1), lambda v, a: v.eps(a) - v.eps(a - 1)]
             names = ["phi0", "phi1"]
+        elif variant == "iia-ddim-local":  # the history's own difference, plus the other form's current value
+            if plan.rows[last].s == 0.0:
+                feats, names = [lambda v, a: v.D(a) - v.D(a - 1), lambda v, a: v.eps(a)], ["phi0", "phi1_eps_i"]
+            else:
+                feats, names = [lambda v, a: v.D(a), lambda v, a: v.eps(a) - v.eps(a - 1)], ["phi0_x_i", "phi1"]
         elif variant == "iia-dpmpp":
             feats, names = [_x(f), _d(last)], ["phi0", "phi1"]
         elif variant == "iia-guided":
@@ -133,6 +139,15 @@ def fit_iia(plan: Plan, solver: str, den, batch: Batch, variant: str = "iia", m:
         return lstsq(feats, t - q0)
 
     run(plan, den, batch, slots, fit_slot)
-    fitted = compile_plan(plan, slots)
+    try:
+        fitted = to_plan(plan, slots)
+    except FitError:
+        if variant != "iia-ddim":
+            raise
+        # φ_{i0}(x̂_i − x̂_{i−1}) + φ_{i1}(ε̂_i − ε̂_{i−1}) makes x_{i+1} depend on x_i *and* x_{i−1}: a two-state
+        # recurrence a Plan (one state + 4 outputs) holds only for a few steps. Past that, keep the paper's
+        # difference in the history's own form and drop the other form's previous value (the same span minus
+        # one direction), recorded in the provenance as iia-ddim-local.
+        return fit_iia(plan, solver, den, batch, "iia-ddim-local", m, target_fn)
     return fitted, {"iia_variant": variant, "fine_substeps": m,
                     "coefficients": [dict(zip(s.names, map(float, s.phi))) for s in slots]}
