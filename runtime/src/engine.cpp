@@ -496,8 +496,12 @@ fewstep_status fewstep_engine_get_info(const fewstep_engine* engine, fewstep_eng
 
 const char* fewstep_engine_metadata(const fewstep_engine* engine, const char* key) {
   if (!engine || !key) return nullptr;
-  const auto it = engine->metadata.find(key);
-  return it == engine->metadata.end() ? nullptr : it->second.c_str();
+  try {  // the std::string key may allocate: nothing may throw across the C API
+    const auto it = engine->metadata.find(key);
+    return it == engine->metadata.end() ? nullptr : it->second.c_str();
+  } catch (...) {
+    return nullptr;
+  }
 }
 
 fewstep_status fewstep_sample_from(fewstep_engine* engine, uint64_t seed, int64_t batch, const float* z,
