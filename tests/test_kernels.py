@@ -298,6 +298,25 @@ def test_fast_equals_reference_digits(interpret):
                 assert float((out - ref).abs().max()) <= rtol * scale, (guidance, use_kernel)
 
 
+def test_one_update_launch_per_evaluation(interpret, monkeypatch):
+    """E network calls and E fused updates (each one kernel launch) per batch, with CFG."""
+    g, plan, z, cond, _ = _gmm_case("unipc", 4)
+    launches, calls = [], []
+    kern = fu.kernels()[0]
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kern[grid]
+
+    monkeypatch.setattr(fu, "kernels", lambda: (Counting(), None))
+    inner = g._denoise
+    monkeypatch.setattr(g, "_denoise", lambda x, sigma, cond: calls.append(x.shape[0]) or inner(x, sigma, cond))
+    fast.sample(plan, g, z, cond=cond, guidance=2.0, use_kernel=True)
+    # one batched [unconditional; conditional] call per row; the kernel combines the halves
+    assert len(launches) == plan.nfe and calls == [2 * z.shape[0]] * plan.nfe
+
+
 def test_network_modes_and_black_box():
     g = GMM.default()
     assert fast._Network(g).mode == "denoise"
