@@ -239,3 +239,21 @@ def test_guidance_row_overrides_caller():
     plan = Plan("g", 1.0, [Row(sigma=1.0, guidance=3.0), Row(sigma=0.5)])
     sample(plan, den, torch.zeros(2, 1), cond=torch.zeros(2, dtype=torch.long), guidance=2.0)
     assert calls == [3.0, 2.0]
+
+
+def test_every_solver_builds_at_every_small_nfe():
+    """Every registry solver gives exactly NFE rows for NFE 1..10, or a SolverError naming why."""
+    from fewstep.runtime.solvers import SolverError, solvers
+
+    for name in solvers():
+        for nfe in range(1, 11):
+            for sched in ("edm", "logsnr", "vp"):
+                try:
+                    plan = build(name, nfe, 0.002, 80, schedule=sched)
+                except SolverError as exc:
+                    assert "NFE" in str(exc)
+                    continue
+                assert plan.nfe == nfe and plan.history <= 4
+                last = plan.rows[-1]
+                if last.s == 0.0 and name != "plms":  # PLMS ends on an Adams–Bashforth step, not on D
+                    assert last.c == 0.0  # x ← D: round-off must not leave a 1e-17·x term

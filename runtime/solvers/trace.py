@@ -140,14 +140,14 @@ class Trace:
         else:
             coef = sum(rest_t.get(k, 0.0) * v for k, v in rest_s.items()) / ss
         scale = max(target.scale(), abs(coef) * state.scale(), 1.0)
-        if abs(coef) <= _TOL:  # e.g. the step to σ = 0: exactly 0, so runtimes can skip reading x
-            coef = 0.0
         for k in keys:
             if abs(rest_t.get(k, 0.0) - coef * rest_s.get(k, 0.0)) > _TOL * scale:
                 raise PlanError(
                     f"trace: row {e}: {what} is not a·x plus the last {MAX_HISTORY} history "
                     f"entries (term {k} does not fit); this solver needs a longer history"
                 )
+        if abs(coef) * state.scale() <= _TOL * scale:  # round-off, e.g. the step to σ = 0: make it exactly 0
+            coef = 0.0
         resid = target - coef * state
         ws = [resid.coef(_h(e - k)) if e - k >= 0 else 0.0 for k in window]
         # Round-off from the symbolic algebra (~1e-17) must not read as a real history term.
