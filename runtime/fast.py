@@ -41,10 +41,13 @@ class _Network:
 
     def __init__(self, denoiser):
         self.den = denoiser
-        if isinstance(denoiser, Denoiser) and type(denoiser)._denoise is Denoiser._denoise \
-                and getattr(denoiser, "model", None) is not None:
+        cls = type(denoiser)
+        # Only adapters that keep the base class's call path (forward → _guided → _denoise) can be taken apart.
+        standard = isinstance(denoiser, Denoiser) and cls.forward is Denoiser.forward \
+            and cls._guided is Denoiser._guided
+        if standard and cls._denoise is Denoiser._denoise and getattr(denoiser, "model", None) is not None:
             self.mode = "raw"
-        elif isinstance(denoiser, Denoiser):
+        elif standard:
             self.mode = "denoise"
         else:
             self.mode = "call"
