@@ -61,9 +61,13 @@ def teacher_states(plan: Plan, solver: str, den, batch: Batch, factor: int):
     return states[::factor], teacher.nfe
 
 
-def fit_dode(plan: Plan, solver: str, den, batch: Batch, factor: int = 10, form: str | None = None):
-    """Greedy closed-form λ's; returns (fitted plan, info)."""
-    targets, teacher_nfe = teacher_states(plan, solver, den, batch, factor)
+def fit_dode(plan: Plan, solver: str, den, batch: Batch, factor: int = 10, form: str | None = None,
+             targets=None):
+    """Greedy closed-form λ's; returns (fitted plan, info). ``targets`` (the states at the step grid,
+    index 0 = start) replaces the teacher run (tests pass exact flows)."""
+    teacher_nfe = None
+    if targets is None:
+        targets, teacher_nfe = teacher_states(plan, solver, den, batch, factor)
     slots = slots_for(plan, form)
 
     def fit_slot(slot, q0, feats, v):
