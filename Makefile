@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 PIP     := $(VPY) -m pip
 STAMP   := $(VENV)/.fewstep-installed
 
-.PHONY: demo test install dev lint clean sysdeps
+.PHONY: demo test install dev lint clean sysdeps asan
 
 # A fresh Debian machine may lack venv/ensurepip or a C++ compiler: install them (as root).
 sysdeps:
@@ -47,6 +47,10 @@ dev: $(STAMP)
 	cp build/dev/_C*.so fewstep/
 	$(PIP) uninstall -y -q fewstep || true
 	echo $(CURDIR) > $$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/fewstep_dev.pth
+
+# AddressSanitizer / LeakSanitizer over 1,000 load/sample/free cycles of the C API (also part of `make test`).
+asan: install
+	$(VENV)/bin/pytest -q tests/test_cpp_asan.py
 
 lint:
 	$(VENV)/bin/ruff check .
