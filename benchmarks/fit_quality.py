@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--timestep-evals", type=int, default=None, help="Nelder–Mead budget (default 40 + 30·steps)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tag", default="", help="suffix of the output files (fit_<model><tag>.*)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)  # 2 shared cores: intra-op threads only contend at these sizes
 
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
               "heldout_seed": args.seed, "fit_seed": 0, "reference": ref_q, "fit_reference_seconds": fit_ref_seconds,
               "rows": rows, "machine": _machine(args.threads), "fewstep": fewstep.__version__,
               "seconds": time.perf_counter() - t0, "argv": sys.argv[1:] if argv is None else list(argv)}
-    base_path = os.path.join(args.out, f"fit_{args.model}")
+    base_path = os.path.join(args.out, f"fit_{args.model}{args.tag}")
     atomic_write_text(base_path + ".json", json.dumps(result, indent=1) + "\n")
     atomic_write_text(base_path + ".md", _markdown(result, methods))
     _plot(result, methods, base_path + ".png")
