@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--timestep-evals", type=int, default=None, help="Nelder–Mead budget (default 40 + 30·steps)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--guidance", type=float, default=None, help="CFG scale: fit, sample and reference at w")
     ap.add_argument("--tag", default="", help="suffix of the output files (fit_<model><tag>.*)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)  # 2 shared cores: intra-op threads only contend at these sizes
@@ -54,11 +55,12 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     plan0 = build("ddim", 1, den.sigma_min, den.sigma_max)
     inputs = make_inputs(teacher, plan0, args.n, args.seed)
-    ref = reference(teacher, inputs, plan0.sigma_init)
+    ref = reference(teacher, inputs, plan0.sigma_init, args.guidance)
     ref_q = quality(teacher, ref, inputs, None)
     cache: dict = {}
     t1 = time.perf_counter()
-    fit(teacher, "ddim", 2, "dode", cache=cache)  # warms the cache: the fitting batch's reference solve
+    # warms the cache: the fitting batch's reference solve
+    fit(teacher, "ddim", 2, "dode", cache=cache, guidance=args.guidance)
     fit_ref_seconds = time.perf_counter() - t1
     rows = []
     for solver in solvers:
@@ -72,13 +74,14 @@ def main(argv=None) -> int:
                 t1 = time.perf_counter()
                 try:
                     plan = base if m == "base" else fit(teacher, solver, nfe, m, cache=cache,
+                                                        guidance=args.guidance,
                                                         timestep_evals=args.timestep_evals)
                 except FitError as exc:  # recorded, e.g. a correction a K ≤ 4 history cannot hold
                     rows.append({"solver": solver, "nfe": nfe, "method": m, "error": str(exc)})
                     print(f"{args.model} {solver:9s} NFE {nfe:2d} {m:15s} error: {exc}", flush=True)
                     continue
                 secs = 0.0 if m == "base" else time.perf_counter() - t1
-                x = run_plan(teacher, plan, inputs)
+                x = run_plan(teacher, plan, inputs, args.guidance)
                 q = quality(teacher, x, inputs, ref)
                 pv = plan.provenance
                 row = {"solver": solver, "nfe": nfe, "method": m, **q, "fit_seconds": secs,
@@ -88,7 +91,8 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"{args.model} {solver:9s} NFE {nfe:2d} {m:15s} " + " ".join(
                     f"{k} {v:.4g}" for k, v in q.items()) + f" fit {secs:.1f}s", flush=True)
-    result = {"model": teacher.name, "teacher_hash": teacher.content_hash, "n_heldout": args.n,
+    result = {"model": teacher.name, "guidance": args.guidance, "teacher_hash": teacher.content_hash,
+              "n_heldout": args.n,
               "heldout_seed": args.seed, "fit_seed": 0, "reference": ref_q, "fit_reference_seconds": fit_ref_seconds,
               "rows": rows, "machine": _machine(args.threads), "fewstep": fewstep.__version__,
               "seconds": time.perf_counter() - t0, "argv": sys.argv[1:] if argv is None else list(argv)}
@@ -113,7 +117,8 @@ def _machine(threads: int) -> dict:
 
 def _markdown(res: dict, methods) -> str:
     metric2 = "fd_digits" if res["model"] == "digits" else "sliced_w2"
-    lines = [f"# Fitted solvers on {res['model']} (held-out noise seed {res['heldout_seed']}, "
+    w = f", CFG w = {res['guidance']}" if res.get("guidance") is not None else ""
+    lines = [f"# Fitted solvers on {res['model']}{w} (held-out noise seed {res['heldout_seed']}, "
              f"{res['n_heldout']} samples; fitted on seed {res['fit_seed']})", "",
              f"Reference solve: {json.dumps({k: round(v, 4) for k, v in res['reference'].items()})}. "
              f"Machine: {res['machine']['cpu']}, {res['machine']['torch_threads']} torch thread(s). "

@@ -23,6 +23,15 @@ A *step* of a plan is a maximal run of rows whose last row changes x (a row with
 q = 0, g = 0 — Heun's predictor — leaves x alone); the step grid σ_0 > … > σ_n = 0 is read
 back from the plan (first row of each step, then 0). Fine targets are built with the same
 solver family on a grid that contains the student's σ's exactly (``subdivide``).
+
+``fit`` (behind `fewstep fit`) draws the fitting batch as `fewstep eval` does (Philox ``seed``,
+digits classes evenly or ``cls``), writes the CFG scale into every row, and keeps the fit only as
+far as it helps: all fitted corrections are scaled by the α ∈ {1, ¾, ½, ¼, 0} with the smallest
+endpoint RMSE against the reference solve of the fitting batch (``safeguard``; α = 0 is the base).
+Provenance: teacher, teacher_hash (checked by `fewstep sample/eval --plan`), method, base_solver,
+batch, fine (D-ODE teacher factor / IIA sub-steps M), seed, guidance, class, fit_seconds,
+fewstep_version, fit_rmse_base / fit_rmse (fitting batch vs reference), alpha, and the fitted
+coefficients (``lambdas`` / ``coefficients``) or learned ``sigmas``.
 """
 
 from __future__ import annotations
