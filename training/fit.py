@@ -440,13 +440,24 @@ def fit(teacher, solver: str, nfe: int, method: str, batch: int | None = None, f
         info["timesteps"] = ts_info
     if coef:
         say(f"fitting {coef}")
-        if coef.startswith("dode"):
-            fitted, cinfo = dode.fit_dode(plan, solver_obj.name, den, b, factor=m, form=coef[5:] or None)
-        else:
-            fitted, cinfo = iia.fit_iia(plan, solver_obj.name, den, b, variant=coef, m=m)
-        plan, sg = safeguard(plan, fitted, den, b, ref)
-        info.update(cinfo)
-        info.update(sg)
+
+        def fit_coef(p):
+            if coef.startswith("dode"):
+                fitted, cinfo = dode.fit_dode(p, solver_obj.name, den, b, factor=m, form=coef[5:] or None)
+            else:
+                fitted, cinfo = iia.fit_iia(p, solver_obj.name, den, b, variant=coef, m=m)
+            kept, sg = safeguard(p, fitted, den, b, ref)
+            return kept, {**cinfo, **sg}
+
+        grids = [plan] if plan is base else [plan, base]
+        fits = [fit_coef(p) for p in grids]
+        # Sequential timesteps → coefficients can lose to coefficients alone (the grid was learned for the
+        # uncorrected solver): keep whichever grid fits better on the fitting batch.
+        k = min(range(len(fits)), key=lambda i: fits[i][1]["fit_rmse_kept"])
+        plan = fits[k][0]
+        info.update(fits[k][1])
+        if want_ts:
+            info["grid_kept"] = "learned" if k == 0 else "base"
     err = rms(run(plan, den, b), ref)
     prov = dict(base.provenance)
     prov.update({
