@@ -161,3 +161,10 @@ def test_out_is_a_file(tmp_path):
 def test_no_partial_files_on_success(tmp_path):
     run("sample", "--model", "gmm", "--solver", "ddim", "--nfe", 2, "--n", 4, "--out", tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["samples.npy"]
+
+
+def test_teacher_train_then_sample_path(tmp_path):
+    run("teacher", "train", "digits", "--out", tmp_path / "t", "--steps", 2, "--quiet")
+    run("sample", "--model", tmp_path / "t", "--solver", "ddim", "--nfe", 2, "--n", 3, "--out", tmp_path / "o")
+    assert np.load(tmp_path / "o" / "samples.npy").shape == (3, 1, 8, 8)
+    _bad(tmp_path, "teacher", "train", "cats", match="unknown teacher 'cats'")
