@@ -17,8 +17,10 @@ from fewstep.training.gmm import GMM
 
 
 def run(*args, ok=True):
+    # cwd away from the repo root: `python -m` puts the cwd first on sys.path, and the root's
+    # fewstep/ folder is not the installed package.
     p = subprocess.run([sys.executable, "-m", "fewstep", *map(str, args)], capture_output=True, text=True,
-                       timeout=600)
+                       timeout=600, cwd=os.path.dirname(os.path.abspath(__file__)))
     if ok:
         assert p.returncode == 0, p.stderr
     return p

@@ -353,7 +353,8 @@ def test_aot_sources_compile_with_nvcc(tmp_path):
     plan.save(tmp_path / "plan.json")
     # A fresh process, as a build would run it (and away from this process's interpreter patches).
     r = subprocess.run([sys.executable, "-m", "fewstep.kernels.aot", "--plan", str(tmp_path / "plan.json"),
-                        "--dtype", "fp16", "--out", str(tmp_path / "aot")], capture_output=True, text=True)
+                        "--dtype", "fp16", "--out", str(tmp_path / "aot")], capture_output=True, text=True,
+                       cwd=tmp_path)  # not the repo root: `-m` would import its un-built fewstep/ folder
     if r.returncode != 0:
         pytest.skip(f"Triton AOT compile unavailable here: {r.stderr.strip().splitlines()[-1:]}")
     tmp_path = tmp_path / "aot"
