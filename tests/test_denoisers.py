@@ -9,6 +9,7 @@ c_skip·x + c_out·unet(c_in·x, t) written out here.
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 
@@ -300,7 +301,8 @@ def test_missing_diffusers_is_named(tmp_path, monkeypatch):
 def test_runtime_import_needs_no_diffusers():
     code = ("import sys; import fewstep.runtime, fewstep.runtime.denoisers, fewstep.runtime.diffusers_adapter; "
             "assert 'diffusers' not in sys.modules, 'diffusers imported'")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    # cwd away from the repo root, whose un-built fewstep/ folder `-c` would import first
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
 
 
 # --- diffusers unets ----------------------------------------------------------------------

@@ -319,7 +319,8 @@ def test_cli_errors_one_line(tmp_path, capsys):
 def test_cli_import_does_not_load_onnx():
     code = ("import sys, fewstep.cli as c; c.build_parser(); "
             "bad = [m for m in ('onnx', 'onnxruntime', 'tensorrt') if m in sys.modules]; assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    # cwd away from the repo root, whose un-built fewstep/ folder `-c` would import first
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
 
 
 # --- TensorRT and Triton ------------------------------------------------------------------------------------
