@@ -113,10 +113,10 @@ def bench(quick: bool = False) -> dict:
                     feeds = example_inputs(res.contract, batch, guidance=w if w is not None else 1.0)
                     tz = {k: torch.from_numpy(v) for k, v in feeds.items()}
 
-                    def run_ort():
+                    def run_ort(sess=sess, feeds=feeds):
                         return sess.run(None, feeds)[0]
 
-                    def run_py():
+                    def run_py(plan=plan, den=den, tz=tz, w=w):
                         with torch.no_grad():
                             return sample(plan, den, tz["z"], cond=tz.get("class_labels"), guidance=w).numpy()
 
@@ -158,7 +158,8 @@ def markdown(r: dict) -> str:
            "Plans: DPM-Solver++(2M), dynamic-batch float32 engines (opset 17, TorchScript exporter). Digits: CFG "
            "W = 2 on both sides (2B rows per evaluation). CIFAR-10 UNet: google/ddpm-cifar10-32's architecture "
            "with random weights (config in export_ddpm_cifar10_unet_config.json).", "",
-           "## Export", "", "| model | params | NFE | export s | ONNX MB | ORT session s |", "|---|---|---|---|---|---|"]
+           "## Export", "", "| model | params | NFE | export s | ONNX MB | ORT session s |",
+           "|---|---|---|---|---|---|"]
     for e in r["exports"]:
         out.append(f"| {e['model']} | {e['params'] / 1e6:.2f}M | {e['nfe']} | {e['export_s']:.1f} | "
                    f"{e['onnx_bytes'] / 1e6:.2f} | {e['ort_session_s']:.2f} |")

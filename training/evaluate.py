@@ -47,7 +47,8 @@ def make_inputs(teacher: Teacher, plan: Plan, n: int, seed: int, cls: int | None
     if z is not None:
         want = (n, *teacher.shape)
         if z.dtype != np.float32 or tuple(z.shape) != want:
-            raise InputError(f"noise file: expected float32 array of shape {want} (N×{'×'.join(map(str, teacher.shape))}),"
+            dims = "×".join(map(str, teacher.shape))
+            raise InputError(f"noise file: expected float32 array of shape {want} (N×{dims}),"
                              f" got {z.dtype} {tuple(z.shape)}")
         if not np.all(np.isfinite(z)):
             raise InputError("noise file: contains NaN or inf")

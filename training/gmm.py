@@ -33,7 +33,8 @@ class GMM(Denoiser):
         if stds.shape != means.shape or torch.any(stds <= 0):
             raise ValueError("gmm: stds must be positive, [K] or [K, dim]")
         k = means.shape[0]
-        w = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        w = (torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None
+             else torch.as_tensor(weights, dtype=torch.float64))
         if w.shape != (k,) or torch.any(w <= 0):
             raise ValueError("gmm: weights must be positive, one per component")
         self.register_buffer("means", means)

@@ -38,7 +38,8 @@ def _same(nfe: int) -> int:
 def _heun_steps(nfe: int) -> int:
     # n Heun steps cost 2n − 1 evaluations: the last step (to σ = 0) is a plain Euler step.
     if nfe % 2 == 0:
-        raise SolverError(f"heun: NFE must be odd (n steps cost 2n − 1 evaluations); got {nfe}, try {nfe - 1} or {nfe + 1}")
+        raise SolverError(f"heun: NFE must be odd (n steps cost 2n − 1 evaluations); got {nfe}, "
+                          f"try {nfe - 1} or {nfe + 1}")
     return (nfe + 1) // 2
 
 
