@@ -35,6 +35,7 @@ demo: install
 
 # pytest from the venv's entry point (not `python -m`), so tests import the installed package.
 test: install
+	$(VENV)/bin/ruff check --quiet .
 	$(VENV)/bin/pytest -q tests
 
 # Development: the source tree imports as `fewstep` (symlinks + the built extension).
