@@ -138,6 +138,9 @@ def evaluate(teacher: Teacher, plan: Plan, n: int, seed: int, cls: int | None = 
     t0 = time.perf_counter()
     samples = run_plan(teacher, plan, inputs, guidance)
     secs = time.perf_counter() - t0
+    ws = {r.guidance for r in plan.rows}
+    if guidance is None and len(ws) == 1 and None not in ws:
+        guidance = ws.pop()  # a plan fitted at w samples at w: score it against the reference at w
     ref = reference(teacher, inputs, plan.sigma_init, guidance, ref_steps)
     res = {"model": teacher.name, "plan": plan.name, "nfe": plan.nfe, "n": n, "seed": seed,
            "guidance": 1.0 if guidance is None else guidance, "class": cls}
