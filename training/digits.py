@@ -155,11 +155,13 @@ class DigitsUNet(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x, t, cond):
-        t = t.to(x.dtype).reshape(-1)
+        # The sinusoidal embedding runs in float32 whatever the network's dtype (fp16/bf16 phases
+        # are too coarse, and ONNX opset 17 has no bf16 Cos/Sin); only its output is cast.
+        t = t.to(torch.float32).reshape(-1)
         if t.shape[0] == 1 and x.shape[0] > 1:
             t = t.expand(x.shape[0])
-        arg = t[:, None] * self.freqs[None].to(x.dtype)
-        emb = self.t_mlp(torch.cat([arg.cos(), arg.sin()], dim=1))
+        arg = t[:, None] * self.freqs[None].to(torch.float32)
+        emb = self.t_mlp(torch.cat([arg.cos(), arg.sin()], dim=1).to(x.dtype))
         if cond is None:
             cond = torch.full((x.shape[0],), self.cfg.num_classes, dtype=torch.long, device=x.device)
         emb = F.silu(emb + self.label(cond))
