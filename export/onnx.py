@@ -31,6 +31,9 @@ from ..runtime.plan import Plan, atomic_write_bytes
 
 FORMAT = "fewstep.engine/1"
 OPSET = 17
+# bfloat16 Conv / Cos / GroupNorm inputs are valid ONNX only from opset 22 on; fp32/fp16 stay at 17,
+# which every ONNX Runtime and TensorRT release in use reads.
+OPSET_BF16 = 22
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -423,8 +426,9 @@ def export_onnx(denoiser, plan: Plan | None, path, *, sample_shape, num_classes:
         # TracerWarnings flag Python branches on shapes; the dynamic-batch tests at 1, 7 and 64 are the check.
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(graph, args, buf, dynamo=False, opset_version=OPSET, input_names=list(graph.input_names),
-                              output_names=[out_name], dynamic_axes=dyn, do_constant_folding=True)
+            torch.onnx.export(graph, args, buf, dynamo=False, opset_version=_opset(dt),
+                              input_names=list(graph.input_names), output_names=[out_name], dynamic_axes=dyn,
+                              do_constant_folding=True)
         except Exception as exc:  # the exporter raises many types; name the model and the first line
             raise ExportError(f"ONNX export of {type(denoiser).__name__} failed: {str(exc).splitlines()[0]}") from None
     model = onnx.load_from_string(buf.getvalue())
@@ -446,14 +450,18 @@ def export_onnx(denoiser, plan: Plan | None, path, *, sample_shape, num_classes:
         p.key, p.value = k, v
     model.producer_name = "fewstep"
     model.producer_version = fewstep.__version__
-    try:  # e.g. bfloat16 fails here: Cos / Sin accept bfloat16 only from opset 22 on
+    try:  # names the first op whose types the opset does not allow
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ExportError(f"--dtype {DTYPE_NAMES[dt]}: the exported graph is not valid ONNX opset {OPSET}: "
+        raise ExportError(f"--dtype {DTYPE_NAMES[dt]}: the exported graph is not valid ONNX opset {_opset(dt)}: "
                           f"{str(exc).strip().splitlines()[0]}") from None
     data = model.SerializeToString()
     atomic_write_bytes(path, data)
     return ExportResult(path, time.perf_counter() - t0, len(data), contract)
+
+
+def _opset(dt) -> int:
+    return OPSET_BF16 if dt == torch.bfloat16 else OPSET
 
 
 def read_metadata(path) -> dict:
