@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import FewstepError
 from ..runtime.denoisers import Denoiser, DiscreteVPDenoiser
+from ..runtime.executor import run_rows
 from ..runtime.plan import Plan, atomic_write_bytes
 
 FORMAT = "fewstep.engine/1"
@@ -180,26 +181,9 @@ class SamplerGraph(nn.Module):
         gw = named.get("guidance")
         if gw is not None:
             gw = gw.to(dt).reshape(-1, *([1] * (z.ndim - 1)))
-        # The executor's loop (runtime/executor.py), row by row, with the same operation order.
-        x = self.plan.sigma_init * z
-        hist: list[torch.Tensor] = []
-        ns = 0
-        for e, row in enumerate(self.plan.rows):
-            u = row.a * x if row.a != 1.0 else x
-            for k in range(1, len(row.p) + 1):
-                if row.p[k - 1] != 0.0:
-                    u = u + row.p[k - 1] * hist[-k]
-            d = self._evaluate(u, row, cond, gw, self.consts[e])
-            h = d if row.s == 0.0 else d - row.s * u
-            hist.append(h)
-            x = row.c * x if row.c != 1.0 else x
-            for k in range(len(row.q)):
-                if row.q[k] != 0.0:
-                    x = x + row.q[k] * hist[-1 - k]
-            if row.g != 0.0:
-                x = x + row.g * noise[ns]
-                ns += 1
-            del hist[:-4]
+        # The executor's own loop (runtime/executor.py), so the graph does the same ops in the same order.
+        x = run_rows(self.plan, self.plan.sigma_init * z,
+                     lambda e, row, u: self._evaluate(u, row, cond, gw, self.consts[e]), noise)
         return x.to(torch.float32)
 
     def _evaluate(self, u, row, cond, gw, consts):

@@ -46,17 +46,30 @@ def sample(
         for i, n in enumerate(noise):
             if tuple(n.shape) != tuple(z.shape):
                 raise InputError(f"noise[{i}]: expected shape {tuple(z.shape)}, got {tuple(n.shape)}")
-    x = plan.sigma_init * z
+    batch = z.shape[0]
+
+    def evaluate(e, row, u):
+        sigma = torch.full((batch,), row.sigma, dtype=z.dtype, device=z.device)
+        w = row.guidance if row.guidance is not None else guidance
+        return call_denoiser(denoiser, u, sigma, cond, w)
+
+    return run_rows(plan, plan.sigma_init * z, evaluate, noise)
+
+
+def run_rows(plan: Plan, x: torch.Tensor, evaluate: Callable, noise=None) -> torch.Tensor:
+    """The Plan's loop from the initial state ``x``; ``evaluate(e, row, u)`` is the network.
+
+    Shared by ``sample`` and the ONNX exporter, so the exported graph does the same ops in
+    the same order.
+    """
     hist: list[torch.Tensor] = []  # hist[-k] is h_{e-k}
     ns = 0
-    for row in plan.rows:
+    for e, row in enumerate(plan.rows):
         u = row.a * x if row.a != 1.0 else x
         for k in range(1, len(row.p) + 1):
             if row.p[k - 1] != 0.0:
                 u = u + row.p[k - 1] * hist[-k]
-        sigma = torch.full((z.shape[0],), row.sigma, dtype=z.dtype, device=z.device)
-        w = row.guidance if row.guidance is not None else guidance
-        d = call_denoiser(denoiser, u, sigma, cond, w)
+        d = evaluate(e, row, u)
         h = d if row.s == 0.0 else d - row.s * u
         hist.append(h)
         x = row.c * x if row.c != 1.0 else x

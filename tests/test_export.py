@@ -29,15 +29,6 @@ from fewstep.runtime.solvers import build  # noqa: E402
 from fewstep.training.teachers import load  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two OpenMP threads on the shared 2-core box ran the digits UNet 20× slower than one (3.3 s vs 0.17 s).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load("digits")

@@ -25,15 +25,6 @@ from fewstep.training.teachers import Teacher, load
 M, S, ST = 0.7, 0.5, 80.0  # Gaussian data N(M, S²) per dimension; σ_T
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The exact GMM's ops are tiny: on 2 shared cores intra-op threads only contend (100× slower softmax).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def gmm():
     return load("gmm")

@@ -27,16 +27,6 @@ from fewstep.training.gmm import GMM, reference_endpoint
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny tensors: on the shared 2-core box two intra-op threads make each GMM call ~15x slower
-    # (15 ms vs 0.9 ms measured under load). Scoped to this module and restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------
 # (a) order on the exact GMM teacher
 # ---------------------------------------------------------------------------------------

@@ -20,16 +20,6 @@ TINY = digits.TrainConfig(unet=digits.UNetConfig(channels=(8, 16), blocks=1, emb
                           batch=8, warmup=2, ema_halflife=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tensors are tiny: on the shared 2-core machine two OpenMP threads made the 4-step
-    # training runs 10–80× slower (spin-waiting), so this module runs on one and restores the count.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def split():
     return digits.load_digits_split()
