@@ -35,11 +35,14 @@ def register(sub, bench_sub) -> None:
     p = sub.add_parser("export", help="export a Plan + model as one ONNX engine (TensorRT, Triton)",
                        description="Unroll the plan into one ONNX graph (opset 17, coefficients as constants); "
                                    "--step-graph writes the single-evaluation denoiser graph instead.")
-    p.add_argument("--model", required=True, help="digits | gmm | PATH (checkpoint or diffusers directory)")
+    p.add_argument("--model", required=True,
+                   help="digits | digits-guided | gmm | PATH (checkpoint, distilled bundle or diffusers directory)")
     g = p.add_argument_group("sampler (one of; optional with --step-graph)")
     g.add_argument("--plan", help="a plan JSON file (fewstep.plan/1)")
     g.add_argument("--solver", help="solver name (see `fewstep solvers`)")
-    g.add_argument("--nfe", type=int, help="network evaluations (with --solver)")
+    g.add_argument("--nfe", type=int, help="network evaluations (with --solver; alone, a distilled model's "
+                                           "student for that many steps)")
+    g.add_argument("--stochastic", action="store_true", help="distilled students: the stochastic sampler")
     g.add_argument("--schedule", help="σ schedule for --solver (default: the solver's)")
     p.add_argument("--out", required=True, help="output .onnx file (written atomically)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
@@ -59,9 +62,13 @@ def register(sub, bench_sub) -> None:
 
 
 def _plan(args, teacher):
+    from ..cli import student_plan
     from ..runtime.plan import Plan
     from ..runtime.solvers import build
 
+    own = student_plan(args, teacher)
+    if own is not None:
+        return own
     if args.plan and (args.solver or args.nfe is not None):
         raise FewstepError("give either --plan FILE or --solver NAME --nfe N, not both")
     if args.plan:
@@ -96,7 +103,9 @@ def cmd_export(args) -> int:
         from .verify import require_ort
 
         require_ort()
-    teacher = load_teacher(args.model)
+    from ..cli import student_steps
+
+    teacher = load_teacher(args.model, student_steps(args))
     plan = _plan(args, teacher)
     res = export_onnx(teacher.denoiser, plan, out, sample_shape=teacher.shape, num_classes=teacher.num_classes,
                       dtype=args.dtype, batch=args.batch, step_graph=args.step_graph,

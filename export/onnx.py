@@ -149,8 +149,14 @@ class _Evaluator(nn.Module):
         return c_skip * x + c_out * f.to(x.dtype)
 
     def guided(self, u, sigma, cond, w, consts):
-        """One batched call over [unconditional; conditional], D_u + w·(D_c − D_u)."""
+        """One batched call over [unconditional; conditional], D_u + w·(D_c − D_u); a model that takes
+        the guidance scale as an input (a guidance-distilled student) gets w as a [B] input instead."""
         n = u.shape[0]
+        if getattr(self.den, "takes_guidance", False):
+            col = u.reshape(n, -1)[:, 0]
+            wv = w.reshape(-1).to(torch.float32) if isinstance(w, torch.Tensor) \
+                else torch.full_like(col, w, dtype=torch.float32)
+            return self.plain(u, sigma, (cond, wv), consts)
         null = torch.full_like(cond, self.info.null_label)
         sig2 = torch.cat([sigma, sigma]) if isinstance(sigma, torch.Tensor) else sigma
         both = self.plain(torch.cat([u, u]), sig2, torch.cat([null, cond]), consts)
@@ -473,11 +479,11 @@ def export_teacher(model: str, plan: Plan | None, path, **kw) -> ExportResult:
                        teacher_hash=teacher.content_hash, **kw)
 
 
-def load_teacher(model: str):
+def load_teacher(model: str, steps: int | None = None):
     from ..training.teachers import ModelError, load
 
     try:
-        return load(model)
+        return load(model, steps=steps)
     except (ModelError, FileNotFoundError) as exc:
         raise ExportError(str(exc)) from None
 

@@ -65,22 +65,28 @@ def require_ort():
 def resolve_model(meta: dict, model: str | None):
     """The teacher the engine was exported from: `model` if given, else found by the recorded content hash
     among the shipped teachers (digits, gmm)."""
+    from ..training.teachers import bundle_steps
     from .onnx import load_teacher
 
     want = meta.get("fewstep.teacher_hash", "")
     if model is not None:
         t = load_teacher(model)
+        for n in bundle_steps(model):  # a distilled bundle: the student the engine came from
+            if t.content_hash == want:
+                break
+            t = load_teacher(model, n)
         if want and t.content_hash != want:
             raise VerifyError(f"--model {model} has content hash {t.content_hash[:19]}…, the engine was exported "
                               f"from {want[:19]}…")
         return t
-    for name in ("digits", "gmm"):
-        try:
-            t = load_teacher(name)
-        except (ExportError, OSError):
-            continue
-        if t.content_hash == want:
-            return t
+    for name in ("digits", "gmm", "digits-guided"):
+        for steps in [None, *bundle_steps(name)]:
+            try:
+                t = load_teacher(name, steps)
+            except (ExportError, OSError):
+                continue
+            if t.content_hash == want:
+                return t
     raise VerifyError(f"the engine's teacher ({want[:19]}…) is not a shipped teacher: pass --model PATH")
 
 

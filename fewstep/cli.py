@@ -38,10 +38,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _add_model_plan(p: argparse.ArgumentParser, out: bool = True) -> None:
-    p.add_argument("--model", required=True, help="digits | gmm | PATH (checkpoint or diffusers directory)")
+    p.add_argument("--model", required=True,
+                   help="digits | digits-guided | gmm | PATH (checkpoint, distilled bundle or diffusers directory)")
     g = p.add_argument_group("sampler (one of)")
     g.add_argument("--solver", help="solver name (see `fewstep solvers`)")
-    g.add_argument("--nfe", type=int, help="network evaluations (with --solver)")
+    g.add_argument("--nfe", type=int, help="network evaluations (with --solver; alone, a distilled model's "
+                                           "student for that many steps)")
+    g.add_argument("--stochastic", action="store_true",
+                   help="distilled students: the stochastic sampler (a double step, then re-noise one step back)")
     g.add_argument("--schedule", help="σ schedule for --solver: edm | logsnr | vp (default: the solver's)")
     g.add_argument("--plan", help="a plan JSON file (fewstep.plan/1)")
     p.add_argument("--force", action="store_true", help="use a plan fitted for another teacher anyway")
@@ -56,13 +60,31 @@ def _add_model_plan(p: argparse.ArgumentParser, out: bool = True) -> None:
 def _load_teacher(args):
     from .training.teachers import load
 
-    return load(args.model)
+    return load(args.model, steps=student_steps(args))
+
+
+def student_steps(args) -> int | None:
+    """--nfe without --solver/--plan names a distilled model's student (ignored by other models)."""
+    return args.nfe if args.nfe is not None and not args.solver and not getattr(args, "plan", None) else None
+
+
+def student_plan(args, teacher):
+    """A distilled student's own Plan when the command named none, else None."""
+    if teacher.plans and not args.solver and not getattr(args, "plan", None):
+        return teacher.plans["stochastic" if getattr(args, "stochastic", False) else "deterministic"]
+    if getattr(args, "stochastic", False):
+        raise UserError("--stochastic picks a distilled student's stochastic sampler: use it with a distilled "
+                        "model (e.g. --model digits-guided --nfe 4) and no --solver/--plan")
+    return None
 
 
 def _resolve_plan(args, teacher):
     from .runtime.plan import Plan
     from .runtime.solvers import build
 
+    own = student_plan(args, teacher)
+    if own is not None:
+        return own
     if args.plan and (args.solver or args.nfe is not None):
         raise UserError("give either --plan FILE or --solver NAME --nfe N, not both")
     if args.plan:
@@ -317,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-PLUGINS = ("fewstep.training.fit_cli", "fewstep.export.cli", "fewstep.kernels.cli", "fewstep.runtime.run_cli")
+PLUGINS = ("fewstep.training.fit_cli", "fewstep.training.distill_cli", "fewstep.export.cli", "fewstep.kernels.cli",
+           "fewstep.runtime.run_cli")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -154,7 +154,10 @@ class DigitsUNet(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x, t, cond):
+    def extra_embedding(self, x, extra):
+        raise TypeError("DigitsUNet takes no extra conditioning (a guidance-conditioned student does)")
+
+    def forward(self, x, t, cond, extra=None):
         # The sinusoidal embedding runs in float32 whatever the network's dtype (fp16/bf16 phases
         # are too coarse, and ONNX opset 17 has no bf16 Cos/Sin); only its output is cast.
         t = t.to(torch.float32).reshape(-1)
@@ -164,7 +167,10 @@ class DigitsUNet(nn.Module):
         emb = self.t_mlp(torch.cat([arg.cos(), arg.sin()], dim=1).to(x.dtype))
         if cond is None:
             cond = torch.full((x.shape[0],), self.cfg.num_classes, dtype=torch.long, device=x.device)
-        emb = F.silu(emb + self.label(cond))
+        emb = emb + self.label(cond)
+        if extra is not None:
+            emb = emb + self.extra_embedding(x, extra)
+        emb = F.silu(emb)
         h = self.stem(x)
         hs = [h]
         for level in self.down:
@@ -360,7 +366,8 @@ def _resolve(path: str | None) -> str:
     if path is None:
         path = os.path.join(WEIGHTS_DIR, TEACHER_FILE)
     if os.path.isdir(path):
-        path = os.path.join(path, TEACHER_FILE)
+        student = os.path.join(path, "student.safetensors")
+        path = student if os.path.exists(student) else os.path.join(path, TEACHER_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"digits teacher weights not found: {path}")
     return path
@@ -376,6 +383,10 @@ def load_teacher(path: str | None = None) -> EDMDenoiser:
         raise FileNotFoundError(f"digits teacher config not found: {cfg_path}")
     with open(cfg_path) as f:
         meta = json.load(f)
+    if meta.get("format", "").startswith("fewstep.digits-student/"):  # a distilled student: same loader path
+        from .guided import load_student
+
+        return load_student(path, meta)
     model = DigitsUNet(UNetConfig.from_dict(meta["config"]))
     model.load_state_dict(load_file(path))
     model.eval().requires_grad_(False)

@@ -98,7 +98,8 @@ def reference(teacher: Teacher, inputs: Inputs, sigma_max: float, guidance: floa
     from .gmm import reference_endpoint
 
     steps = steps or REFERENCE_STEPS[teacher.kind]
-    den = teacher.denoiser
+    # A distilled student is scored against the ODE it was distilled from (its teacher, guided at W).
+    den = teacher.reference_denoiser if teacher.reference_denoiser is not None else teacher.denoiser
     outs = []
     n = inputs.z.shape[0]
     for i in range(0, n, batch):

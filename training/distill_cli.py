@@ -1,0 +1,110 @@
+"""`fewstep distill guided|progressive|ship`: distilled students from the command line.
+
+Both training commands resume: run the same command again after an interruption (even
+``kill -9``) and it continues from the last checkpoint in ``--out``. Under
+``torchrun --nproc_per_node P -m fewstep distill …`` they train data-parallel (gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def register(sub, bench_sub) -> None:
+    from .guided import GuidedConfig
+    from .progressive import ProgressiveConfig
+
+    g0, p0 = GuidedConfig(), ProgressiveConfig()
+    d = sub.add_parser("distill", help="distil students: guided (CFG → one W-conditioned model), progressive")
+    dsub = d.add_subparsers(dest="dcmd", metavar="STAGE")
+
+    g = dsub.add_parser("guided", help="stage 1: a student that takes the guidance scale W as an input")
+    g.add_argument("--teacher", default="digits", help="digits (the shipped teacher) | PATH to a digits checkpoint")
+    g.add_argument("--out", required=True, help="run directory (checkpoints, student.safetensors + .json)")
+    g.add_argument("--steps", type=int, default=g0.steps)
+    g.add_argument("--batch", type=int, default=g0.batch)
+    g.add_argument("--lr", type=float, default=g0.lr)
+    g.add_argument("--w-min", type=float, default=g0.w_min, help="guidance range (W = 1 + the paper's w)")
+    g.add_argument("--w-max", type=float, default=g0.w_max)
+    g.add_argument("--ckpt-every", type=int, default=g0.ckpt_every)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(fn=cmd_guided)
+
+    p = dsub.add_parser("progressive", help="stage 2: halve the steps of a guided student down to 1")
+    p.add_argument("--student", required=True, help="the stage-1 student (its directory or student.safetensors)")
+    p.add_argument("--out", required=True, help="bundle directory: steps_N/ per halving + students.json")
+    p.add_argument("--from-steps", type=int, default=p0.from_steps, help="the first teacher's DDIM steps")
+    p.add_argument("--to-steps", type=int, default=p0.to_steps)
+    p.add_argument("--iters", type=int, default=p0.iters, help="training steps per halving")
+    p.add_argument("--batch", type=int, default=p0.batch)
+    p.add_argument("--lr", type=float, default=p0.lr)
+    p.add_argument("--ckpt-every", type=int, default=p0.ckpt_every)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_progressive)
+
+    s = dsub.add_parser("ship", help="copy a bundle's weights, JSON and plans (no training state) to DEST")
+    s.add_argument("src")
+    s.add_argument("dest")
+    s.set_defaults(fn=cmd_ship)
+
+
+def _check_positive(args, names) -> None:
+    from .guided import DistillError
+
+    for n in names:
+        v = getattr(args, n)
+        if v is None or v < 1:
+            raise DistillError(f"--{n.replace('_', '-')} must be ≥ 1, got {v}")
+
+
+def _threads() -> None:
+    # One intra-op thread: on a 2-core box two threads ran these small convolutions up to 10× slower;
+    # OMP_NUM_THREADS overrides.
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+
+
+def cmd_guided(args) -> int:
+    from .guided import DistillError, GuidedConfig, train_guided
+
+    _check_positive(args, ("steps", "batch", "ckpt_every"))
+    if not args.lr > 0:
+        raise DistillError(f"--lr must be > 0, got {args.lr}")
+    if not args.w_min <= args.w_max:
+        raise DistillError(f"--w-min {args.w_min} is above --w-max {args.w_max}")
+    cfg = GuidedConfig(steps=args.steps, batch=args.batch, lr=args.lr, w_min=args.w_min, w_max=args.w_max,
+                       ckpt_every=args.ckpt_every)
+    _threads()
+    path = train_guided(args.out, None if args.teacher == "digits" else args.teacher, cfg, args.seed,
+                        progress=not args.quiet)
+    print(f"guided student -> {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_progressive(args) -> int:
+    from .guided import DistillError
+    from .progressive import ProgressiveConfig, train_progressive
+
+    _check_positive(args, ("from_steps", "to_steps", "iters", "batch", "ckpt_every"))
+    if not args.lr > 0:
+        raise DistillError(f"--lr must be > 0, got {args.lr}")
+    cfg = ProgressiveConfig(from_steps=args.from_steps, to_steps=args.to_steps, iters=args.iters, batch=args.batch,
+                            lr=args.lr, ckpt_every=args.ckpt_every)
+    _threads()
+    index = train_progressive(args.out, args.student, cfg, args.seed, progress=not args.quiet)
+    print(f"students for {', '.join(index['students'])} steps -> {os.path.join(args.out, 'students.json')}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_ship(args) -> int:
+    from .progressive import ship_bundle
+
+    for f in ship_bundle(args.src, args.dest):
+        print(f)
+    return 0

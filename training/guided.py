@@ -1,0 +1,210 @@
+"""Guided distillation, stage 1 (Meng et al., CVPR 2023): one network that takes the guidance scale.
+
+A classifier-free-guided teacher costs two evaluations per step (conditional and unconditional).
+The student ``x̂_η(z_σ; σ, c, W)`` takes W through a Fourier embedding and is trained to match the
+guided teacher ``x̂_u + W·(x̂_c − x̂_u)`` (fewstep's / diffusers' convention; the paper's
+``(1+w)x̂_c − w·x̂_u`` is W = 1 + w, its w ∈ [0, 4] is W ∈ [1, 5]) over W ~ U[W_min, W_max], class
+labels from the data (10% null: the student stays the unconditional model there), and σ drawn half
+from the teacher's training distribution, half log-uniform over the sampling range (a few-step
+sampler evaluates at large σ, where EDM's log-normal rarely looks). Loss: EDM-weighted x-MSE.
+
+The student starts as the teacher: same weights, plus a W embedding whose last layer is zero, so
+at step 0 it is the plain conditional teacher. Its denoiser (``GuidedDenoiser``) takes the
+guidance the executor passes as an input instead of running two batches; everything downstream
+(Plans, the executor, export, the C++ runtime) treats it as a model like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..errors import FewstepError
+from ..runtime.denoisers import EDMDenoiser
+from ..runtime.plan import atomic_write_text
+from . import trainer
+from .digits import NULL_LABEL, DigitsUNet, UNetConfig, load_digits_split
+
+STUDENT_FILE = "student.safetensors"
+FORMAT = "fewstep.digits-student/1"
+
+
+class DistillError(FewstepError):
+    pass
+
+
+class GuidedUNet(DigitsUNet):
+    """The digits UNet plus an embedding of the guidance scale W, added to the time + class embedding."""
+
+    def __init__(self, cfg: UNetConfig | None = None, w_fourier: int = 16):
+        cfg = cfg or UNetConfig()
+        super().__init__(cfg)
+        # W of interest lies in [1, 5]; periods from ~0.6 to ~60 resolve it without aliasing over [0, 10].
+        self.register_buffer("w_freqs", torch.exp(torch.linspace(math.log(0.1), math.log(10.0), w_fourier // 2)),
+                             persistent=False)
+        self.w_mlp = nn.Sequential(nn.Linear(w_fourier, cfg.emb_dim), nn.SiLU(), nn.Linear(cfg.emb_dim, cfg.emb_dim))
+        nn.init.zeros_(self.w_mlp[2].weight)  # starts as the teacher: the W embedding adds nothing
+        nn.init.zeros_(self.w_mlp[2].bias)
+
+    def extra_embedding(self, x, w):
+        # float32 phases whatever the network dtype, as for t
+        w = w.to(torch.float32).reshape(-1)
+        if w.shape[0] == 1 and x.shape[0] > 1:
+            w = w.expand(x.shape[0])
+        arg = w[:, None] * self.w_freqs[None].to(torch.float32)
+        return self.w_mlp(torch.cat([arg.cos(), arg.sin()], dim=1).to(x.dtype))
+
+
+class GuidedDenoiser(EDMDenoiser):
+    """EDM preconditioning around a W-conditioned network: guidance is an input, one evaluation per call.
+
+    ``takes_guidance`` tells the executor's callers (the exporter) to pass W to the model rather than
+    run classifier-free guidance's two batches. W = 1 (or no guidance) is the plain conditional model.
+    """
+
+    takes_guidance = True
+
+    def forward(self, x, sigma, cond=None, guidance=None):
+        return self._denoise(x, sigma, (cond, guidance))
+
+    def run_model(self, x_in, t, cond):
+        labels, w = cond if isinstance(cond, tuple) else (cond, None)
+        if labels is None:
+            labels = torch.full((x_in.shape[0],), NULL_LABEL, dtype=torch.long, device=x_in.device)
+        if w is None:
+            w = 1.0
+        if not isinstance(w, torch.Tensor):
+            w = torch.tensor(float(w), dtype=torch.float32, device=x_in.device)
+        return self.model(x_in, t, labels, w.reshape(-1).expand(x_in.shape[0]) if w.numel() == 1 else w.reshape(-1))
+
+
+@dataclass(frozen=True)
+class GuidedConfig:
+    steps: int = 2500
+    batch: int = 64
+    lr: float = 5e-4  # fine-tuning from the teacher's weights (the teacher trained at 2e-3)
+    warmup: int = 100
+    ema_halflife: float = 200.0
+    grad_clip: float = 1.0
+    ckpt_every: int = 250
+    w_min: float = 1.0
+    w_max: float = 5.0
+    p_uncond: float = 0.1
+    p_mean: float = -1.2  # the teacher's log-normal σ distribution (half of each batch)
+    p_std: float = 1.2
+    w_fourier: int = 16
+
+    def loop(self) -> trainer.LoopConfig:
+        return trainer.LoopConfig(steps=self.steps, batch=self.batch, lr=self.lr, warmup=self.warmup,
+                                  grad_clip=self.grad_clip, ema_halflife=self.ema_halflife,
+                                  ckpt_every=self.ckpt_every)
+
+
+def guided_target(teacher: EDMDenoiser, x, sigma, labels, w):
+    """The guided teacher ``D_u + W·(D_c − D_u)`` with a per-sample W, one batched call."""
+    n = x.shape[0]
+    null = torch.full_like(labels, NULL_LABEL)
+    both = teacher._denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([null, labels]))
+    d_u, d_c = both[:n], both[n:]
+    return d_u + w.reshape(-1, 1, 1, 1) * (d_c - d_u)
+
+
+def sample_sigma(n: int, gen: torch.Generator, cfg: GuidedConfig, sigma_min: float, sigma_max: float):
+    lognormal = (torch.randn(n, generator=gen) * cfg.p_std + cfg.p_mean).exp()
+    u = torch.rand(n, generator=gen)
+    loguniform = (math.log(sigma_min) + u * (math.log(sigma_max) - math.log(sigma_min))).exp()
+    pick = torch.rand(n, generator=gen) < 0.5
+    return torch.where(pick, lognormal, loguniform)
+
+
+def student_from_teacher(teacher: EDMDenoiser, w_fourier: int = 16) -> GuidedDenoiser:
+    model = GuidedUNet(teacher.model.cfg, w_fourier)
+    missing, unexpected = model.load_state_dict(teacher.model.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("w_mlp.") for k in missing):
+        raise DistillError(f"the teacher is not a digits UNet (unexpected {unexpected[:3]}, missing {missing[:3]})")
+    return GuidedDenoiser(model, sigma_data=teacher.sigma_data, sigma_min=teacher.sigma_min,
+                          sigma_max=teacher.sigma_max, null_label=NULL_LABEL)
+
+
+def train_guided(out_dir: str, teacher: str | None = None, config: GuidedConfig | None = None, seed: int = 0,
+                 progress: bool = True, resume: bool = True) -> str:
+    """Distil the guided digits teacher (None = the shipped one, or a checkpoint path) into a W-conditioned
+    student in ``out_dir``; returns the path of ``student.safetensors`` (its JSON beside it)."""
+    from .digits import load_teacher, teacher_hash
+
+    cfg = config or GuidedConfig()
+    if not cfg.w_min <= cfg.w_max:
+        raise DistillError(f"guidance range [{cfg.w_min}, {cfg.w_max}] is empty")
+    tden = load_teacher(teacher)
+    t_hash = teacher_hash(teacher)
+    with torch.random.fork_rng(devices=[]):  # the W embedding's init is seeded: a rerun is the same run
+        torch.manual_seed(seed)
+        student = student_from_teacher(tden, cfg.w_fourier)
+    x_train, y_train, _, _ = load_digits_split()
+    sd = tden.sigma_data
+
+    def loss_fn(net, gen, b):
+        idx = torch.randint(x_train.shape[0], (b,), generator=gen)
+        x0, labels = x_train[idx], y_train[idx]
+        drop = torch.rand(b, generator=gen) < cfg.p_uncond
+        labels = torch.where(drop, torch.full_like(labels, NULL_LABEL), labels)
+        sigma = sample_sigma(b, gen, cfg, tden.sigma_min, tden.sigma_max)
+        w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(b, generator=gen)
+        x = x0 + torch.randn(x0.shape, generator=gen) * sigma.reshape(-1, 1, 1, 1)
+        with torch.no_grad():
+            target = guided_target(tden, x, sigma, labels, w)
+        d = _student_call(student, net, x, sigma, labels, w)
+        lam = (sigma**2 + sd**2) / (sigma * sd) ** 2
+        return (lam.reshape(-1, 1, 1, 1) * (d - target) ** 2).mean()
+
+    record = {"stage": "guided", "config": asdict(cfg), "teacher_hash": t_hash}
+    final, info = trainer.run(student.model, loss_fn, cfg.loop(), out_dir, seed, record, "guided distillation",
+                              progress, resume)
+    path = os.path.join(out_dir, STUDENT_FILE)
+    if info["rank"] == 0:
+        meta = {"format": FORMAT, "kind": "guided", "config": trainer.jsonable(student.model.cfg.__dict__),
+                "w_fourier": cfg.w_fourier, "sigma_data": sd, "sigma_min": tden.sigma_min,
+                "sigma_max": tden.sigma_max, "null_label": NULL_LABEL, "guidance_range": [cfg.w_min, cfg.w_max],
+                "teacher_hash": t_hash, "seed": seed, "train": asdict(cfg), **_info(info)}
+        write_student(path, final, meta)
+    return path
+
+
+def _student_call(student: GuidedDenoiser, net: nn.Module, x, sigma, labels, w):
+    """The student's denoiser with ``net`` (the model, or its DDP wrapper) as the network."""
+    sig = sigma.to(torch.float64).reshape(-1, 1, 1, 1)
+    c_skip, c_out, c_in = (s.to(x.dtype) for s in student.get_scalings(sig))
+    f = net(x * c_in, student.sigma_to_t(sigma.to(torch.float64)), labels, w)
+    return c_skip * x + c_out * f
+
+
+def _info(info: dict) -> dict:
+    return {"steps": info["steps"], "loss": info["loss"], "wall_seconds": info["wall_seconds"],
+            "world_size": info["world_size"], "threads": info["threads"], "torch": torch.__version__}
+
+
+def write_student(path: str, model: nn.Module, meta: dict) -> None:
+    trainer.save_safetensors(path, {k: v.contiguous() for k, v in model.state_dict().items()})
+    atomic_write_text(path[: -len(".safetensors")] + ".json", json.dumps(meta, indent=1) + "\n")
+
+
+def load_student(path: str, meta: dict | None = None) -> GuidedDenoiser:
+    """A student written by ``train_guided`` or ``progressive`` (eval mode, float32)."""
+    from safetensors.torch import load_file
+
+    if meta is None:
+        with open(path[: -len(".safetensors")] + ".json") as f:
+            meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise DistillError(f"{path}: not a fewstep digits student (format {meta.get('format')!r})")
+    model = GuidedUNet(UNetConfig.from_dict(meta["config"]), meta["w_fourier"])
+    model.load_state_dict(load_file(path))
+    model.eval().requires_grad_(False)
+    den = GuidedDenoiser(model, sigma_data=meta["sigma_data"], sigma_min=meta["sigma_min"],
+                         sigma_max=meta["sigma_max"], null_label=meta["null_label"])
+    return den.eval()
