@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 PIP     := $(VPY) -m pip
 STAMP   := $(VENV)/.fewstep-installed
 
-.PHONY: demo test install dev lint clean sysdeps asan
+.PHONY: demo test install dev lint clean sysdeps asan students
 
 # A fresh Debian machine may lack venv/ensurepip or a C++ compiler: install them (as root).
 sysdeps:
@@ -48,6 +48,15 @@ dev: $(STAMP)
 	cp build/dev/_C*.so fewstep/
 	$(PIP) uninstall -y -q fewstep || true
 	echo $(CURDIR) > $$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/fewstep_dev.pth
+
+# Rebuild the shipped distilled students (training/weights/digits_guided/): stage 1 (guided), then
+# progressive halvings 32 → 16 → 8 → 4 → 2 → 1, then copy the artifacts without training state.
+# Resumable: rerun after an interruption. ~25 min on 2 cores (benchmarks/results/distill_digits.md).
+STUDENTS_RUN ?= out/digits_guided
+students: install
+	OMP_NUM_THREADS=1 $(VENV)/bin/fewstep distill guided --out $(STUDENTS_RUN)/guided
+	OMP_NUM_THREADS=1 $(VENV)/bin/fewstep distill progressive --student $(STUDENTS_RUN)/guided --out $(STUDENTS_RUN)
+	$(VENV)/bin/fewstep distill ship $(STUDENTS_RUN) training/weights/digits_guided
 
 # AddressSanitizer / LeakSanitizer over 1,000 load/sample/free cycles of the C API (also part of `make test`).
 asan: install

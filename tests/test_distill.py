@@ -266,7 +266,7 @@ def test_kill_9_then_resume_is_bitwise_the_uninterrupted_run(tmp_path):
 def test_torchrun_two_processes_gloo(tmp_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "fewstep", "distill",
+    p = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "fewstep", "distill",
                         "guided", "--steps", "6", "--batch", "8", "--ckpt-every", "3", "--quiet", "--out",
                         str(tmp_path / "ddp")], capture_output=True, text=True, timeout=600, cwd=HERE, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -276,3 +276,18 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert st["record"]["world_size"] == 2
     s = load(str(tmp_path / "ddp")).denoiser
     assert isinstance(s, guided.GuidedDenoiser)
+
+
+# --- the shipped students -------------------------------------------------------------------------
+def test_shipped_digits_guided_out_of_the_box(tmp_path):
+    assert {1, 2, 4, 8} <= set(bundle_steps("digits-guided"))
+    for n in (1, 2, 4, 8):
+        t = load("digits-guided", steps=n)
+        assert isinstance(t.denoiser, guided.GuidedDenoiser) and t.plans["deterministic"].nfe == n
+    p = run("sample", "--model", "digits-guided", "--nfe", 1, "--guidance", 3, "--class", 7, "--n", 10,
+            "--out", tmp_path / "s")
+    assert "NFE 1" in p.stdout and (tmp_path / "s" / "grid.png").exists()
+    # Quality of the shipped artifact (not a timing): the 4-step student at W = 2 draws the requested class.
+    res = json.loads(run("eval", "--model", "digits-guided", "--nfe", 4, "--guidance", 2, "--n", 60,
+                         "--json").stdout)
+    assert res["nfe"] == 4 and res["class_accuracy"] >= 0.9, res
