@@ -50,7 +50,7 @@ dev: $(STAMP)
 	echo $(CURDIR) > $$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/fewstep_dev.pth
 
 # Rebuild the shipped distilled students (training/weights/digits_guided/): stage 1 (guided), then
-# progressive halvings 32 → 16 → 8 → 4 → 2 → 1, then copy the artifacts without training state.
+# progressive halvings 64 → 32 → 16 → 8 → 4 → 2 → 1, then copy the artifacts without training state.
 # Resumable: rerun after an interruption. ~25 min on 2 cores (benchmarks/results/distill_digits.md).
 STUDENTS_RUN ?= out/digits_guided
 students: install

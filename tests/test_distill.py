@@ -213,6 +213,13 @@ def test_cli_sample_eval_export_run_a_student(bundle, tmp_path):
     p = run("run", tmp_path / "s2.onnx", "--batch", 6, "--seed", 5, "--class", 4, "--guidance", 3,
             "--out", tmp_path / "r.npy")
     np.testing.assert_allclose(np.load(tmp_path / "r.npy"), x, rtol=0, atol=2e-4)
+    # A student checkpoint + its plan file, like any model and plan; another student's plan is refused.
+    p = run("sample", "--model", bundle / "steps_2", "--plan", bundle / "steps_2" / "plan.json", "--guidance", 3,
+            "--class", 4, "--n", 6, "--seed", 5, "--out", tmp_path / "p")
+    np.testing.assert_array_equal(np.load(tmp_path / "p" / "samples.npy"), x)
+    p = run("sample", "--model", bundle / "steps_1", "--plan", bundle / "steps_2" / "plan.json", "--n", 2,
+            "--out", tmp_path / "e", ok=False)
+    assert p.returncode == 2 and "content hash" in p.stderr
     # Bad input: one line naming the problem.
     p = run("sample", "--model", b, "--nfe", 8, "--n", 2, "--out", tmp_path / "e", ok=False)
     assert p.returncode == 2 and "students for 1, 2 steps, not 8" in p.stderr

@@ -70,7 +70,7 @@ def student_plan(n: int, sigma_min: float, sigma_max: float, stochastic: bool = 
 
 @dataclass(frozen=True)
 class ProgressiveConfig:
-    from_steps: int = 32  # the first teacher: the stage-1 student at this many DDIM steps
+    from_steps: int = 64  # the first teacher: the stage-1 student at this many DDIM steps
     to_steps: int = 1
     iters: int = 1000  # per halving
     batch: int = 64
