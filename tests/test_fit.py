@@ -182,6 +182,26 @@ def test_guided_fit_carries_w_and_combines_with_timesteps(gmm, cache):
     assert p.provenance["fit_rmse"] <= p.provenance["fit_rmse_base"]
 
 
+@pytest.mark.parametrize("solver,nfe,method", [("ddim", 4, "timesteps+dode"), ("dpmpp-2m", 3, "timesteps+iia")])
+def test_joint_timesteps_never_worse_than_sequential(gmm, solver, nfe, method):
+    from fewstep.training import timesteps
+
+    own = {}  # this fit's batch and reference solve, and nothing else
+    p = fit(gmm, solver, nfe, method, batch=32, cache=own)
+    pv = p.provenance
+    assert pv["timesteps_mode"] == "joint" and pv["joint_evals"] >= 2
+    # The sequential answer (grid for the plain solver, then coefficients) is the joint search's start.
+    (b, ref), = own.values()
+    seq = pv["fit_rmse_sequential"]
+    assert pv["fit_rmse"] <= seq + 1e-12 and seq <= pv["fit_rmse_base"]
+    # The kept plan's recorded error is its real error on the fitting batch, on a grid the plain
+    # timesteps fit did not produce when the joint search improved it.
+    from fewstep.training.fit import rms, run
+
+    assert rms(run(p, gmm.denoiser, b), ref) == pytest.approx(pv["fit_rmse"], rel=1e-9)
+    assert timesteps.grid_of(p)[0] == pytest.approx(80.0)
+
+
 def test_round_trip_gives_identical_samples(gmm, cache, tmp_path):
     p = fit(gmm, "unipc", 4, "dode", batch=32, cache=cache)
     p.save(tmp_path / "p.json")

@@ -383,12 +383,13 @@ def reference_target(teacher, batch: Batch, sigma_max: float) -> torch.Tensor:
 def fit(teacher, solver: str, nfe: int, method: str, batch: int | None = None, fine: int | None = None,
         cls: int | None = None, guidance: float | None = None, seed: int = 0, schedule: str | None = None,
         progress: Callable[[str], None] | None = None, timestep_evals: int | None = None,
-        cache: dict | None = None) -> Plan:
+        cache: dict | None = None, joint_evals: int | None = None) -> Plan:
     """Fit ``solver`` at ``nfe`` evaluations on ``teacher`` with ``method`` and return the Plan.
 
     ``teacher``: a ``training.teachers.Teacher`` or a ``--model`` string. ``method``: one of
-    ``METHODS`` or ``timesteps+<coefficient method>`` (timesteps are learned first, then the
-    coefficients are fitted on the learned grid). ``timestep_evals`` caps the Nelder–Mead objective
+    ``METHODS`` or ``timesteps+<coefficient method>`` (timesteps are learned for the plain solver,
+    coefficients fitted on that grid, then both refined jointly: ``joint_evals`` coefficient fits,
+    default 2·NFE + 8). ``timestep_evals`` caps the Nelder–Mead objective
     evaluations; ``cache`` (a dict the caller keeps) reuses the fitting batch's reference solve across
     fits with the same inputs. ``batch``/``fine`` default per method
     (METHODS.md: D-ODE 100 samples and a 10× teacher; IIA-DDIM 16 / M = 3, IIA-EDM 200 / M = 3,
@@ -458,6 +459,13 @@ def fit(teacher, solver: str, nfe: int, method: str, batch: int | None = None, f
         info.update(fits[k][1])
         if want_ts:
             info["grid_kept"] = "learned" if k == 0 else "base"
+            # Then grid and coefficients jointly, from the better of the two sequential answers.
+            say("refining grid and coefficients jointly")
+            start = grids[k]
+            plan, jinfo = timesteps.refine_joint(start, den, fit_coef, guidance=guidance, family=solver_obj.name,
+                                                 max_evals=joint_evals)
+            info.update(jinfo)
+            info["timesteps_mode"] = "joint"
     err = rms(run(plan, den, b), ref)
     prov = dict(base.provenance)
     prov.update({
