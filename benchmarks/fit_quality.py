@@ -76,7 +76,7 @@ def main(argv=None) -> int:
                     plan = base if m == "base" else fit(teacher, solver, nfe, m, cache=cache,
                                                         guidance=args.guidance,
                                                         timestep_evals=args.timestep_evals)
-                except FitError as exc:  # recorded, e.g. a correction a K ≤ 4 history cannot hold
+                except FitError as exc:  # recorded, e.g. a past-state correction past 11 NFE
                     rows.append({"solver": solver, "nfe": nfe, "method": m, "error": str(exc)})
                     print(f"{args.model} {solver:9s} NFE {nfe:2d} {m:15s} error: {exc}", flush=True)
                     continue

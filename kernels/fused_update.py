@@ -2,18 +2,19 @@
 
 For Plan row e (runtime/plan.py) the executor evaluates the network on u_e and then, in one pass::
 
-    u_e   = a_e·x + Σ_{k=1..4} p_{e,k}·h_{e-k}            # recomputed: x and the history are read anyway
+    u_e   = a_e·x + Σ_{k=1..K} p_{e,k}·h_{e-k}            # recomputed: x and the history are read anyway
     d_e   = skip·u_e + scale·(F_u + w·(F_c − F_u))         # CFG combine; without CFG F_u is the output
     h_e   = d_e − s_e·u_e                                  # written into the history slot
-    x'    = c_e·x + Σ_{k=0..4} q_{e,k}·h_{e-k} + g_e·ε     # ε ~ N(0, 1), see "Noise" below
-    u'    = c_in' · (a_{e+1}·x' + Σ_{k=1..4} p_{e+1,k}·h_{e+1-k})   # the next network input
+    x'    = c_e·x + Σ_{k=0..K} q_{e,k}·h_{e-k} + g_e·ε     # ε ~ N(0, 1), see "Noise" below
+    u'    = c_in' · (a_{e+1}·x' + Σ_{k=1..K} p_{e+1,k}·h_{e+1-k})   # the next network input
 
 ``skip, scale`` fold a preconditioned network's output (``D = c_skip·u + c_out·F``, runtime/denoisers.py)
 into the same pass, and ``c_in'`` is c_in(σ_{e+1}) of the same denoiser: the executor then feeds u' to the
 raw network directly. With a plain denoiser they are (0, 1) and 1.
 
 Every coefficient is a ``tl.constexpr``: one specialisation per Plan row, so zero terms cost neither a load
-nor a multiply and the kernel reads only the history entries the row uses. Storage is fp32, fp16 or bf16;
+nor a multiply and the kernel reads only the history entries the row uses (K = the Plan's ``MAX_HISTORY``:
+one pointer per entry, most of them never dereferenced). Storage is fp32, fp16 or bf16;
 arithmetic is fp32; h_e, x' and u' are computed from the fp32 values (not from their rounded stores).
 
 Noise: with ``noise="philox"`` ε is drawn in-kernel by Triton's ``tl.randn(seed, offset + i)`` (Philox4x32,
@@ -31,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-MAX_HISTORY = 4
+from ..runtime.plan import MAX_HISTORY
+
 # 1024 elements per program, 4 warps (Triton's default): 8 elements per thread, i.e. one 128-bit access per tensor in
 # fp16/bf16 and two in fp32, enough bytes in flight per SM for a streaming kernel, and the size Triton's element-wise
 # tutorial (vector add) uses. Chosen by that reasoning, not tuned: no GPU was available (benchmarks/gpu_suite.py).
@@ -70,7 +72,7 @@ class RowCoefs:
             object.__setattr__(self, name, v + (0.0,) * (n - len(v)))
 
     def reads(self) -> tuple[bool, ...]:
-        """Which of h_{e-1}..h_{e-4} the update reads."""
+        """Which of h_{e-1}..h_{e-K} (K = MAX_HISTORY) the update reads."""
         return tuple(
             self.p[k - 1] != 0.0 or self.q[k] != 0.0
             or (self.has_next and k + 1 <= MAX_HISTORY and self.p_next[k] != 0.0)
@@ -136,94 +138,105 @@ except ImportError:  # pragma: no cover - triton is optional until a kernel is l
     triton = tl = None
 
 
-def _fused_update_kernel(
-    x_ptr, d_ptr, dc_ptr, h1_ptr, h2_ptr, h3_ptr, h4_ptr, eps_ptr, seed_ptr,
-    h_out_ptr, x_out_ptr, u_out_ptr, u_out2_ptr,
-    n, noise_offset,
-    A: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, P4: tl.constexpr,
-    S: tl.constexpr, C: tl.constexpr,
-    Q0: tl.constexpr, Q1: tl.constexpr, Q2: tl.constexpr, Q3: tl.constexpr, Q4: tl.constexpr,
-    G: tl.constexpr, CFG: tl.constexpr, W: tl.constexpr, SKIP: tl.constexpr, SCALE: tl.constexpr,
-    NOISE: tl.constexpr,  # 0: none, 1: in-kernel Philox, 2: read eps_ptr
-    NEXT: tl.constexpr, AN: tl.constexpr,
-    PN1: tl.constexpr, PN2: tl.constexpr, PN3: tl.constexpr, PN4: tl.constexpr, CIN: tl.constexpr,
-    DUP_U: tl.constexpr,  # also write u' to u_out2 (the CFG batch [u'; u'] without a torch.cat)
-    BLOCK: tl.constexpr,
-):
-    # int64: offsets of tensors with ≥ 2^31 elements must not wrap.
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
-    # The history entries this row reads (constexpr conditions: the others are never loaded).
-    if (P1 != 0.0) or (Q1 != 0.0) or (NEXT and PN2 != 0.0):
-        h1 = tl.load(h1_ptr + offs, mask=mask).to(tl.float32)
-    if (P2 != 0.0) or (Q2 != 0.0) or (NEXT and PN3 != 0.0):
-        h2 = tl.load(h2_ptr + offs, mask=mask).to(tl.float32)
-    if (P3 != 0.0) or (Q3 != 0.0) or (NEXT and PN4 != 0.0):
-        h3 = tl.load(h3_ptr + offs, mask=mask).to(tl.float32)
-    if (P4 != 0.0) or (Q4 != 0.0):
-        h4 = tl.load(h4_ptr + offs, mask=mask).to(tl.float32)
-    u = x
-    if A != 1.0:
-        u = x * A
-    if P1 != 0.0:
-        u += P1 * h1
-    if P2 != 0.0:
-        u += P2 * h2
-    if P3 != 0.0:
-        u += P3 * h3
-    if P4 != 0.0:
-        u += P4 * h4
-    f = tl.load(d_ptr + offs, mask=mask).to(tl.float32)
-    if CFG:
-        fc = tl.load(dc_ptr + offs, mask=mask).to(tl.float32)
-        f = f + W * (fc - f)
-    d = f
-    if SCALE != 1.0:
-        d = f * SCALE
-    if SKIP != 0.0:
-        d += SKIP * u
-    h = d
-    if S != 0.0:
-        h = d - S * u
-    tl.store(h_out_ptr + offs, h.to(h_out_ptr.dtype.element_ty), mask=mask)
-    xn = x
-    if C != 1.0:
-        xn = x * C
-    if Q0 != 0.0:
-        xn += Q0 * h
-    if Q1 != 0.0:
-        xn += Q1 * h1
-    if Q2 != 0.0:
-        xn += Q2 * h2
-    if Q3 != 0.0:
-        xn += Q3 * h3
-    if Q4 != 0.0:
-        xn += Q4 * h4
-    if NOISE == 1:
-        seed = tl.load(seed_ptr)
-        xn += G * tl.randn(seed, noise_offset + offs)
-    if NOISE == 2:
-        xn += G * tl.load(eps_ptr + offs, mask=mask).to(tl.float32)
-    tl.store(x_out_ptr + offs, xn.to(x_out_ptr.dtype.element_ty), mask=mask)
-    if NEXT:
-        un = xn
-        if AN != 1.0:
-            un = xn * AN
-        if PN1 != 0.0:
-            un += PN1 * h
-        if PN2 != 0.0:
-            un += PN2 * h1
-        if PN3 != 0.0:
-            un += PN3 * h2
-        if PN4 != 0.0:
-            un += PN4 * h3
-        if CIN != 1.0:
-            un = un * CIN
-        tl.store(u_out_ptr + offs, un.to(u_out_ptr.dtype.element_ty), mask=mask)
-        if DUP_U:
-            tl.store(u_out2_ptr + offs, un.to(u_out2_ptr.dtype.element_ty), mask=mask)
+def kernel_source(k: int = MAX_HISTORY) -> str:
+    """The Triton source of ``_fused_update_kernel`` for a history bound ``k``.
+
+    Generated, not written out: Triton's AOT compiler (kernels/aot.py) takes flat signatures, so every history
+    entry is its own pointer and constexpr (h1..hK, P1..PK, Q0..QK, PN1..PNK); writing the K-way unrolling out
+    by hand would repeat one line per entry and drift. Argument order: x, d, d_c, h1..hK, eps, seed, h_out,
+    x_out, u_out, u_out2, n, noise_offset, then the constexprs A, P1..PK, S, C, Q0..QK, G, CFG, W, SKIP, SCALE,
+    NOISE, NEXT, AN, PN1..PNK, CIN, DUP_U, BLOCK.
+    """
+    ks = range(1, k + 1)
+    hp = "".join(f"h{i}_ptr, " for i in ks)
+    pc = "".join(f"P{i}: tl.constexpr, " for i in ks)
+    qc = "".join(f"Q{i}: tl.constexpr, " for i in range(0, k + 1))
+    pn = "".join(f"PN{i}: tl.constexpr, " for i in ks)
+    src = [
+        "def _fused_update_kernel(",
+        f"    x_ptr, d_ptr, dc_ptr, {hp}eps_ptr, seed_ptr,",
+        "    h_out_ptr, x_out_ptr, u_out_ptr, u_out2_ptr,",
+        "    n, noise_offset,",
+        f"    A: tl.constexpr, {pc}S: tl.constexpr, C: tl.constexpr, {qc}",
+        "    G: tl.constexpr, CFG: tl.constexpr, W: tl.constexpr, SKIP: tl.constexpr, SCALE: tl.constexpr,",
+        "    NOISE: tl.constexpr,  # 0: none, 1: in-kernel Philox, 2: read eps_ptr",
+        f"    NEXT: tl.constexpr, AN: tl.constexpr, {pn}CIN: tl.constexpr,",
+        "    DUP_U: tl.constexpr,  # also write u' to u_out2 (the CFG batch [u'; u'] without a torch.cat)",
+        "    BLOCK: tl.constexpr,",
+        "):",
+        "    # int64: offsets of tensors with >= 2^31 elements must not wrap.",
+        "    pid = tl.program_id(0).to(tl.int64)",
+        "    offs = pid * BLOCK + tl.arange(0, BLOCK)",
+        "    mask = offs < n",
+        "    x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)",
+        "    # The history entries this row reads (constexpr conditions: the others are never loaded).",
+    ]
+    for i in ks:
+        nxt = f" or (NEXT and PN{i + 1} != 0.0)" if i < k else ""
+        src += [f"    if (P{i} != 0.0) or (Q{i} != 0.0){nxt}:",
+                f"        h{i} = tl.load(h{i}_ptr + offs, mask=mask).to(tl.float32)"]
+    src += ["    u = x", "    if A != 1.0:", "        u = x * A"]
+    src += [line for i in ks for line in (f"    if P{i} != 0.0:", f"        u += P{i} * h{i}")]
+    src += [
+        "    f = tl.load(d_ptr + offs, mask=mask).to(tl.float32)",
+        "    if CFG:",
+        "        fc = tl.load(dc_ptr + offs, mask=mask).to(tl.float32)",
+        "        f = f + W * (fc - f)",
+        "    d = f",
+        "    if SCALE != 1.0:",
+        "        d = f * SCALE",
+        "    if SKIP != 0.0:",
+        "        d += SKIP * u",
+        "    h = d",
+        "    if S != 0.0:",
+        "        h = d - S * u",
+        "    tl.store(h_out_ptr + offs, h.to(h_out_ptr.dtype.element_ty), mask=mask)",
+        "    xn = x",
+        "    if C != 1.0:",
+        "        xn = x * C",
+        "    if Q0 != 0.0:",
+        "        xn += Q0 * h",
+    ]
+    src += [line for i in ks for line in (f"    if Q{i} != 0.0:", f"        xn += Q{i} * h{i}")]
+    src += [
+        "    if NOISE == 1:",
+        "        seed = tl.load(seed_ptr)",
+        "        xn += G * tl.randn(seed, noise_offset + offs)",
+        "    if NOISE == 2:",
+        "        xn += G * tl.load(eps_ptr + offs, mask=mask).to(tl.float32)",
+        "    tl.store(x_out_ptr + offs, xn.to(x_out_ptr.dtype.element_ty), mask=mask)",
+        "    if NEXT:",
+        "        un = xn",
+        "        if AN != 1.0:",
+        "            un = xn * AN",
+        "        if PN1 != 0.0:",
+        "            un += PN1 * h",
+    ]
+    src += [line for i in range(2, k + 1)
+            for line in (f"        if PN{i} != 0.0:", f"            un += PN{i} * h{i - 1}")]
+    src += [
+        "        if CIN != 1.0:",
+        "            un = un * CIN",
+        "        tl.store(u_out_ptr + offs, un.to(u_out_ptr.dtype.element_ty), mask=mask)",
+        "        if DUP_U:",
+        "            tl.store(u_out2_ptr + offs, un.to(u_out2_ptr.dtype.element_ty), mask=mask)",
+    ]
+    return "\n".join(src) + "\n"
+
+
+def _compile_source(src: str, name: str):
+    """A plain function from generated source, registered with linecache: triton.jit (and its interpreter) read
+    the source back through ``inspect.getsourcelines``."""
+    import linecache
+
+    filename = f"<fewstep generated {name}, K={MAX_HISTORY}>"
+    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+    scope = {"tl": tl, "triton": triton}
+    exec(compile(src, filename, "exec"), scope)
+    fn = scope[name]
+    fn.__module__ = __name__
+    return fn
+
 
 def _randn_kernel(out_ptr, seed_ptr, n, noise_offset, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -251,7 +264,7 @@ def kernels():
     if mode in _KERNELS:
         return _KERNELS[mode]
     _triton()
-    _KERNELS[mode] = (triton.jit(_fused_update_kernel), triton.jit(_randn_kernel))
+    _KERNELS[mode] = (triton.jit(_compile_source(kernel_source(), "_fused_update_kernel")), triton.jit(_randn_kernel))
     return _KERNELS[mode]
 
 
@@ -389,18 +402,17 @@ def fused_update(
     blk = block or _block(n)
     dummy = x  # pointers the specialisation never dereferences still need a tensor
     hp = [h if h is not None else dummy for h in hist]
-    p, q, pn = coefs.p, coefs.q, coefs.p_next
     with _launching():
         kern[(triton.cdiv(n, blk),)](
-            x, d, d_c if d_c is not None else dummy, hp[0], hp[1], hp[2], hp[3],
+            x, d, d_c if d_c is not None else dummy, *hp,
             eps if noise == 2 else dummy, seed if noise == 1 else _dummy_seed(x.device),
             h_out, x_out, u_out if coefs.has_next else dummy, u_out2 if u_out2 is not None else dummy,
             n, int(noise_offset),
-            A=coefs.a, P1=p[0], P2=p[1], P3=p[2], P4=p[3], S=coefs.s, C=coefs.c,
-            Q0=q[0], Q1=q[1], Q2=q[2], Q3=q[3], Q4=q[4],
+            A=coefs.a, **{f"P{k}": v for k, v in enumerate(coefs.p, 1)}, S=coefs.s, C=coefs.c,
+            **{f"Q{k}": v for k, v in enumerate(coefs.q)},
             G=coefs.g, CFG=d_c is not None, W=coefs.w, SKIP=coefs.skip, SCALE=coefs.scale,
             NOISE=noise, NEXT=coefs.has_next, AN=coefs.a_next,
-            PN1=pn[0], PN2=pn[1], PN3=pn[2], PN4=pn[3], CIN=coefs.c_in_next,
+            **{f"PN{k}": v for k, v in enumerate(coefs.p_next, 1)}, CIN=coefs.c_in_next,
             DUP_U=coefs.has_next and u_out2 is not None,
             BLOCK=blk,
         )

@@ -63,6 +63,7 @@ def run_rows(plan: Plan, x: torch.Tensor, evaluate: Callable, noise=None) -> tor
     the same order.
     """
     hist: list[torch.Tensor] = []  # hist[-k] is h_{e-k}
+    keep = max(plan.history, 1)  # entries older than K are never read again
     ns = 0
     for e, row in enumerate(plan.rows):
         u = row.a * x if row.a != 1.0 else x
@@ -79,7 +80,7 @@ def run_rows(plan: Plan, x: torch.Tensor, evaluate: Callable, noise=None) -> tor
         if row.g != 0.0:
             x = x + row.g * noise[ns]
             ns += 1
-        del hist[: -4]  # K ≤ 4: older entries are never read again
+        del hist[:-keep]
     return x
 
 

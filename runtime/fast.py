@@ -109,11 +109,11 @@ class FastSampler:
         self.coefs = plan_coefs(plan, [(r["c_skip"], r["c_out"], r["c_in"]) for r in self.rows],
                                 [r["w"] if r["cfg"] else None for r in self.rows])
         self.stochastic = plan.stochastic_rows
-        # Static buffers: the state x (updated in place), a ring of 5 history slots (h_e and the 4 it may read)
-        # and the network input [2B, ...] (its first half alone when the row is not guided).
+        # Static buffers: the state x (updated in place), a ring of K + 1 history slots (h_e and the K = plan.history
+        # it may read) and the network input [2B, ...] (its first half alone when the row is not guided).
         kw = dict(dtype=self.dtype, device=self.device)
         self.x = torch.empty(self.shape, **kw)
-        self.ring = [torch.empty(self.shape, **kw) for _ in range(5)]
+        self.ring = [torch.empty(self.shape, **kw) for _ in range(plan.history + 1)]
         self.u2 = torch.empty((2 * b,) + self.shape[1:], **kw)
         self.seed_buf = torch.zeros(1, dtype=torch.int64, device=self.device)
 
@@ -170,8 +170,9 @@ class FastSampler:
             r, coefs = self.rows[e], self.coefs[e]
             u_in = self.u2 if r["cfg"] else self.u2[:b]
             f_u, f_c = self.net(u_in, r["sigma"], r["sigma2"], r["t"], r["t2"], cond, cond2, r["w"], r["cfg"])
-            hist = [self.ring[(e - k) % 5] for k in range(1, 5)]
-            h_out = self.ring[e % 5]
+            slots = len(self.ring)
+            hist = [self.ring[(e - k) % slots] for k in range(1, slots)]
+            h_out = self.ring[e % slots]
             eps = None
             if row.g != 0.0 and noise is not None:
                 eps = noise[ns]

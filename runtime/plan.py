@@ -1,6 +1,6 @@
 """The Plan: the one IR every fewstep sampler compiles to (DESIGN §2).
 
-A Plan has E evaluation rows over a state ``x`` and a history of the last K (≤ 4) entries::
+A Plan has E evaluation rows over a state ``x`` and a history of the last K (≤ MAX_HISTORY = 10) entries::
 
     x = sigma_init · z
     for e in 0..E-1:
@@ -15,6 +15,12 @@ D-ODE's ε form) keep ``d_e − u_e = −σ_e·ε̂_e`` (s = 1) in the history i
 their past states cannot be rewritten with a bounded history (each inversion reaches K
 rows further back), so the fix belongs here, in the Plan, not in a solver branch
 downstream. ``s`` defaults to 0 and is optional in the file.
+
+K ≤ 10 makes every linear solver of up to 11 evaluations a Plan, whatever its recurrence: a correction
+on a past *state* (IIA-DDIM's ε̂_{i−1} next to x̂_{i−1}, D-ODE in the other prediction form than the
+solver's own) makes x_{e+1} depend on x_e and x_{e−1}, and rewriting x_{e−1} reaches back to h_0. Solvers
+that do not need it keep their small K: every runtime sizes its history by ``plan.history``, not the bound.
+(The bound was 4 until fewstep 0.1; every plan valid then is valid now.)
 
 ``p[k-1]`` multiplies ``h_{e-k}`` (k = 1..K); ``q[k]`` multiplies ``h_{e-k}`` (k = 0..K).
 Lists may be shorter than K (missing entries are 0). ``guidance`` is the row's CFG scale
@@ -32,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FORMAT = "fewstep.plan/1"
-MAX_HISTORY = 4
+MAX_HISTORY = 10
 
 
 class PlanError(ValueError):

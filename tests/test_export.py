@@ -156,6 +156,20 @@ def test_plan_row_guidance_overrides_input(gmm, tmp_path):
     assert _rel(_run(path, feeds), _executor(gmm, plan, feeds, 1.5)) <= 1e-6
 
 
+def test_long_history_fitted_plan_exports_and_verifies(gmm, tmp_path):
+    """A fitted plan reading 8 past entries (ε-form D-ODE on DPM-Solver++(3M) at 10 NFE): baked into the graph
+    like any other, and the graph equals the executor."""
+    from fewstep.training.fit import fit
+
+    plan = fit(gmm, "dpmpp-3m", 10, "dode-eps", batch=32)
+    assert plan.history >= 8
+    path = tmp_path / "long.onnx"
+    res = xo.export_teacher("gmm", plan, path)
+    feeds = xo.example_inputs(res.contract, 6, guidance=2.0)
+    assert _rel(_run(path, feeds), _executor(gmm, plan, feeds, 2.0)) <= 1e-6
+    assert verify(path, threads=1).passed
+
+
 def test_fixed_batch(gmm, tmp_path):
     plan = build("ddim", 2, gmm.denoiser.sigma_min, gmm.denoiser.sigma_max)
     path = tmp_path / "g3.onnx"

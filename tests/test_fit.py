@@ -15,10 +15,10 @@ import torch
 
 from fewstep.cli import main
 from fewstep.runtime.executor import sample
-from fewstep.runtime.plan import Plan
+from fewstep.runtime.plan import MAX_HISTORY, Plan
 from fewstep.runtime.solvers import SolverError, build
 from fewstep.training import dode, iia, timesteps
-from fewstep.training.fit import FAMILIES, Batch, FitError, fit, run, subdivide, to_plan
+from fewstep.training.fit import FAMILIES, Batch, FitError, fit, run, scaled, subdivide, to_plan
 from fewstep.training.gmm import GMM
 from fewstep.training.teachers import Teacher, load
 
@@ -130,6 +130,42 @@ def test_compiled_plan_matches_the_numeric_corrected_run(gmm, solver):
         want = run(plan, gmm.denoiser, b, slots)
         got = sample(to_plan(plan, slots), gmm.denoiser, b.z)
         assert torch.allclose(got, want, rtol=1e-9, atol=1e-9), (solver, slots[0].names)
+
+
+@pytest.mark.parametrize("solver,kind,form", [("dpmpp-3m", "dode", "eps"), ("unipc", "dode", "eps"),
+                                              ("ipndm", "dode", "data"), ("deis-3", "dode", "data"),
+                                              ("ddim", "iia", "iia-ddim"), ("ipndm", "iia", "iia-ddim")])
+def test_past_state_corrections_compile_at_10_nfe(gmm, solver, kind, form):
+    """The other prediction form's D-ODE and IIA-DDIM make x_{e+1} depend on x_{e−1}: rewriting it reaches back
+    to h_0, which the Plan holds up to 11 evaluations (K ≤ 10). Random φ, and the same φ scaled by ½ (what the
+    safeguard compiles): the Plan equals the float64 run with the corrections."""
+    plan = build(solver, 10, 0.002, 80.0)
+    b = _batch(5)
+    b = Batch(b.z[:, :2].contiguous(), None, None, torch.float64)
+    rng = np.random.default_rng(1)
+    slots = dode.slots_for(plan, form) if kind == "dode" else iia.slots_for(plan, form)
+    for s in slots:
+        s.phi = rng.normal(0, 0.05, len(s.feats))
+    for alpha in (1.0, 0.5):
+        sl = scaled(slots, alpha)
+        p = to_plan(plan, sl)
+        assert MAX_HISTORY >= p.history > 4, p.history
+        want = run(plan, gmm.denoiser, b, sl)
+        got = sample(p, gmm.denoiser, b.z)
+        assert torch.allclose(got, want, rtol=1e-9, atol=1e-9), (solver, form, alpha)
+
+
+@pytest.mark.parametrize("solver,method", [("dpmpp-2m", "dode-eps"), ("ipndm", "dode-data"), ("ddim", "iia-ddim")])
+def test_cross_form_fits_at_9_and_10_nfe(gmm, cache, solver, method):
+    """Once a FitError (D-ODE) or a fallback to iia-ddim-local (IIA-DDIM) past NFE ≈ 8; now the asked method."""
+    for nfe in (9, 10):
+        p = fit(gmm, solver, nfe, method, batch=32, cache=cache)
+        pv = p.provenance
+        assert p.nfe == nfe and pv["fit_rmse"] <= pv["fit_rmse_base"] * (1 + 1e-12)
+        if method == "iia-ddim":
+            assert pv["iia_variant"] == "iia-ddim"
+        else:
+            assert pv["dode_form"] == method[5:]
 
 
 def test_dode_heun_has_2n_minus_1_lambdas(gmm, cache):

@@ -9,6 +9,7 @@ import torch
 
 from fewstep.runtime import Plan, PlanError, Row, sample
 from fewstep.runtime.executor import InputError
+from fewstep.runtime.plan import MAX_HISTORY
 from fewstep.runtime.schedules import edm
 from fewstep.runtime.solvers import build
 from fewstep.runtime.solvers.trace import Trace
@@ -22,13 +23,13 @@ def manual(plan: Plan, den, z, noise=None):
     ns = 0
     for e, r in enumerate(plan.rows):
         u = r.a * x
-        for k in range(1, 5):
+        for k in range(1, len(r.p) + 1):
             if r.coef_p(k):
                 u = u + r.coef_p(k) * h[e - k]
         d = den(u, torch.full((z.shape[0],), r.sigma, dtype=z.dtype))
         h[e] = d - r.s * u
         xn = r.c * x
-        for k in range(0, 5):
+        for k in range(len(r.q)):
             if r.coef_q(k):
                 xn = xn + r.coef_q(k) * h[e - k]
         if r.g:
@@ -145,8 +146,8 @@ def _plan_dict():
         (lambda d: d["rows"][1].update(q=[1.0, "x"]), "plan.rows[1].q[1]"),
         (lambda d: d["rows"][2].pop("c"), "plan.rows[2].c"),
         (lambda d: d["rows"][0].update(p=[0.5]), "plan.rows[0].p[0]"),
-        (lambda d: d["rows"][1].update(q=[0.0] * 6), "plan.rows[1].q"),
-        (lambda d: d["rows"][1].update(p=[0.0] * 5), "plan.rows[1].p"),
+        (lambda d: d["rows"][1].update(q=[0.0] * (MAX_HISTORY + 2)), "plan.rows[1].q"),
+        (lambda d: d["rows"][1].update(p=[0.0] * (MAX_HISTORY + 1)), "plan.rows[1].p"),
         (lambda d: d["rows"][1].update(g=-0.1), "plan.rows[1].g"),
         (lambda d: d["rows"][1].update(bogus=1), "plan.rows[1]"),
         (lambda d: d.update(extra=1), "plan"),
@@ -191,18 +192,19 @@ def test_nan_in_constructed_plan():
 # --- executor -------------------------------------------------------------------------
 
 
-def test_executor_matches_manual_with_history_and_noise(gmm):
+@pytest.mark.parametrize("n_rows,k", [(6, 4), (13, MAX_HISTORY)])
+def test_executor_matches_manual_with_history_and_noise(gmm, n_rows, k):
     rng = np.random.default_rng(0)
     rows = []
-    for e in range(6):
+    for e in range(n_rows):
         rows.append(Row(sigma=float(10 / (e + 1)), a=float(rng.uniform(0.5, 1.5)),
-                        p=tuple(float(v) for v in rng.normal(size=min(e, 4))), c=float(rng.uniform(0, 1)),
-                        q=tuple(float(v) for v in rng.normal(size=min(e, 4) + 1)), g=float(e % 2) * 0.3,
+                        p=tuple(float(v) for v in rng.normal(size=min(e, k)) / k), c=float(rng.uniform(0, 1)),
+                        q=tuple(float(v) for v in rng.normal(size=min(e, k) + 1) / k), g=float(e % 2) * 0.3,
                         s=float(e % 3 == 0)))
     plan = Plan("random", 10.0, rows)
-    assert plan.history == 4 and plan.stochastic_rows == [1, 3, 5]
+    assert plan.history == k and plan.stochastic_rows == list(range(1, n_rows, 2))
     z = torch.randn(16, 3, dtype=torch.float64)
-    noise = torch.randn(3, 16, 3, dtype=torch.float64)
+    noise = torch.randn(len(plan.stochastic_rows), 16, 3, dtype=torch.float64)
     torch.testing.assert_close(sample(plan, gmm, z, noise=noise), manual(plan, gmm, z, noise), rtol=1e-12, atol=1e-12)
 
 
@@ -221,12 +223,13 @@ def test_trace_refuses_long_history():
     tr = Trace(10.0)
     x = tr.x
     ds = []
-    for i in range(6):
-        ds.append(tr.eval(x, 10.0 - i))
+    for i in range(13):
+        ds.append(tr.eval(x, 14.0 - i))
         x = tr.update(0.5 * x + 0.5 * ds[-1])
-    tr.eval(x + 0.1 * ds[2], 2.0)  # D_2 is 4 rows back: the oldest entry K = 4 allows
+    assert MAX_HISTORY == 10
+    tr.eval(x + 0.1 * ds[3], 1.0)  # D_3 is 10 rows back: the oldest entry K = 10 allows
     with pytest.raises(PlanError, match="longer history"):
-        tr.eval(x + ds[0], 1.0)  # D_0 is 7 rows back
+        tr.eval(x + ds[1], 0.5)  # D_1 is 12 rows back
 
 
 def test_guidance_row_overrides_caller():

@@ -63,7 +63,8 @@ def teacher_states(plan: Plan, solver: str, den, batch: Batch, factor: int):
 
 def fit_dode(plan: Plan, solver: str, den, batch: Batch, factor: int = 10, form: str | None = None,
              targets=None):
-    """Greedy closed-form λ's; returns (fitted plan, info). ``targets`` (the states at the step grid,
+    """Greedy closed-form λ's; returns (fitted plan, info; info["slots"]: the fitted slots). ``targets`` (the
+    states at the step grid,
     index 0 = start) replaces the teacher run (tests pass exact flows)."""
     teacher_nfe = None
     if targets is None:
@@ -76,5 +77,6 @@ def fit_dode(plan: Plan, solver: str, den, batch: Batch, factor: int = 10, form:
     run(plan, den, batch, slots, fit_slot)
     fitted = to_plan(plan, slots)
     forms = sorted({("eps" if plan.rows[s.anchor].s != 0.0 else "data") if form is None else form for s in slots})
-    return fitted, {"dode_form": "+".join(forms), "teacher_nfe": teacher_nfe, "fine_factor": factor,
+    return fitted, {"slots": slots, "dode_form": "+".join(forms), "teacher_nfe": teacher_nfe,
+                    "fine_factor": factor,
                     "lambdas": [float(s.phi[0]) for s in slots]}

@@ -36,6 +36,7 @@ coefficients (``lambdas`` / ``coefficients``) or learned ``sigmas``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -46,7 +47,7 @@ import torch
 
 from ..errors import FewstepError
 from ..runtime.executor import call_denoiser
-from ..runtime.plan import Plan, Row
+from ..runtime.plan import MAX_HISTORY, Plan, Row
 from ..runtime.solvers.trace import Lin, Trace
 
 
@@ -105,19 +106,10 @@ def _row(r: Row, **kw) -> Row:
     return dataclasses.replace(r, **kw)
 
 
-def blend(base: Plan, fitted: Plan, alpha: float) -> Plan:
-    """Rows (1 − α)·base + α·fitted (same σ's). Corrections are linear in φ, so this is the
-    fitted plan with every fitted correction scaled by α."""
-    rows = []
-    for r0, r1 in zip(base.rows, fitted.rows):
-        def mix(u, v):
-            n = max(len(u), len(v))
-            u, v = list(u) + [0.0] * (n - len(u)), list(v) + [0.0] * (n - len(v))
-            return tuple((1 - alpha) * a + alpha * b for a, b in zip(u, v))
-
-        rows.append(_row(r1, a=(1 - alpha) * r0.a + alpha * r1.a, c=(1 - alpha) * r0.c + alpha * r1.c,
-                         p=mix(r0.p, r1.p), q=mix(r0.q, r1.q)))
-    return fitted.replace(rows=tuple(rows))
+def scaled(slots: Sequence[Slot], alpha: float) -> list[Slot]:
+    """The slots with every fitted φ scaled by α (the run is linear in φ, its Plan rows are not: rewriting a
+    past state divides by φ-dependent coefficients, so α is applied here and the Plan recompiled)."""
+    return [dataclasses.replace(s, phi=None if s.phi is None else alpha * s.phi) for s in slots]
 
 
 # ---------------------------------------------------------------------------------------
@@ -207,18 +199,31 @@ def compile_plan(plan: Plan, slots: Sequence[Slot], name: str | None = None, pro
     return out
 
 
+def _conditioning(plan: Plan) -> tuple[int, float]:
+    return plan.history, max(max(map(abs, (r.a, r.c, *r.p, *r.q))) for r in plan.rows)
+
+
 def to_plan(plan: Plan, slots: Sequence[Slot]) -> Plan:
-    """``compile_plan`` with the plan's own history form, else with s = 1; FitError if neither fits K ≤ 4."""
+    """``compile_plan`` in the plan's own history form and with s = 1; the one reading fewer past entries, then the
+    one with smaller coefficients (own form on a tie). Both describe the same samples, but not equally well in
+    float32: DPM-Solver++(3M) with ε-form D-ODE at 10 NFE (GMM) has K = 9 and coefficients up to 6e4 in the data
+    form, K = 8 and ≤ 908 with s = 1. FitError if neither fits the Plan's history bound."""
     from ..runtime.plan import PlanError
 
-    try:
-        return compile_plan(plan, slots)
-    except PlanError:
-        pass
-    try:
-        return compile_plan(plan, slots, s=1.0)
-    except PlanError as exc:
-        raise FitError(f"the fitted corrections are not expressible with a history of ≤ 4 entries ({exc})") from None
+    best, err = None, None
+    for s in (None, 1.0):
+        try:
+            cand = compile_plan(plan, slots, s=s)
+        except PlanError as exc:
+            err = exc
+            continue
+        if best is None or _conditioning(cand) < _conditioning(best):
+            best = cand
+    if best is None:
+        raise FitError(f"the fitted corrections are not expressible with a history of ≤ {MAX_HISTORY} entries "
+                       f"({err}); corrections on past states need NFE ≤ {MAX_HISTORY + 1}, or use the solver's "
+                       "own form (--method dode)") from None
+    return best
 
 
 # ---------------------------------------------------------------------------------------
@@ -275,8 +280,7 @@ def run(plan: Plan, den, batch: Batch, slots: Sequence[Slot] = (), fit_slot: Cal
         if e in ends:
             after_step.append(xn)
         x = xn
-        if len(hist) > 8:
-            del hist[:-8]
+        del hist[:-MAX_HISTORY]
     if record:
         return x, v, after_step
     return x
@@ -310,14 +314,15 @@ def rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(d.pow(2).mean(1).sqrt().mean())
 
 
-def safeguard(base: Plan, fitted: Plan, den, batch: Batch, target: torch.Tensor,
+def safeguard(base: Plan, fitted: Plan, slots: Sequence[Slot], den, batch: Batch, target: torch.Tensor,
               alphas=(1.0, 0.75, 0.5, 0.25, 0.0)) -> tuple[Plan, dict]:
-    """Scale all fitted corrections by the α in ``alphas`` with the smallest endpoint error on the
-    fitting batch (α = 0 is the base plan): fitting never makes the fitted batch's error worse."""
+    """Scale all fitted corrections (``slots``, compiled as ``fitted``) by the α in ``alphas`` with the smallest
+    endpoint error on the fitting batch (α = 0 is the base plan): fitting never makes the fitted batch's error
+    worse."""
     errs = {}
     best, best_err = None, math.inf
     for a in alphas:
-        p = fitted if a == 1.0 else blend(base, fitted, a)
+        p = fitted if a == 1.0 else base if a == 0.0 else to_plan(base, scaled(slots, a))
         err = rms(run(p, den, batch), target)
         errs[a] = err
         if err < best_err - 1e-15 * max(1.0, abs(best_err) if math.isfinite(best_err) else 1.0):
@@ -447,7 +452,7 @@ def fit(teacher, solver: str, nfe: int, method: str, batch: int | None = None, f
                 fitted, cinfo = dode.fit_dode(p, solver_obj.name, den, b, factor=m, form=coef[5:] or None)
             else:
                 fitted, cinfo = iia.fit_iia(p, solver_obj.name, den, b, variant=coef, m=m)
-            kept, sg = safeguard(p, fitted, den, b, ref)
+            kept, sg = safeguard(p, fitted, cinfo.pop("slots"), den, b, ref)
             return kept, {**cinfo, **sg}
 
         grids = [plan] if plan is base else [plan, base]

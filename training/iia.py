@@ -12,7 +12,7 @@ and last row of step i; D_e, ε_e = (U_e − D_e)/σ_e, X_e the state before row
 | variant | features F_{i,j} added to row L's update | paper form |
 |---|---|---|
 | iia-ddim | D_L − D_{L−1}, ε_L − ε_{L−1} | z_{i+1} = DDIM(z_i) + φ_{i0}(x̂_i − x̂_{i−1}) + φ_{i1}(ε̂_i − ε̂_{i−1}) |
-| iia-ddim-local | D_L − D_{L−1}, ε_L (s = 1 rows: D_L, ε_L − ε_{L−1}) | iia-ddim past K ≤ 4 (NFE ≳ 6) |
+| iia-ddim-local | D_L − D_{L−1}, ε_L (s = 1 rows: D_L, ε_L − ε_{L−1}) | iia-ddim past K ≤ 10 (NFE ≥ 12) |
 | iia-dpmpp | X_f, D_L | z_{i+1} = DPM++(z_i, …) + φ_{i0} z_i + φ_{i1} x̂_i |
 | iia-edm0 | X_f − D_f, D_f − D_L | z_{i+1} = z_i + β^ε_{i0}(z_i − D_i) + β^D_{i0}(D(z_i) − D(z̃_{i+1})) |
 | iia-edm1 (= iia-edm) | the above, plus X_f' − D_f', D_f' − D_L' of step i−1 | r = 1 history terms |
@@ -145,9 +145,9 @@ def fit_iia(plan: Plan, solver: str, den, batch: Batch, variant: str = "iia", m:
         if variant != "iia-ddim":
             raise
         # φ_{i0}(x̂_i − x̂_{i−1}) + φ_{i1}(ε̂_i − ε̂_{i−1}) makes x_{i+1} depend on x_i *and* x_{i−1}: a two-state
-        # recurrence a Plan (one state + 4 outputs) holds only for a few steps. Past that, keep the paper's
+        # recurrence a Plan (one state + K ≤ 10 outputs) holds up to 11 evaluations. Past that, keep the paper's
         # difference in the history's own form and drop the other form's previous value (the same span minus
         # one direction), recorded in the provenance as iia-ddim-local.
         return fit_iia(plan, solver, den, batch, "iia-ddim-local", m, target_fn)
-    return fitted, {"iia_variant": variant, "fine_substeps": m,
+    return fitted, {"slots": slots, "iia_variant": variant, "fine_substeps": m,
                     "coefficients": [dict(zip(s.names, map(float, s.phi))) for s in slots]}

@@ -10,7 +10,7 @@ initial noise z, the history entries h_e and the fresh noises ε_e) instead of t
         x = tr.update(x + (sigmas[i+1] - sigmas[i]) * (x - d) / sigmas[i])
     plan = tr.plan("euler")
 
-Every evaluation point and state must be ``a·x + (the last ≤ 4 history entries)``; the
+Every evaluation point and state must be ``a·x + (the last ≤ MAX_HISTORY history entries)``; the
 trace solves for the row coefficients and refuses (naming the row) anything a bounded
 history cannot express. This keeps each builder as short as the paper's pseudo-code and
 makes the rewrite of past states (DESIGN §2) mechanical instead of per-solver algebra.
@@ -23,7 +23,10 @@ from typing import Any
 from ..plan import MAX_HISTORY, Plan, PlanError, Row
 
 _Z = ("z",)
-_TOL = 1e-9
+# A term is round-off when |coefficient × magnitude| ≤ _TOL × the largest such term. Not looser: a rewritten past
+# state's terms decay geometrically and cancel (O(80) terms summing to an O(1) state), and at 1e-9 the dropped tail
+# of iPNDM with data-form D-ODE at 10 NFE moved samples by 3e-6. The algebra's own round-off is ~1e-16.
+_TOL = 1e-12
 
 
 class Lin:
@@ -58,8 +61,10 @@ class Lin:
     def coef(self, k) -> float:
         return self.t.get(k, 0.0)
 
-    def scale(self) -> float:
-        return max((abs(v) for v in self.t.values()), default=0.0)
+    def scale(self, mag: dict | None = None) -> float:
+        """max |coefficient × the symbol's typical magnitude| (``mag``, default 1)."""
+        m = mag or {}
+        return max((abs(v) * m.get(k, 1.0) for k, v in self.t.items()), default=0.0)
 
 
 def _h(e: int):
@@ -76,6 +81,10 @@ class Trace:
         self.x = Lin({_Z: self.sigma_init})
         self._rows: list[dict] = []
         self._open: dict | None = None  # the row whose x-update is not fixed yet
+        # Typical magnitude of each symbol, for telling round-off from a real term: z, ε ~ 1; h_e = D − s·u with
+        # |D| ~ 1 and |u| ~ σ_e (an s = 1 entry is −σ_e·ε̂). A coefficient of 1e-8 on an entry of size 80 is not
+        # round-off.
+        self._mag: dict = {_Z: 1.0}
 
     @property
     def nfe(self) -> int:
@@ -90,6 +99,7 @@ class Trace:
         self._close()
         e = len(self._rows)
         a, p = self._express(u, self.x, window=range(1, MAX_HISTORY + 1), e=e, what="u")
+        self._mag[_h(e)] = 1.0 + abs(float(s)) * float(sigma)
         self._open = {
             "e": e, "sigma": float(sigma), "a": a, "p": p, "guidance": guidance, "s": float(s),
             "c": 1.0, "q": [0.0], "g": 0.0, "x_before": self.x,
@@ -132,26 +142,28 @@ class Trace:
         rest_t = {k: v for k, v in target.t.items() if k not in recent}
         rest_s = {k: v for k, v in state.t.items() if k not in recent}
         keys = set(rest_t) | set(rest_s)
-        ss = sum(v * v for v in rest_s.values())
+        mag = self._mag
+        m2 = {k: mag.get(k, 1.0) ** 2 for k in keys}
+        ss = sum(v * v * m2[k] for k, v in rest_s.items())
         if target.t == state.t:
             coef = 1.0
         elif ss == 0.0:
             coef = 0.0
-        else:
-            coef = sum(rest_t.get(k, 0.0) * v for k, v in rest_s.items()) / ss
-        scale = max(target.scale(), abs(coef) * state.scale(), 1.0)
+        else:  # least squares in the symbols' magnitudes; the check below then demands an exact fit
+            coef = sum(rest_t.get(k, 0.0) * v * m2[k] for k, v in rest_s.items()) / ss
+        scale = max(target.scale(mag), abs(coef) * state.scale(mag), 1.0)
         for k in keys:
-            if abs(rest_t.get(k, 0.0) - coef * rest_s.get(k, 0.0)) > _TOL * scale:
+            if abs(rest_t.get(k, 0.0) - coef * rest_s.get(k, 0.0)) * mag.get(k, 1.0) > _TOL * scale:
                 raise PlanError(
                     f"trace: row {e}: {what} is not a·x plus the last {MAX_HISTORY} history "
                     f"entries (term {k} does not fit); this solver needs a longer history"
                 )
-        if abs(coef) * state.scale() <= _TOL * scale:  # round-off, e.g. the step to σ = 0: make it exactly 0
+        if abs(coef) * state.scale(mag) <= _TOL * scale:  # round-off, e.g. the step to σ = 0: make it exactly 0
             coef = 0.0
         resid = target - coef * state
         ws = [resid.coef(_h(e - k)) if e - k >= 0 else 0.0 for k in window]
         # Round-off from the symbolic algebra (~1e-17) must not read as a real history term.
-        ws = [0.0 if abs(w) <= _TOL * scale else w for w in ws]
+        ws = [0.0 if abs(w) * mag.get(_h(e - k), 1.0) <= _TOL * scale else w for w, k in zip(ws, window)]
         while ws and ws[-1] == 0.0 and len(ws) > (1 if what == "x" else 0):
             ws.pop()
         return coef, ws
