@@ -148,6 +148,10 @@ def kernel_source(k: int = MAX_HISTORY) -> str:
     NOISE, NEXT, AN, PN1..PNK, CIN, DUP_U, BLOCK.
     """
     ks = range(1, k + 1)
+
+    def acc(var, terms, pad="    "):  # var += C·v for each (C, v); the constexpr test drops zero terms at compile time
+        return [line for c, v in terms for line in (f"{pad}if {c} != 0.0:", f"{pad}    {var} += {c} * {v}")]
+
     hp = "".join(f"h{i}_ptr, " for i in ks)
     pc = "".join(f"P{i}: tl.constexpr, " for i in ks)
     qc = "".join(f"Q{i}: tl.constexpr, " for i in range(0, k + 1))
@@ -176,7 +180,7 @@ def kernel_source(k: int = MAX_HISTORY) -> str:
         src += [f"    if (P{i} != 0.0) or (Q{i} != 0.0){nxt}:",
                 f"        h{i} = tl.load(h{i}_ptr + offs, mask=mask).to(tl.float32)"]
     src += ["    u = x", "    if A != 1.0:", "        u = x * A"]
-    src += [line for i in ks for line in (f"    if P{i} != 0.0:", f"        u += P{i} * h{i}")]
+    src += acc("u", [(f"P{i}", f"h{i}") for i in ks])
     src += [
         "    f = tl.load(d_ptr + offs, mask=mask).to(tl.float32)",
         "    if CFG:",
@@ -194,10 +198,8 @@ def kernel_source(k: int = MAX_HISTORY) -> str:
         "    xn = x",
         "    if C != 1.0:",
         "        xn = x * C",
-        "    if Q0 != 0.0:",
-        "        xn += Q0 * h",
     ]
-    src += [line for i in ks for line in (f"    if Q{i} != 0.0:", f"        xn += Q{i} * h{i}")]
+    src += acc("xn", [("Q0", "h")] + [(f"Q{i}", f"h{i}") for i in ks])
     src += [
         "    if NOISE == 1:",
         "        seed = tl.load(seed_ptr)",
@@ -209,11 +211,8 @@ def kernel_source(k: int = MAX_HISTORY) -> str:
         "        un = xn",
         "        if AN != 1.0:",
         "            un = xn * AN",
-        "        if PN1 != 0.0:",
-        "            un += PN1 * h",
     ]
-    src += [line for i in range(2, k + 1)
-            for line in (f"        if PN{i} != 0.0:", f"            un += PN{i} * h{i - 1}")]
+    src += acc("un", [(f"PN{i}", "h" if i == 1 else f"h{i - 1}") for i in ks], pad="        ")
     src += [
         "        if CIN != 1.0:",
         "            un = un * CIN",

@@ -206,8 +206,9 @@ def _conditioning(plan: Plan) -> tuple[int, float]:
 def to_plan(plan: Plan, slots: Sequence[Slot]) -> Plan:
     """``compile_plan`` in the plan's own history form and with s = 1; the one reading fewer past entries, then the
     one with smaller coefficients (own form on a tie). Both describe the same samples, but not equally well in
-    float32: DPM-Solver++(3M) with ε-form D-ODE at 10 NFE (GMM) has K = 9 and coefficients up to 6e4 in the data
-    form, K = 8 and ≤ 908 with s = 1. FitError if neither fits the Plan's history bound."""
+    float32: DPM-Solver++(3M) with ε-form D-ODE at 10 NFE (GMM) has K = 9 and coefficients up to 4.8e4 in the data
+    form, K = 8 and ≤ 1.1e3 with s = 1 (benchmarks/results/fit_history_precision.md). FitError if neither fits
+    the Plan's history bound."""
     from ..runtime.plan import PlanError
 
     best, err = None, None
@@ -466,9 +467,8 @@ def fit(teacher, solver: str, nfe: int, method: str, batch: int | None = None, f
             info["grid_kept"] = "learned" if k == 0 else "base"
             # Then grid and coefficients jointly, from the better of the two sequential answers.
             say("refining grid and coefficients jointly")
-            start = grids[k]
-            plan, jinfo = timesteps.refine_joint(start, den, fit_coef, guidance=guidance, family=solver_obj.name,
-                                                 max_evals=joint_evals)
+            plan, jinfo = timesteps.refine_joint(grids[k], den, fit_coef, guidance=guidance, family=solver_obj.name,
+                                                 max_evals=joint_evals, start=fits[k])
             info.update(jinfo)
             info["timesteps_mode"] = "joint"
     err = rms(run(plan, den, b), ref)

@@ -24,8 +24,9 @@ from ..plan import MAX_HISTORY, Plan, PlanError, Row
 
 _Z = ("z",)
 # A term is round-off when |coefficient × magnitude| ≤ _TOL × the largest such term. Not looser: a rewritten past
-# state's terms decay geometrically and cancel (O(80) terms summing to an O(1) state), and at 1e-9 the dropped tail
-# of iPNDM with data-form D-ODE at 10 NFE moved samples by 3e-6. The algebra's own round-off is ~1e-16.
+# state's terms decay geometrically and cancel (O(80) terms summing to an O(1) state): at 1e-9 the dropped tail
+# of iPNDM with data-form D-ODE at 10 NFE broke test_past_state_corrections_compile_at_10_nfe. The algebra's own
+# round-off is ~1e-16.
 _TOL = 1e-12
 
 
