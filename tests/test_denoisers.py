@@ -244,32 +244,96 @@ from fewstep.runtime.diffusers_adapter import (  # noqa: E402
     load_diffusers,
 )
 
+U32 = 2.0**-24  # float32 unit roundoff
 
-@pytest.mark.parametrize("kw", [
+
+def float32_table_bound(betas: np.ndarray) -> np.ndarray:
+    """Relative error bound of diffusers' float32 ᾱ_i = Π_{j≤i} fl(1 − β̃_j) against the exact product.
+
+    β̃_j is β_j evaluated in float32: linspace (≤ 2 ulp of its largest end), then at most a square,
+    a sigmoid and an affine map (≤ 2 ulp each, plus twice the linspace error through the square), so
+    |β̃_j − β_j| ≤ 8u·β_j + 12u·β_max for every built-in schedule (u = 2⁻²⁴). Factor j then carries
+    the relative error (8u·β_j + 12u·β_max)/(1 − β_j) + u (the rounding of 1 − β̃) and the running
+    product one more u per multiply. A product of factors (1 + δ_j) is off by at most
+    exp(Σ|δ_j|) − 1: the n·2⁻²⁴ growth of an n-term float32 product, with no first-order shortcut.
+    """
+    bmax = betas.max()
+    per = (8 * U32 * betas + 12 * U32 * bmax) / (1 - betas) + 2 * U32
+    return np.expm1(np.cumsum(per))
+
+
+def zero_snr_float32_bound(ac: np.ndarray, betas: np.ndarray) -> np.ndarray:
+    """The same bound through diffusers' float32 zero-terminal-SNR rescale (Lin et al. 2023, Alg. 1).
+
+    s_j = √ᾱ_j carries δ_j = s_j·(r_j/2 + u) (r: the product's bound above). The shift s_i − s_T
+    cancels: its relative error is (δ_i + δ_T)/(s_i − s_T) + u, which grows without bound as i → T;
+    the scale s_0/(s_0 − s_T) adds (δ_0 + δ_T)/(s_0 − s_T) + r_0/2 + 3u, the square doubles the sum,
+    +u. diffusers then divides consecutive entries and multiplies them back: the ratios telescope,
+    so what is left is that squared error at i (and at 0) plus, per entry, the division, the
+    1 − α and 1 − β roundings (the first exact by Sterbenz while α ≥ ½, else u·β/α) and the multiply.
+    """
+    r = float32_table_bound(betas)
+    s = np.sqrt(ac)
+    delta = s * (r / 2 + U32)
+    rho_scale = (delta[0] + delta[-1]) / (s[0] - s[-1]) + r[0] / 2 + 3 * U32
+    with np.errstate(divide="ignore"):
+        rho = (delta + delta[-1]) / (s - s[-1]) + U32 + rho_scale
+    sq = 2 * rho + U32
+    t2 = (s - s[-1]) ** 2
+    alpha = np.concatenate([t2[:1], t2[1:] / t2[:-1]])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        step = 3 * U32 + U32 * np.where(alpha < 0.5, (1 - alpha) / alpha, 0.0)
+    return np.expm1(sq + sq[0] + np.cumsum(step))
+
+
+SCHEDULES = [
     dict(beta_schedule="linear"),
     dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
     dict(beta_schedule="squaredcos_cap_v2"),
     dict(beta_schedule="sigmoid"),
     dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True),
     dict(beta_schedule="linear", num_train_timesteps=100),
-])
-def test_beta_tables_match_diffusers(kw):
+]
+
+
+def _table_error_and_bound(kw, ours_kw=None):
+    """(relative error of our float64 table against diffusers' float32 one, its float32 bound)."""
     sched = diffusers.DDPMScheduler(**kw)
     ref = sched.alphas_cumprod.to(F64)
-    ours = alphas_cumprod_from_config(sched.config)
+    ours = alphas_cumprod_from_config({**sched.config, **(ours_kw or {})})
     assert ours.dtype == F64 and ours.shape == ref.shape
+    plain = alphas_cumprod_from_config({**sched.config, "rescale_betas_zero_snr": False}).numpy()
+    betas = 1 - plain / np.concatenate([[1.0], plain[:-1]])
     if kw.get("rescale_betas_zero_snr"):
         assert ref[-1].item() == 0.0 and ours[-1].item() == 2.0**-24  # σ_T = ∞ is moved to a finite σ
+        bound = zero_snr_float32_bound(plain, betas)[:-1]
         ours, ref = ours[:-1], ref[:-1]
-    # diffusers accumulates the product in float32 (ours is float64): measured ≤ 1e-6 relative
-    # before the last 10 entries; at the very end ᾱ is tiny (cosine 2e-9, zero-SNR rescale
-    # cancels √ᾱ − √ᾱ_T) and float32 is off by up to 4e-5 relative
-    rel = (ours - ref).abs() / ref
-    assert rel[:-10].max().item() < 2e-6, rel[:-10].max().item()
-    assert rel.max().item() < 1e-4, rel.max().item()
+    else:
+        bound = float32_table_bound(betas)
+    return ((ours - ref).abs() / ref).numpy(), bound
+
+
+@pytest.mark.parametrize("kw", SCHEDULES)
+def test_beta_tables_match_diffusers(kw):
+    # diffusers builds the table in float32, ours in float64: every entry within the float32 bound
+    rel, bound = _table_error_and_bound(kw)
+    assert np.all(rel <= bound), (np.argmax(rel / bound), (rel / bound).max())
     # …and the float64 table is the exact one: against a numpy cumprod of the same β's
     if kw["beta_schedule"] == "linear" and "num_train_timesteps" not in kw:
+        ours = alphas_cumprod_from_config(diffusers.DDPMScheduler(**kw).config)
         assert np.allclose(ours.numpy(), linear_table(), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("kw", [SCHEDULES[1], SCHEDULES[4], SCHEDULES[3]])
+def test_beta_table_bound_fails_a_wrong_schedule(kw):
+    """The bound is not vacuous: β_end off by 0.1 %, or a rescale forgotten, breaks it."""
+    rel, bound = _table_error_and_bound(kw, {"beta_end": kw.get("beta_end", 0.02) * 1.001})
+    assert np.any(rel > bound)
+    if kw.get("rescale_betas_zero_snr"):
+        sched = diffusers.DDPMScheduler(**kw)
+        ours = alphas_cumprod_from_config({**sched.config, "rescale_betas_zero_snr": False})[:-1].numpy()
+        ref = sched.alphas_cumprod.to(F64)[:-1].numpy()
+        assert np.any(np.abs(ours - ref) / ref > _table_error_and_bound(kw)[1])
 
 
 def test_config_errors(tmp_path):
