@@ -4,8 +4,11 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 PIP     := $(VPY) -m pip
 STAMP   := $(VENV)/.fewstep-installed
+LOCK    := requirements.lock
+PIP_VERSION       := 26.3
+PIP_TOOLS_VERSION := 7.6.2
 
-.PHONY: demo test install dev lint clean sysdeps asan students
+.PHONY: demo test install dev lint clean sysdeps asan students lock
 
 # A fresh Debian machine may lack venv/ensurepip or a C++ compiler: install them (as root).
 sysdeps:
@@ -17,15 +20,24 @@ sysdeps:
 $(VENV)/bin/python:
 	$(MAKE) sysdeps
 	$(PY) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q pip==$(PIP_VERSION)
 
-# Dependencies (runtime, test and build, read from pyproject.toml) go in first, so the
-# package itself builds without isolation: no second torch in a throw-away build env.
-$(STAMP): $(VENV)/bin/python pyproject.toml
-	$(PIP) install -q $$($(VPY) -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); \
-	  print(' '.join(r for r in d['project']['dependencies'] + d['project']['optional-dependencies']['test'] \
-	  + d['build-system']['requires'] + ['cmake>=3.18', 'ninja']))")
+# Every package the venv holds (runtime, test and build; see pyproject.toml) at the exact version
+# in requirements.lock, so a fresh machine installs what CI passed with. The package itself then
+# builds without isolation: no second torch in a throw-away build env.
+$(STAMP): $(VENV)/bin/python $(LOCK)
+	$(PIP) install -q -r $(LOCK)
 	touch $(STAMP)
+
+# Refresh requirements.lock from pyproject.toml (pip-tools resolves through pip, with this
+# machine's package sources). An upgrade of torch, diffusers, onnx or onnxruntime is a commit of
+# the new lock that has passed `make test`. torch's local label (+cpu) is dropped: `torch==2.13.0`
+# takes the CPU wheel where one lies on disk and is the plain release elsewhere.
+lock: $(VENV)/bin/python
+	$(PIP) install -q pip-tools==$(PIP_TOOLS_VERSION)
+	$(VENV)/bin/pip-compile -q --extra test --extra build --allow-unsafe --strip-extras --no-emit-index-url \
+	  --no-emit-find-links --upgrade -o $(LOCK) pyproject.toml
+	sed -i -E 's/^(torch==[0-9.]+)\+[a-z0-9]+/\1/' $(LOCK)
 
 install: $(STAMP)
 	$(PIP) install -q --no-build-isolation --no-deps --force-reinstall .
