@@ -120,8 +120,11 @@ def run(model: nn.Module, loss_fn: Callable, loop: LoopConfig, out_dir: str, see
             ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
         if start > 0:
             sd = opt.state_dict()
-            sd["state"] = {i: {"step": torch.tensor(float(start)), "exp_avg": tensors[f"adam_m.{n}"],
-                               "exp_avg_sq": tensors[f"adam_v.{n}"]} for i, n in enumerate(params)}
+            # per-parameter Adam step counts (a loss may update only some parameters on a step, e.g. DMD2's
+            # alternating generator / critic updates); checkpoints without them: every parameter at `start`
+            sd["state"] = {i: {"step": tensors.get(f"adam_step.{n}", torch.tensor(float(start))),
+                               "exp_avg": tensors[f"adam_m.{n}"], "exp_avg_sq": tensors[f"adam_v.{n}"]}
+                           for i, n in enumerate(params)}
             opt.load_state_dict(sd)
 
     def save_state(step):
@@ -133,6 +136,7 @@ def run(model: nn.Module, loss_fn: Callable, loop: LoopConfig, out_dir: str, see
                 s = opt.state.get(p, {})
                 t[f"adam_m.{n}"] = s.get("exp_avg", torch.zeros_like(p))
                 t[f"adam_v.{n}"] = s.get("exp_avg_sq", torch.zeros_like(p))
+                t[f"adam_step.{n}"] = torch.as_tensor(s.get("step", 0.0), dtype=torch.float32).reshape(())
             t["step"] = torch.tensor(step)
             save_safetensors(os.path.join(out_dir, STATE_FILE), t)
             atomic_write_text(state_json, json.dumps({"format": "fewstep.train-state/1", "step": step,
