@@ -37,8 +37,13 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
+from .files import MAX_JSON_BYTES, FileError, parse_json, read_bytes
+
 FORMAT = "fewstep.plan/1"
 MAX_HISTORY = 10
+# Rows a plan may have: far past the 1–10 fewstep is for, and small enough that validating,
+# compiling and exporting a plan stays interactive.
+MAX_ROWS = 1000
 
 
 class PlanError(ValueError):
@@ -139,9 +144,15 @@ class Plan:
         prov = obj.get("provenance", {})
         if not isinstance(prov, dict):
             raise PlanError("plan.provenance: expected an object")
+        th = prov.get("teacher_hash")
+        if th is not None and not isinstance(th, str):
+            raise PlanError("plan.provenance.teacher_hash: expected a string")
         rows_in = obj["rows"]
         if not isinstance(rows_in, list):
             raise PlanError("plan.rows: expected a list")
+        if len(rows_in) > MAX_ROWS:
+            raise PlanError(f"plan.rows: {len(rows_in):,} rows; a plan has at most {MAX_ROWS} "
+                            f"(network evaluations; fewstep is for 1–10, solvers build up to {MAX_ROWS})")
         rows = [_row_from_dict(r, e) for e, r in enumerate(rows_in)]
         return cls(
             name=obj["name"],
@@ -153,9 +164,9 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> Plan:
         try:
-            obj = json.loads(text, parse_constant=_reject_constant)
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"plan: not valid JSON ({exc})") from None
+            obj = parse_json(text, "plan")
+        except FileError as exc:
+            raise PlanError(str(exc)) from None
         return cls.from_dict(obj)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -164,12 +175,9 @@ class Plan:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
         try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise PlanError(f"plan file not found: {path}") from None
-        except UnicodeDecodeError:
-            raise PlanError(f"plan file {path}: not UTF-8 text") from None
+            text = read_bytes(path, "plan file", MAX_JSON_BYTES)
+        except FileError as exc:
+            raise PlanError(str(exc)) from None
         try:
             return cls.from_json(text)
         except PlanError as exc:
@@ -177,10 +185,6 @@ class Plan:
 
 
 _ROW_FIELDS = ("sigma", "a", "p", "c", "q", "g", "guidance", "s")
-
-
-def _reject_constant(name: str):
-    raise PlanError(f"plan: {name} is not a valid number")
 
 
 def _number(v: Any, where: str) -> float:

@@ -1,0 +1,118 @@
+"""Reading user-supplied files without trusting them: size first, then bytes, then structure.
+
+Every loader of a plan, a model config, a bundle index, an engine or a noise file goes through
+here, so a FIFO, ``/dev/zero``, a directory, a 10 GB "plan" or a JSON bomb (a 5,000-digit
+integer, 100,000 nested lists) is refused with one line that names the file and the problem,
+before anything large is read or allocated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+from typing import Any
+
+from ..errors import FewstepError
+
+MiB = 1 << 20
+# A plan of 1,000 rows with K = 10 is ~300 kB of JSON; configs and indexes are a few kB.
+MAX_JSON_BYTES = 16 * MiB
+MAX_JSON_DEPTH = 64  # plans nest 4 deep (plan → rows → row → list); configs a few more
+MAX_INT_DIGITS = 30  # beyond any count, seed or size fewstep reads from a JSON file
+
+
+class FileError(FewstepError):
+    """A user-supplied file that cannot be read as what it claims to be."""
+
+
+def check_regular(path: str | os.PathLike, what: str) -> int:
+    """The size of ``path`` if it is a regular file; else one clear error (FIFOs and devices would hang
+    or never end, directories are a common slip)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileError(f"{what} not found: {path}") from None
+    except OSError as exc:
+        raise FileError(f"{what} {path}: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise FileError(f"{what} {path}: is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise FileError(f"{what} {path}: not a regular file (a pipe, socket or device)")
+    return st.st_size
+
+
+def read_bytes(path: str | os.PathLike, what: str, limit: int) -> bytes:
+    """All of a regular file of at most ``limit`` bytes."""
+    size = check_regular(path, what)
+    if size > limit:
+        raise FileError(f"{what} {path}: {size:,} bytes, more than the {limit:,} a {what} may have")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise FileError(f"{what} {path}: {exc.strerror}") from None
+    if len(data) > limit:  # grew while we read it
+        raise FileError(f"{what} {path}: more than the {limit:,} bytes a {what} may have")
+    return data
+
+
+def _parse_int(s: str) -> int:
+    if len(s.lstrip("-")) > MAX_INT_DIGITS:
+        raise FileError(f"an integer of {len(s)} digits")
+    return int(s)
+
+
+def _parse_float(s: str) -> float:
+    v = float(s)
+    if not math.isfinite(v):
+        raise FileError(f"a number out of float64 range ({s[:24]})")
+    return v
+
+
+def _reject_constant(name: str):
+    raise FileError(f"{name} is not a valid number (JSON has no NaN or Infinity)")
+
+
+def parse_json(text: str | bytes, what: str) -> Any:
+    """Strict JSON: no NaN/Infinity, no numbers outside float64, no absurd integers or nesting."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FileError(f"{what}: not UTF-8 text") from None
+    # Bracket depth before parsing: the json module recurses and would hit Python's stack limit.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH:
+        depth = peak = 0
+        in_str = esc = False
+        for ch in text:
+            if in_str:
+                esc, in_str = (False, True) if esc else (ch == "\\", ch != '"')
+            elif ch == '"':
+                in_str = True
+            elif ch in "[{":
+                depth += 1
+                peak = max(peak, depth)
+                if peak > MAX_JSON_DEPTH:
+                    raise FileError(f"{what}: nested more than {MAX_JSON_DEPTH} levels deep")
+            elif ch in "]}":
+                depth -= 1
+    try:
+        obj = json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_reject_constant)
+    except FileError as exc:
+        raise FileError(f"{what}: {exc}") from None
+    except (json.JSONDecodeError, RecursionError, ValueError) as exc:
+        raise FileError(f"{what}: not valid JSON ({str(exc).splitlines()[0][:200]})") from None
+    return obj
+
+
+def load_json(path: str | os.PathLike, what: str, limit: int = MAX_JSON_BYTES) -> Any:
+    return parse_json(read_bytes(path, what, limit), f"{what} {path}")
+
+
+def one_line(msg: str, limit: int = 300) -> str:
+    """An exception's message as one line of at most ``limit`` characters (torch's state-dict errors
+    and safetensors' run to many lines)."""
+    s = " ".join(part.strip() for part in str(msg).splitlines() if part.strip())
+    return s if len(s) <= limit else s[: limit - 1] + "…"
