@@ -13,6 +13,21 @@ from torch import nn
 from fewstep.runtime.denoisers import VPEpsDenoiser
 from fewstep.training.gmm import GMM
 
+F64_U = 2.0**-53  # unit roundoff of float64
+F32_U = 2.0**-24  # unit roundoff of float32
+
+
+def rounding_bound(u: float, calls: int, sigma_last: float, z_size: float, out_size: float, ops: int = 32) -> float:
+    """Relative difference two orderings of one sampler's algebra can reach through rounding alone.
+
+    Each model call and its update round ≤ ops = 32 times (GMM posterior ~15, VP↔VE and ε↔D ~6,
+    the multistep update ≤ 10) on values of size ≤ |z| — a state σ·|z| large at high σ, but the denoiser's
+    Jacobian Cov[x0|x]/σ² damps what it carries by the same σ, so later steps pass it on with gain ≤ 1.
+    The last call's D is read undamped: pulling it out of a state of size σ_last·|z| cancels
+    max(1, σ_last)·|z| down to |out|. Safety factor 4 (errors of one sign, norm vs per element).
+    """
+    return 4 * ops * u * calls * max(1.0, sigma_last) * z_size / out_size
+
 
 def linear_alphas_cumprod(n: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """DDPM's linear β table (diffusers' beta_schedule="linear"), float64."""
