@@ -229,7 +229,7 @@ def test_ddpm_samples_the_gmm():
 
 # Both sides evaluate one float64 network and the same algebra in a different order, so they may
 # differ by rounding only: peers.rounding_bound (calls × 32 roundings × u × max|z|/max|out|, ×4) gives
-# 1.4e-13 to 1.7e-13 here. Any real difference is orders above it: float32 anywhere ≥ 2⁻²⁴ ≈ 6e-8
+# 1.4e-13 to 3.3e-13 here. Any real difference is orders above it: float32 anywhere ≥ 2⁻²⁴ ≈ 6e-8
 # relative (the stock float32 runs below differ by 2.5e-7 to 8e-7), one wrong coefficient ≥ 1e-4.
 
 
