@@ -148,11 +148,17 @@ class _Evaluator(nn.Module):
         f = den.run_model(x * c_in, t, cond)
         return c_skip * x + c_out * f.to(x.dtype)
 
+    @property
+    def cfg_combine(self) -> bool:
+        """True when guidance is classifier-free guidance's two halves (2B rows per evaluation, where W = 1
+        needs B); False for a model that takes W as a network input (a guidance-distilled student)."""
+        return not getattr(self.den, "takes_guidance", False)
+
     def guided(self, u, sigma, cond, w, consts):
         """One batched call over [unconditional; conditional], D_u + w·(D_c − D_u); a model that takes
         the guidance scale as an input (a guidance-distilled student) gets w as a [B] input instead."""
         n = u.shape[0]
-        if getattr(self.den, "takes_guidance", False):
+        if not self.cfg_combine:
             col = u.reshape(n, -1)[:, 0]
             wv = w.reshape(-1).to(torch.float32) if isinstance(w, torch.Tensor) \
                 else torch.full_like(col, w, dtype=torch.float32)
@@ -164,8 +170,19 @@ class _Evaluator(nn.Module):
         return d_u + w * (d_c - d_u)
 
 
+def plan_takes_guidance(plan: Plan) -> bool:
+    """True when some row reads W from the caller (``guidance`` None); rows that fix W never do."""
+    return any(r.guidance is None for r in plan.rows)
+
+
 class SamplerGraph(nn.Module):
-    """The Plan unrolled: forward(z[, noise][, class_labels][, guidance]) → sample (float32 interface)."""
+    """The Plan unrolled: forward(z[, noise][, class_labels][, guidance]) → sample (float32 interface).
+
+    ``unit_guidance`` traces the graph for a call whose every W is 1: rows that read W from the input
+    evaluate the plain conditional model (B rows), as the executor does at W = 1.
+    """
+
+    unit_guidance = False
 
     def __init__(self, denoiser, plan: Plan, info: ModelInfo, dtype: torch.dtype = torch.float32,
                  guidance_input: bool | None = None):
@@ -173,7 +190,9 @@ class SamplerGraph(nn.Module):
         self.plan, self.info, self.dtype = plan, info, dtype
         self.ev = _Evaluator(denoiser, info, dtype)
         self.n_stochastic = len(plan.stochastic_rows)
-        self.guidance_input = info.guided if guidance_input is None else guidance_input
+        # A guidance input exists only where a row reads it: an input the trace never reads is dropped
+        # from the ONNX graph, and the contract must list exactly the graph's inputs.
+        self.guidance_input = info.guided and plan_takes_guidance(plan) if guidance_input is None else guidance_input
         self.consts = [self.ev.row_constants(r.sigma) for r in plan.rows]
         self.input_names = ["z"] + (["noise"] if self.n_stochastic else []) \
             + (["class_labels"] if info.conditional else []) + (["guidance"] if self.guidance_input else [])
@@ -186,7 +205,7 @@ class SamplerGraph(nn.Module):
         cond = named.get("class_labels")
         gw = named.get("guidance")
         if gw is not None:
-            gw = gw.to(dt).reshape(-1, *([1] * (z.ndim - 1)))
+            gw = None if self.unit_guidance else gw.to(dt).reshape(-1, *([1] * (z.ndim - 1)))
         # The executor's own loop (runtime/executor.py), so the graph does the same ops in the same order.
         x = run_rows(self.plan, self.plan.sigma_init * z,
                      lambda e, row, u: self._evaluate(u, row, cond, gw, self.consts[e]), noise)
@@ -206,6 +225,8 @@ class SamplerGraph(nn.Module):
 class StepGraph(nn.Module):
     """One evaluation: forward(x, sigma[, class_labels][, guidance]) → x0 (EDM convention, guidance inside)."""
 
+    unit_guidance = False  # as SamplerGraph's
+
     def __init__(self, denoiser, info: ModelInfo, dtype: torch.dtype = torch.float32,
                  guidance_input: bool | None = None):
         super().__init__()
@@ -220,7 +241,7 @@ class StepGraph(nn.Module):
         x = named["x"].to(self.dtype)
         sigma = named["sigma"]  # kept float32: the adapter does its σ maths in float64 and casts the scalings
         cond = named.get("class_labels")
-        gw = named.get("guidance")
+        gw = None if self.unit_guidance else named.get("guidance")
         if gw is None or cond is None:
             d = self.ev.plain(x, sigma, cond, None)
         else:
@@ -366,11 +387,14 @@ def _prepare(denoiser, dtype):
 def export_onnx(denoiser, plan: Plan | None, path, *, sample_shape, num_classes: int | None = None,
                 dtype="fp32", batch: int | None = None, step_graph: bool = False, teacher_hash: str | None = None,
                 force: bool = False, guidance_input: bool | None = None, conditional: bool | None = None,
-                extra_metadata: dict | None = None) -> ExportResult:
+                extra_metadata: dict | None = None, unit_guidance_branch: bool = True) -> ExportResult:
     """Export ``plan`` over ``denoiser`` (or, with ``step_graph``, the denoiser alone) to ``path``.
 
     batch None = dynamic (dim_param "batch"), else that fixed batch. ``guidance_input`` /
     ``conditional`` None = what the model supports; True on a model that cannot → ExportError.
+    A guidance input that feeds classifier-free guidance gets a B-row branch for calls whose every W is 1
+    (``branch_on_unit_guidance``); ``unit_guidance_branch=False`` leaves it out (2B rows at any W: the
+    comparison benchmarks/guidance_branch.py measures).
     Every check runs before the file is written; the file is written atomically.
     """
     onnx = require_onnx()
@@ -388,6 +412,8 @@ def export_onnx(denoiser, plan: Plan | None, path, *, sample_shape, num_classes:
         raise ExportError("a sampler export needs a plan: --plan FILE or --solver NAME --nfe N")
     if plan is not None:
         check_plan(plan, info, teacher_hash, force, bool(guidance_input))
+        if guidance_input and not step_graph and not plan_takes_guidance(plan):
+            raise ExportError(f"plan {plan.name!r} fixes W on every row: its engine reads no guidance input")
     elif guidance_input and not info.guided:
         raise ExportError("a guidance input was asked for, but the model has no classifier-free guidance")
     den = _prepare(denoiser, dt)
@@ -411,17 +437,16 @@ def export_onnx(denoiser, plan: Plan | None, path, *, sample_shape, num_classes:
     if batch is None:
         dyn = {s["name"]: {s["shape"].index("batch"): "batch"} for s in contract["inputs"]}
         dyn[out_name] = {0: "batch"}
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        # TracerWarnings flag Python branches on shapes; the dynamic-batch tests at 1, 7 and 64 are the check.
-        warnings.simplefilter("ignore")
+    model = _trace(onnx, graph, args, out_name, dyn, dt, denoiser)
+    if unit_guidance_branch and graph.guidance_input and graph.ev.cfg_combine:
+        # W = 1 needs no unconditional half: trace the B-row graph too and branch on the guidance input.
+        graph.unit_guidance = True
         try:
-            torch.onnx.export(graph, args, buf, dynamo=False, opset_version=_opset(dt),
-                              input_names=list(graph.input_names), output_names=[out_name], dynamic_axes=dyn,
-                              do_constant_folding=True)
-        except Exception as exc:  # the exporter raises many types; name the model and the first line
-            raise ExportError(f"ONNX export of {type(denoiser).__name__} failed: {str(exc).splitlines()[0]}") from None
-    model = onnx.load_from_string(buf.getvalue())
+            unit = _trace(onnx, graph, args, out_name, dyn, dt, denoiser)
+        finally:
+            graph.unit_guidance = False
+        model = branch_on_unit_guidance(onnx, model, unit)
+    _check_interface(onnx, model, contract)
     import fewstep
 
     meta = {
@@ -452,6 +477,87 @@ def export_onnx(denoiser, plan: Plan | None, path, *, sample_shape, num_classes:
 
 def _opset(dt) -> int:
     return OPSET_BF16 if dt == torch.bfloat16 else OPSET
+
+
+def _trace(onnx, graph: nn.Module, args, out_name: str, dyn, dt, denoiser):
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        # TracerWarnings flag Python branches on shapes; the dynamic-batch tests at 1, 7 and 64 are the check.
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(graph, args, buf, dynamo=False, opset_version=_opset(dt),
+                              input_names=list(graph.input_names), output_names=[out_name], dynamic_axes=dyn,
+                              do_constant_folding=True)
+        except Exception as exc:  # the exporter raises many types; name the model and the first line
+            raise ExportError(f"ONNX export of {type(denoiser).__name__} failed: {str(exc).splitlines()[0]}") from None
+    return onnx.load_from_string(buf.getvalue())
+
+
+def branch_on_unit_guidance(onnx, full, unit):
+    """One graph: ``If(every guidance value == 1)`` runs ``unit`` (traced with W = 1: B rows per
+    evaluation, the executor's ops at W = 1), else ``full`` (CFG's 2B rows, any per-sample W).
+
+    Both traces become subgraphs that read the outer graph's inputs. Each keeps its own initializers, so
+    the network's weights are stored twice. With the weights in the outer graph, shared by both branches,
+    ONNX Runtime 1.31 ran each branch 1.45–1.74× slower than the same trace as a graph of its own, and with
+    other kernels (outputs not bit-equal) — measured 2026-12-01 on the shared 2-core box, digits NFE 4,
+    batch 16, one thread. With local copies a branch is bit-equal to its own engine and as fast
+    (benchmarks/results/latency_guidance_branch_t1.md).
+    """
+    from onnx import TensorProto, helper
+
+    outer = {i.name for i in full.graph.input}
+
+    def adopt(g, prefix):
+        rename = {t.name: prefix + t.name for t in g.initializer}
+        for n in g.node:
+            rename.update({o: prefix + o for o in n.output if o})
+        nodes = []
+        for n in g.node:
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
+                raise ExportError(f"the traced graph has a control-flow node ({n.op_type}); cannot branch on guidance")
+            missing = [i for i in n.input if i and i not in rename and i not in outer]
+            if missing:
+                raise ExportError(f"the traced graph reads {missing[0]!r}, which is neither an input nor computed")
+            n2 = onnx.NodeProto()
+            n2.CopyFrom(n)
+            n2.input[:] = [rename.get(i, i) for i in n.input]
+            n2.output[:] = [rename.get(o, o) for o in n.output]
+            n2.name = prefix + n.name if n.name else ""
+            nodes.append(n2)
+        inits = []
+        for t in g.initializer:
+            t2 = TensorProto()
+            t2.CopyFrom(t)
+            t2.name = rename[t.name]
+            inits.append(t2)
+        out = onnx.ValueInfoProto()
+        out.CopyFrom(g.output[0])
+        out.name = rename[g.output[0].name]
+        return helper.make_graph(nodes, prefix.rstrip("/"), [], [out], initializer=inits)
+
+    # all(W == 1) as a bool scalar: ReduceMin over the 0/1 flags (opset 17 has no ReduceMin on bool)
+    nodes = [
+        helper.make_node("Equal", ["guidance", "guidance/one"], ["guidance/is_one"]),
+        helper.make_node("Cast", ["guidance/is_one"], ["guidance/is_one_f"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMin", ["guidance/is_one_f"], ["guidance/all_one_f"], keepdims=0),
+        helper.make_node("Cast", ["guidance/all_one_f"], ["guidance/all_one"], to=TensorProto.BOOL),
+        helper.make_node("If", ["guidance/all_one"], [full.graph.output[0].name], name="unit_guidance",
+                         then_branch=adopt(unit.graph, "w1/"), else_branch=adopt(full.graph, "cfg/")),
+    ]
+    graph = helper.make_graph(nodes, full.graph.name, list(full.graph.input), list(full.graph.output),
+                              initializer=[helper.make_tensor("guidance/one", TensorProto.FLOAT, [], [1.0])])
+    return helper.make_model(graph, opset_imports=list(full.opset_import), ir_version=full.ir_version)
+
+
+def _check_interface(onnx, model, contract: dict) -> None:
+    """The contract lists exactly the graph's inputs and outputs, in order (the C++ runtime refuses a mismatch)."""
+    inits = {t.name for t in model.graph.initializer}
+    got = [i.name for i in model.graph.input if i.name not in inits], [o.name for o in model.graph.output]
+    want = [s["name"] for s in contract["inputs"]], [s["name"] for s in contract["outputs"]]
+    if got != want:
+        raise ExportError(f"the exported graph's inputs/outputs {got} differ from its contract's {want} "
+                          f"(an input the trace never reads is dropped)")
 
 
 def read_metadata(path) -> dict:

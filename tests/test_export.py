@@ -63,6 +63,17 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+def _initializers(m):
+    """Every initializer of the model, the `If` branches' included (an engine with a guidance input keeps
+    one copy of the weights per branch)."""
+    out, graphs = [], [m.graph]
+    while graphs:
+        g = graphs.pop()
+        out += list(g.initializer)
+        graphs += [a.g for n in g.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+    return out
+
+
 @torch.no_grad()
 def _executor(teacher, plan, feeds, guidance):
     t = lambda k: torch.from_numpy(feeds[k]) if k in feeds else None  # noqa: E731
@@ -92,18 +103,57 @@ def test_checker_and_metadata(digits, digits_engine):
     assert g_in["z"].shape.dim[0].dim_param == "batch" and g_in["z"].elem_type == onnx.TensorProto.FLOAT
     assert g_in["class_labels"].elem_type == onnx.TensorProto.INT64
     assert m.opset_import[0].version == 17
-    # E evaluations share one set of weights: the file holds them once (412k float32 ≈ 1.65 MB)
+    # E evaluations share one set of weights: each branch of the `If` on W (B rows when every W is 1, CFG's
+    # 2B rows otherwise) holds them once (412k float32 ≈ 1.65 MB); the rest is per-row constants and nodes.
     n_params = sum(p.numel() for p in digits.denoiser.parameters())
-    assert 4 * n_params <= res.bytes < 4 * n_params * 1.3
+    (branch,) = [n for n in m.graph.node if n.op_type == "If"]
+    assert sorted(a.name for a in branch.attribute) == ["else_branch", "then_branch"]
+    for a in branch.attribute:
+        weights = sum(onnx.numpy_helper.to_array(t).nbytes for t in a.g.initializer)
+        assert 4 * n_params <= weights < 4 * n_params * 1.1
+    assert 8 * n_params <= res.bytes < 8 * n_params * 1.3
 
 
+@pytest.mark.parametrize("w", [1.0, 2.0])
 @pytest.mark.parametrize("batch", [1, 7, 64])
-def test_dynamic_batch_matches_executor(digits, digits_engine, batch):
+def test_dynamic_batch_matches_executor(digits, digits_engine, batch, w):
+    """W = 1 takes the B-row branch, W = 2 the CFG branch: both equal the executor (float32 export tolerance)."""
     plan, path, res = digits_engine
-    feeds = xo.example_inputs(res.contract, batch, seed=3, guidance=2.0)
+    feeds = xo.example_inputs(res.contract, batch, seed=3, guidance=w)
     out = _run(path, feeds)
     assert out.shape == (batch, 1, 8, 8) and out.dtype == np.float32
-    assert _rel(out, _executor(digits, plan, feeds, 2.0)) <= 1e-4
+    assert _rel(out, _executor(digits, plan, feeds, w)) <= 1e-4
+
+
+def _conv_batches(graph):
+    """The batch (leading dim) of the Conv outputs in ``graph`` whose shape inference could infer it (fixed-batch
+    engines; after a Reshape some stay unknown), and how many those are."""
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.value_info}
+    known = [shapes[n.output[0]][0] for n in graph.node if n.op_type == "Conv" and shapes[n.output[0]][0] > 0]
+    assert len(known) >= 5
+    return set(known)
+
+
+def test_network_rows_per_guidance_variant(digits, tmp_path):
+    """How many rows the network runs, read off the graph (fixed batch 3, shape inference): the branch taken when
+    every W is 1 and plans that fix W = 1 run B rows; CFG (W ≠ 1, from the input or fixed by the plan) 2B."""
+    base = build("ddim", 1, digits.denoiser.sigma_min, digits.denoiser.sigma_max)
+    fixed = {w: base.replace(rows=tuple(Row(**{**r.__dict__, "guidance": w}) for r in base.rows)) for w in (1.0, 2.0)}
+    rows = {}
+    for name, plan in (("input", base), ("fixed1", fixed[1.0]), ("fixed2", fixed[2.0])):
+        res = xo.export_teacher("digits", plan, tmp_path / f"{name}.onnx", batch=3)
+        m = onnx.shape_inference.infer_shapes(onnx.load(tmp_path / f"{name}.onnx"))
+        ifs = [n for n in m.graph.node if n.op_type == "If"]
+        names = [s["name"] for s in res.contract["inputs"]]
+        assert names == ["z", "class_labels"] + (["guidance"] if name == "input" else [])
+        if ifs:
+            rows.update({(name, a.name): _conv_batches(a.g) for a in ifs[0].attribute})
+        else:
+            rows[name] = _conv_batches(m.graph)
+        feeds = xo.example_inputs(res.contract, 3, seed=2, guidance=1.0)
+        w = None if name == "input" else 1.0
+        assert _rel(_run(tmp_path / f"{name}.onnx", feeds), _executor(digits, plan, feeds, w)) <= 1e-4
+    assert rows == {("input", "then_branch"): {3}, ("input", "else_branch"): {6}, "fixed1": {3}, "fixed2": {6}}
 
 
 def test_guidance_is_per_sample(digits, digits_engine):
@@ -208,7 +258,7 @@ def test_fp16_runs_in_fp16_within_tolerance(digits, tmp_path):
     assert res.contract["compute_dtype"] == "float16"
     m = onnx.load(str(path))
     assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # interface stays float32
-    conv_w = [i for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    conv_w = [i for i in _initializers(m) if i.data_type == onnx.TensorProto.FLOAT16]
     assert len(conv_w) > 20  # the weights really are float16
     r = verify(path, threads=1)
     assert r.tolerance == 5e-2 and r.passed
@@ -225,7 +275,7 @@ def test_bf16_exports_at_opset_22_and_verifies(tmp_path):
     xo.export_teacher("digits", build("ddim", 2, 0.002, 80.0), path, dtype="bf16")
     m = onnx.load(path)
     assert max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) == 22
-    assert sum(i.data_type == onnx.TensorProto.BFLOAT16 for i in m.graph.initializer) > 20  # real bf16 weights
+    assert sum(i.data_type == onnx.TensorProto.BFLOAT16 for i in _initializers(m)) > 20  # real bf16 weights
     r = verify(path, batch=2)
     assert r.compute_dtype == "bfloat16" and r.tolerance == 0.2 and r.passed
     assert 1e-3 < r.max_rel_err <= 0.1  # not the float32 path in disguise
