@@ -52,6 +52,41 @@ def _k(sig):
     return S**2 / (S**2 + sig**2)
 
 
+F64_U = 2.0**-53
+RIDGE = 1e-12  # training.fit.lstsq's relative ridge: moves a well-posed one-feature solution by ≤ 1e-12 relative
+
+
+def _lstsq_rel(c):
+    """Relative error bound of a fitted coefficient whose residual is c·|w| out of states of size |w| (the
+    cancellation): the ridge's bias plus ≤ 32 float64 roundings per element at condition 1/c, ×2 safety."""
+    return 2 * (RIDGE + 32 * F64_U / c)
+
+
+def _plan_rounding_bound(plan, den, z):
+    """How far a Plan's output may move when its coefficients carry the rounding of their compilation.
+
+    Running error bound: S = Σ over rows of the magnitudes every update adds (|a|·|x| + Σ|p_k|·|h|, then
+    |c|·|x| + Σ|q_k|·|h|), read from one run. A compiled coefficient composes ≤ nfe rows' coefficients
+    (≤ 32 roundings each), so each term may be off by 32·nfe·u relative: bound 4·32·nfe·u·S (×4 safety).
+    """
+    seen = []
+
+    def recording(x, sigma, cond=None, **kw):
+        d = den(x, sigma, cond, **kw)
+        seen.append((float(x.abs().max()), float(d.abs().max())))
+        return d
+
+    sample(plan, recording, z)
+    x_mag, h, total = float(z.abs().max()) * plan.sigma_init, [], 0.0
+    for e, r in enumerate(plan.rows):
+        u_mag, d_mag = seen[e]
+        total += abs(r.a) * x_mag + sum(abs(p) * h[-1 - k] for k, p in enumerate(r.p))
+        h.append(d_mag + abs(r.s) * u_mag)
+        x_mag = abs(r.c) * x_mag + sum(abs(q) * h[-1 - k] for k, q in enumerate(r.q))
+        total += x_mag
+    return 4 * 32 * plan.nfe * F64_U * total
+
+
 def test_dode_ddim_one_step_recovers_the_analytic_lambda():
     den, b = _gauss(), _batch()
     plan = build("ddim", 1, 0.002, ST)
@@ -60,9 +95,12 @@ def test_dode_ddim_one_step_recovers_the_analytic_lambda():
     fitted, info = dode.fit_dode(plan, "ddim", den, b, targets=targets)
     # x_1 = D_0 + λ(D_0 − x_T); D_0 − m = k·w, target − m = r·w (w = x_T − m)  ⇒  λ = (r − k)/(k − 1)
     k, r = _k(ST), S / math.sqrt(S**2 + ST**2)
-    assert info["lambdas"][0] == pytest.approx((r - k) / (k - 1), rel=1e-9)
+    rel = _lstsq_rel(r - k)  # the residual (r − k)·w = 0.006·w: 3e-12
+    assert info["lambdas"][0] == pytest.approx((r - k) / (k - 1), rel=rel)
     out = sample(fitted, den, b.z)
-    assert torch.allclose(out, targets[1], atol=1e-12)
+    # λ's error times |λ·(D_0 − x_T)| = (r − k)·|w|, plus ≤ 32 roundings on states of size |w|
+    atol = (rel * (r - k) + 32 * F64_U) * float((x_t - M).abs().max())
+    torch.testing.assert_close(out, targets[1], rtol=0, atol=atol)
 
 
 def test_dode_ddim_two_steps_recovers_both_lambdas():
@@ -78,7 +116,9 @@ def test_dode_ddim_two_steps_recovers_both_lambdas():
     r_end = S / math.sqrt(S**2 + ST**2)
     lam0 = (r1 - base1) / (k0 - 1)
     lam1 = (r_end - k1 * r1) / (k1 * r1 - k0)  # greedy: step 2 starts from the corrected (exact) x_1
-    assert info["lambdas"] == pytest.approx([lam0, lam1], rel=1e-9)
+    # the smaller residual is step 1's (r1 − base1)·w = 0.0014·w: rel 7e-12
+    rel = _lstsq_rel(min(abs(r1 - base1), abs(r_end - k1 * r1)))
+    assert info["lambdas"] == pytest.approx([lam0, lam1], rel=rel)
 
 
 def test_iia_guided_beta_recovers_the_analytic_value():
@@ -95,7 +135,7 @@ def test_iia_guided_beta_recovers_the_analytic_value():
     base1 = 1 + (s1 / ST - 1) * (1 - k0)
     r1 = math.sqrt(S**2 + s1**2) / math.sqrt(S**2 + ST**2)
     beta0 = (r1 - base1) * ST / (1 - k0)  # ε_0 = (1 − k0)·w/σ_T
-    assert info["coefficients"][0]["beta"] == pytest.approx(beta0, rel=1e-9)
+    assert info["coefficients"][0]["beta"] == pytest.approx(beta0, rel=_lstsq_rel(r1 - base1))  # 7e-4·w: 1.2e-11
     assert x_t.shape == b.z.shape
 
 
@@ -109,7 +149,8 @@ def test_heun_is_iia_edm_r0_with_the_published_betas(gmm):
     _, v, states = run(plan, den, b, record=True)
     d_a, d_b = v.D(0), v.D(1)
     want = x + (s1 - s0) / s0 * (x - d_a) + (s1 - s0) / (2 * s1) * (d_a - d_b)
-    assert torch.allclose(states[1], want, atol=1e-12)
+    # ≤ 32 float64 roundings on terms of size ≤ 2·max|x| (a wrong β is off by O(1) relative)
+    torch.testing.assert_close(states[1], want, rtol=0, atol=64 * F64_U * float(x.abs().max()))
 
 
 @pytest.mark.parametrize("solver", FAMILIES)
@@ -128,8 +169,10 @@ def test_compiled_plan_matches_the_numeric_corrected_run(gmm, solver):
         for s in slots:
             s.phi = rng.normal(0, 0.05, len(s.feats))
         want = run(plan, gmm.denoiser, b, slots)
-        got = sample(to_plan(plan, slots), gmm.denoiser, b.z)
-        assert torch.allclose(got, want, rtol=1e-9, atol=1e-9), (solver, slots[0].names)
+        compiled = to_plan(plan, slots)
+        got = sample(compiled, gmm.denoiser, b.z)
+        err, bound = float((got - want).abs().max()), _plan_rounding_bound(compiled, gmm.denoiser, b.z)
+        assert err <= bound, (solver, slots[0].names, err, bound)
 
 
 @pytest.mark.parametrize("solver,kind,form", [("dpmpp-3m", "dode", "eps"), ("unipc", "dode", "eps"),
@@ -146,13 +189,18 @@ def test_past_state_corrections_compile_at_10_nfe(gmm, solver, kind, form):
     slots = dode.slots_for(plan, form) if kind == "dode" else iia.slots_for(plan, form)
     for s in slots:
         s.phi = rng.normal(0, 0.05, len(s.feats))
+    full = None  # the full-φ run, once made
     for alpha in (1.0, 0.5):
         sl = scaled(slots, alpha)
         p = to_plan(plan, sl)
         assert MAX_HISTORY >= p.history > 4, p.history
         want = run(plan, gmm.denoiser, b, sl)
         got = sample(p, gmm.denoiser, b.z)
-        assert torch.allclose(got, want, rtol=1e-9, atol=1e-9), (solver, form, alpha)
+        err, bound = float((got - want).abs().max()), _plan_rounding_bound(p, gmm.denoiser, b.z)
+        assert err <= bound, (solver, form, alpha, err, bound)
+        if full is not None:  # the bound can fail: the φ/2 Plan against the full-φ run is far outside it
+            assert float((got - full).abs().max()) > 100 * bound
+        full = want
 
 
 @pytest.mark.parametrize("solver,method", [("dpmpp-2m", "dode-eps"), ("ipndm", "dode-data"), ("ddim", "iia-ddim")])
@@ -190,7 +238,10 @@ def test_held_out_gain_on_the_gmm_at_low_nfe(gmm, cache):
     base = evaluate(gmm, build("ddim", 4, 0.002, 80.0), 200, seed=7)["rmse_vs_reference"]
     got = {m: evaluate(gmm, fit(gmm, "ddim", 4, m, cache=cache), 200, seed=7)["rmse_vs_reference"]
            for m in ("dode", "iia", "timesteps")}
-    # Measured (held-out seed 7, n=500): base 0.727, dode 0.149, iia 0.310, timesteps 0.345.
+    # Ratios to DDIM-4 (0.714) at held-out seed 7: dode 0.200, iia 0.202, timesteps 0.483 (seeds 8, 9: within
+    # ±0.02 of these). The GMM fit and evaluation are float64 with fixed seeds, so another machine moves each
+    # ratio by ~1e-13 (Nelder–Mead could branch differently only at an exact tie); the bars sit 1.75×, 3× and
+    # 1.24× above the ratios — the tightest, timesteps, is 6 held-out-seed spreads away.
     assert got["dode"] < 0.35 * base
     assert got["iia"] < 0.6 * base
     assert got["timesteps"] < 0.6 * base
