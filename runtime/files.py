@@ -111,6 +111,38 @@ def load_json(path: str | os.PathLike, what: str, limit: int = MAX_JSON_BYTES) -
     return parse_json(read_bytes(path, what, limit), f"{what} {path}")
 
 
+def read_npy(path: str | os.PathLike, what: str, max_elements: int):
+    """A numeric .npy array (never pickled objects), its header checked against the file size and
+    ``max_elements`` before the data is read."""
+    import numpy as np
+    from numpy.lib import format as npf
+
+    size = check_regular(path, what)
+    try:
+        with open(path, "rb") as f:
+            try:
+                version = npf.read_magic(f)
+            except ValueError:
+                raise FileError(f"{what} {path}: not a .npy file (no NumPy magic string)") from None
+            try:
+                read = npf.read_array_header_1_0 if version == (1, 0) else npf.read_array_header_2_0
+                shape, _, dtype = read(f, max_header_size=10_000)
+            except (ValueError, SyntaxError) as exc:
+                raise FileError(f"{what} {path}: unreadable .npy header ({one_line(exc, 120)})") from None
+            if dtype.hasobject:
+                raise FileError(f"{what} {path}: holds Python objects (pickled data), not numbers")
+            n = math.prod(shape)
+            if n > max_elements:
+                raise FileError(f"{what} {path}: its header claims {n:,} values; at most {max_elements:,}")
+            if f.tell() + n * dtype.itemsize > size:
+                raise FileError(f"{what} {path}: truncated ({size:,} bytes, the header promises "
+                                f"{f.tell() + n * dtype.itemsize:,})")
+            f.seek(0)
+            return np.load(f, allow_pickle=False)
+    except OSError as exc:
+        raise FileError(f"{what} {path}: {exc.strerror}") from None
+
+
 def one_line(msg: str, limit: int = 300) -> str:
     """An exception's message as one line of at most ``limit`` characters (torch's state-dict errors
     and safetensors' run to many lines)."""

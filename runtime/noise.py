@@ -37,6 +37,16 @@ import numbers
 
 import numpy as np
 
+from ..errors import FewstepError
+
+# One draw holds batch × sample size float32 values and ~10× that in uint64/float64 temporaries:
+# 2^25 values (128 MiB out, ~3 GB at the peak) is the most one call may ask for.
+MAX_ELEMENTS = 2**25
+
+
+class NoiseError(FewstepError):
+    """A seed, count or shape the generator cannot serve."""
+
 __all__ = ["draw", "philox4x32_10", "randn"]
 
 PHILOX_M0 = 0xD2511F53
@@ -82,10 +92,13 @@ def philox4x32_10(counter, key) -> np.ndarray:
 def _check_int(name: str, value, lo: int, hi: int) -> int:
     """``value`` as a Python int in [lo, hi) (bool and float rejected: they are almost always bugs)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+        raise NoiseError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     v = int(value)
     if not lo <= v < hi:
-        raise ValueError(f"{name} must be in [{lo}, {hi}), got {v}")
+        def fmt(b):
+            return f"2^{b.bit_length() - 1}" if b > 1024 and b & (b - 1) == 0 else str(b)
+
+        raise NoiseError(f"{name} must be in [{fmt(lo)}, {fmt(hi)}), got {v}")
     return v
 
 
@@ -95,10 +108,10 @@ def _check_shape(shape) -> tuple[int, ...]:
     try:
         dims = tuple(shape)
     except TypeError:
-        raise ValueError(f"shape must be a sequence of positive integers, got {shape!r}") from None
+        raise NoiseError(f"shape must be a sequence of positive integers, got {shape!r}") from None
     for d in dims:
         if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
-            raise ValueError(f"shape must be a sequence of positive integers, got {shape!r}")
+            raise NoiseError(f"shape must be a sequence of positive integers, got {shape!r}")
     return tuple(int(d) for d in dims)
 
 
@@ -135,8 +148,11 @@ def randn(seed: int, batch: int, shape, stream: int = 0, first_sample: int = 0) 
     stream = _check_int("stream", stream, 0, 2**32)
     first_sample = _check_int("first_sample", first_sample, 0, 2**32)
     if first_sample + batch > 2**32:
-        raise ValueError(f"first_sample + batch must be ≤ 2^32 (sample indices are 32-bit), got {first_sample + batch}")
+        raise NoiseError(f"first_sample + batch must be ≤ 2^32 (sample indices are 32-bit), got {first_sample + batch}")
     per_sample = math.prod(dims)
+    if batch * per_sample > MAX_ELEMENTS:
+        raise NoiseError(f"{batch:,} samples × {per_sample:,} values = {batch * per_sample:,} values in one draw; "
+                         f"at most {MAX_ELEMENTS:,} (draw in batches with first_sample)")
     return _randn(seed, batch, per_sample, stream, first_sample).reshape((batch, *dims))
 
 

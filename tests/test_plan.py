@@ -128,7 +128,7 @@ def test_round_trip_exact(tmp_path):
     assert back == plan
     assert back.to_json() == plan.to_json()
     assert json.loads(path.read_text())["format"] == "fewstep.plan/1"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+    assert [p.name for p in tmp_path.iterdir()] == ["p.json"]  # no temporary file left behind
 
 
 def _plan_dict():

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import schedules as _schedules
-from ..plan import Plan
+from ..plan import MAX_ROWS, Plan
 
 
 class SolverError(ValueError):
@@ -97,6 +97,8 @@ def build(
     solver = get(name)
     if isinstance(nfe, bool) or not isinstance(nfe, (int, np.integer)) or nfe < 1:
         raise SolverError(f"NFE must be an integer ≥ 1, got {nfe!r}")
+    if nfe > MAX_ROWS:
+        raise SolverError(f"NFE {nfe}: at most {MAX_ROWS} (a plan's row limit; fewstep is for 1–10 evaluations)")
     n = solver.steps_for_nfe(int(nfe))
     if sigmas is not None:
         grid = _schedules.explicit(sigmas)
