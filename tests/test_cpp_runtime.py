@@ -169,6 +169,106 @@ def test_fewstep_run_equals_fewstep_sample(engines, tmp_path):
     assert _cli("run", tmp_path / "missing.onnx", "--out", tmp_path / "x.npy") == 2
 
 
+# ---- every guidance variant: the contract matches the graph, everywhere ---------------------------
+
+
+def _fixed_w(plan, w, rows=None):
+    """``plan`` with W fixed to ``w`` on ``rows`` (default: every row)."""
+    from fewstep.runtime.plan import Row
+
+    rows = range(plan.nfe) if rows is None else rows
+    return plan.replace(rows=tuple(Row(**{**r.__dict__, "guidance": w}) if e in rows else r
+                                   for e, r in enumerate(plan.rows)))
+
+
+@pytest.fixture(scope="module")
+def variants(gmm, tmp_path_factory):
+    """One engine per way guidance can enter a graph: (name, path, plan, denoiser, num_classes, W values a call
+    may pass, whether the graph branches on W)."""
+    d = tmp_path_factory.mktemp("variants")
+    den = gmm.denoiser
+    ddim = build("ddim", 2, den.sigma_min, den.sigma_max)
+    ddpm = build("ddpm", 3, den.sigma_min, den.sigma_max)  # stochastic: a noise input too
+    student = load("digits-guided")  # the W-conditioned student (training/guided.py): W is a network input
+    sp = build("dpmpp-2m", 2, student.denoiser.sigma_min, student.denoiser.sigma_max)
+    kw = dict(sample_shape=gmm.shape, num_classes=gmm.num_classes, teacher_hash=gmm.content_hash)
+    mixed = _fixed_w(ddim, 4.0, rows=[0])
+    cases = [  # name, denoiser, plan, export kwargs, guidance input?, `If` on W?
+        ("cfg_input", den, ddpm, kw, True, True),
+        ("cfg_no_input", den, ddim, {**kw, "guidance_input": False}, False, False),
+        ("fixed_w1", den, _fixed_w(ddpm, 1.0), kw, False, False),
+        ("fixed_w2", den, _fixed_w(ddim, 2.0), kw, False, False),
+        ("fixed_row0_input_rest", den, mixed, kw, True, True),
+        ("no_classes", den, ddpm, {**kw, "num_classes": None}, False, False),
+        ("student_w_input", student.denoiser, sp, dict(sample_shape=student.shape, num_classes=student.num_classes,
+                                                        teacher_hash=student.content_hash), True, False),
+    ]
+    out = []
+    for name, dn, plan, ekw, has_w, branch in cases:
+        path = str(d / f"{name}.onnx")
+        res = export_onnx(dn, plan, path, **ekw)
+        assert res.contract["guidance_input"] is has_w, name
+        assert any(n.op_type == "If" for n in onnx.load(path).graph.node) is branch, name
+        out.append((name, path, plan, dn, ekw["num_classes"], [1.0, 2.0, "mixed"] if has_w else [None]))
+    return out
+
+
+def test_every_guidance_variant_runs_everywhere(variants, native, tmp_path):
+    """Each variant loads in _C.Engine, `fewstep run`, the native fewstep-run and ONNX Runtime; the C++ sample is
+    bit-identical to ONNX Runtime's on the same inputs and equals the executor within the float32 export tolerance
+    (TOL: the GMM graph computes in float64 like its torch code, the student in float32; both measured ≤ 1e-5)."""
+    b, seed = 6, 21
+    for name, path, plan, den, ncls, ws in variants:
+        e = _C.Engine(path, threads=1)
+        info = e.info
+        assert (info["num_classes"] or None) == ncls and info["n_stochastic"] == len(plan.stochastic_rows), name
+        labels = None if ncls is None else (np.arange(b) % ncls).astype(np.int64)
+        z, eps = fnoise.draw(seed, b, tuple(info["sample_shape"]), info["n_stochastic"])
+        for w in ws:
+            g = None if w is None else (np.array([1, 2, 1, 3, 1, 0.5], np.float32) if w == "mixed"
+                                        else np.full(b, w, np.float32))
+            x = e.sample(seed, b, labels=labels, guidance=g)
+            feeds = {"z": z, **({"noise": eps} if info["n_stochastic"] else {}),
+                     **({"class_labels": labels} if labels is not None else {}),
+                     **({"guidance": g} if g is not None else {})}
+            np.testing.assert_array_equal(x, _ort_run(path, feeds), err_msg=f"{name} W={w}")
+            t = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
+            noise = t(eps) if info["n_stochastic"] else None
+            for i in range(b) if w == "mixed" else [slice(None)]:  # the executor takes one W per call
+                sl = slice(i, i + 1) if w == "mixed" else i
+                wi = None if g is None else float(g[sl][0])
+                with torch.no_grad():
+                    ref = py_sample(plan, den, t(z[sl]), cond=None if labels is None else t(labels[sl]), guidance=wi,
+                                    noise=None if noise is None else noise[:, sl]).numpy()
+                assert _rel(x[sl], ref) <= TOL, (name, w, i)
+        # `fewstep run` and the native fewstep-run load it and give the same sample (W = 1 where there is a W)
+        extra = ["--guidance", "1"] if ws[0] is not None else []
+        out = tmp_path / f"{name}.npy"
+        assert _cli("run", path, "--seed", seed, "--batch", b, "--threads", 1, *extra, "--out", out) == 0, name
+        want = e.sample(seed, b, labels=labels, guidance=None if ws[0] is None else np.ones(b, np.float32))
+        np.testing.assert_array_equal(np.load(out), want)
+        p = subprocess.run([str(native / "fewstep-run"), path, "--seed", str(seed), "--batch", str(b), "--threads",
+                            "1", *extra, "--out", str(tmp_path / f"{name}_native.npy")], env=_env(),
+                           capture_output=True, text=True)
+        assert p.returncode == 0, (name, p.stderr)
+        np.testing.assert_array_equal(np.load(tmp_path / f"{name}_native.npy"), want)
+
+
+def test_stale_contract_names_the_fix(variants, tmp_path):
+    """A W-baked engine whose contract still lists a guidance input (as exporters before issue 19 wrote it)."""
+    path = next(p for name, p, *_ in variants if name == "fixed_w1")
+    m = onnx.load(path)
+    c = json.loads(next(p.value for p in m.metadata_props if p.key == "fewstep.contract"))
+    c = {**c, "guidance_input": True, "inputs": c["inputs"] + [{"name": "guidance", "dtype": "float32",
+                                                                 "shape": ["batch"]}]}
+    onnx.save(_meta(m, "fewstep.contract", json.dumps(c)), tmp_path / "stale.onnx")
+    with pytest.raises(ValueError, match="export it again"):
+        _C.Engine(str(tmp_path / "stale.onnx"))
+    e = _C.Engine(path)
+    with pytest.raises(ValueError, match="has no guidance input"):
+        e.sample(0, 2, labels=np.zeros(2, np.int64), guidance=np.full(2, 2.0, np.float32))
+
+
 # ---- reliability ------------------------------------------------------------------------------
 
 

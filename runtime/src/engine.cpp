@@ -284,6 +284,11 @@ void read_contract(fewstep_engine* e, const std::string& path, const std::vector
     ++expected_inputs;
   }
   if (info.guidance_input) {
+    // Exporters before issue 19 listed a guidance input for plans that fix W on every row, whose graph reads
+    // none (ONNX drops an unread input): name the fix rather than only the mismatch.
+    if (!find(inputs, "guidance"))
+      bad_contract(path, "the contract lists a 'guidance' input the graph does not have (a plan that fixes W on "
+                         "every row, exported by an older fewstep: export it again)");
     expect(find(inputs, "guidance"), "guidance", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 1);
     e->has_guidance = true;
     e->input_names.push_back("guidance");
@@ -403,7 +408,9 @@ void run(fewstep_engine* e, uint64_t seed, int64_t batch, const float* z_in, con
       if (!std::isfinite(guidance_in[i]))
         throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "guidance of sample " + std::to_string(i) + " is not finite");
       if (!e->has_guidance && guidance_in[i] != 1.0f)
-        throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "this engine takes no guidance scale (only W = 1)");
+        throw Error(FEWSTEP_ERR_INVALID_ARGUMENT,
+                    "this engine has no guidance input (its plan fixes W, or the model has no classifier-free "
+                    "guidance): pass no guidance");
     }
   }
   if (e->has_guidance && !guidance_in) {
