@@ -13,7 +13,9 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--solver", required=True, help="base solver family (ddim, heun, dpmpp-2m, dpmpp-3m, ipndm, "
                                                   "deis-2, deis-3, unipc)")
     p.add_argument("--nfe", type=int, required=True, help="network evaluations of the fitted plan")
-    p.add_argument("--method", required=True, help=f"{' | '.join(METHODS)}; combine with '+', e.g. timesteps+iia")
+    p.add_argument("--method", required=True, help=f"{' | '.join(METHODS)}; combine with '+', e.g. timesteps+iia; "
+                                                  "learned (alias plan): every row coefficient and σ by gradient "
+                                                  "descent from a closed-form fit")
     p.add_argument("--batch", type=int, help="fitting samples (default per method: D-ODE 100, IIA 16/200, …)")
     p.add_argument("--fine", type=int, help="D-ODE: teacher step factor (10); IIA: sub-steps M (3, guided 10)")
     p.add_argument("--class", dest="cls", type=int, help="fit for one class label")
@@ -22,6 +24,7 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="Philox seed of the fitting noise")
     p.add_argument("--out", required=True, help="output plan JSON")
     p.add_argument("--quiet", action="store_true")
+    _learned_args(p)
     p.set_defaults(fn=cmd_fit)
 
     b = bench_sub.add_parser("fit", help="fitted vs base solvers: RMSE, FD-digits / sliced W2, fit seconds")
@@ -34,14 +37,79 @@ def register(sub, bench_sub) -> None:
     b.set_defaults(fn=cmd_bench_fit)
 
 
+def _learned_args(p) -> None:
+    from .learned import LOSSES, OPTIMIZERS, LearnConfig
+
+    d = LearnConfig()
+    g = p.add_argument_group("--method learned (S4S-Alt / LD3; training/learned.py)")
+    g.add_argument("--init", help="start from this fitted plan file instead of a closed-form fit")
+    g.add_argument("--init-method", default="timesteps+dode", help="closed-form fit to start from (timesteps+dode)")
+    g.add_argument("--loss", default=d.loss, choices=LOSSES, help="endpoint L2, or LD3's slack-ball soft loss")
+    g.add_argument("--slack", type=float, default=d.slack, help=f"LD3 ball radius, RMS in z units ({d.slack})")
+    g.add_argument("--reg", type=float, default=d.reg, help=f"pull toward the closed-form rows ({d.reg})")
+    g.add_argument("--rounds", type=int, default=d.rounds, help=f"coefficient + grid phases ({d.rounds})")
+    g.add_argument("--coef-steps", type=int, default=d.coef_steps, help=f"steps per coefficient phase ({d.coef_steps})")
+    g.add_argument("--grid-steps", type=int, default=d.grid_steps, help=f"steps per grid phase ({d.grid_steps})")
+    g.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
+    g.add_argument("--minibatch", type=int, default=d.minibatch, help=f"samples per Adam step ({d.minibatch})")
+    g.add_argument("--budget", type=float, help="wall-clock seconds for the gradient phases (default: no limit)")
+    g.add_argument("--heldout", type=int, default=50, help="held-out samples for early stopping (50)")
+    g.add_argument("--history", type=int, help="K of the learned rows (default: max(init's K, 2))")
+
+
+def _cmd_fit_learned(args, say) -> int:
+    from .fit import FitError, parse_method
+    from .learned import LearnConfig, fit_learned
+    from .teachers import load
+
+    cfg = LearnConfig(loss=args.loss, slack=args.slack, reg=args.reg, rounds=args.rounds, coef_steps=args.coef_steps,
+                      grid_steps=args.grid_steps, optimizer=args.optimizer, minibatch=args.minibatch,
+                      budget=args.budget, history=args.history).check()
+    init = None
+    if args.init is not None:
+        from ..runtime.plan import Plan
+
+        init = Plan.load(args.init)
+    else:
+        parse_method(args.init_method)
+    for name in ("batch", "heldout"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise FitError(f"--{name} must be ≥ 1, got {v}")
+    teacher = load(args.model)
+    if teacher.kind == "gmm":
+        import torch
+
+        torch.set_num_threads(1)
+    plan = fit_learned(teacher, args.solver, args.nfe, cfg, init=init, init_method=args.init_method,
+                       batch=args.batch or 100, heldout=args.heldout, cls=args.cls, guidance=args.guidance,
+                       seed=args.seed, schedule=args.schedule, progress=say)
+    plan.save(args.out)
+    pv = plan.provenance
+    print(f"{plan.name}: held-out endpoint RMSE {pv['heldout_rmse_init']:.4g} (closed-form) -> "
+          f"{pv['heldout_rmse']:.4g} "
+          f"({pv['winner']} kept) in {pv['fit_seconds']:.1f} s (gradient phases {pv['learn_seconds']:.1f} s) "
+          f"-> {args.out}")
+    return 0
+
+
 def cmd_fit(args) -> int:
     import sys
 
     import torch
 
     from .fit import FitError, fit, parse_method
+    from .learned import METHODS as LEARNED
     from .teachers import load
 
+    if args.method in LEARNED:
+        if args.nfe < 1:
+            raise FitError(f"--nfe must be ≥ 1, got {args.nfe}")
+        out_dir = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(out_dir):
+            raise FitError(f"--out {args.out}: directory {out_dir} does not exist")
+        return _cmd_fit_learned(args, None if args.quiet else
+                                (lambda s: print(f"fewstep fit: {s}", file=sys.stderr, flush=True)))
     parse_method(args.method)  # bad arguments fail before any work
     if args.nfe < 1:
         raise FitError(f"--nfe must be ≥ 1, got {args.nfe}")
