@@ -30,13 +30,15 @@ $(STAMP): $(VENV)/bin/python $(LOCK)
 	touch $(STAMP)
 
 # Refresh requirements.lock from pyproject.toml (pip-tools resolves through pip, with this
-# machine's package sources). An upgrade of torch, diffusers, onnx or onnxruntime is a commit of
-# the new lock that has passed `make test`. torch's local label (+cpu) is dropped: `torch==2.13.0`
-# takes the CPU wheel where one lies on disk and is the plain release elsewhere.
+# machine's package sources): `make lock` keeps every pin that pyproject.toml still allows and
+# resolves what changed; `make lock UPGRADE=1` moves everything to the newest allowed versions.
+# An upgrade of torch, diffusers, onnx or onnxruntime is a commit of the new lock that has passed
+# `make test`. torch's local label (+cpu) is dropped: `torch==2.13.0` takes the CPU wheel where
+# one lies on disk and is the plain release elsewhere.
 lock: $(VENV)/bin/python
 	$(PIP) install -q pip-tools==$(PIP_TOOLS_VERSION)
 	$(VENV)/bin/pip-compile -q --extra test --extra build --allow-unsafe --strip-extras --no-emit-index-url \
-	  --no-emit-find-links --upgrade -o $(LOCK) pyproject.toml
+	  --no-emit-find-links $(if $(UPGRADE),--upgrade) -o $(LOCK) pyproject.toml
 	sed -i -E 's/^(torch==[0-9.]+)\+[a-z0-9]+/\1/' $(LOCK)
 
 install: $(STAMP)
