@@ -1,4 +1,4 @@
-"""`fewstep distill guided|progressive|ship`: distilled students from the command line.
+"""`fewstep distill guided|progressive|dmd2|ship`: distilled students from the command line.
 
 Both training commands resume: run the same command again after an interruption (even
 ``kill -9``) and it continues from the last checkpoint in ``--out``. Under
@@ -44,6 +44,29 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_progressive)
+
+    from .dmd2 import DMD2Config
+
+    m0 = DMD2Config()
+    m = dsub.add_parser("dmd2", help="DMD2: 1- and few-step generators matching the teacher's distribution")
+    m.add_argument("--teacher", default="digits", help="digits (the shipped teacher) | PATH to a digits checkpoint")
+    m.add_argument("--out", required=True, help="bundle directory: steps_K/ per student + students.json")
+    m.add_argument("--steps", default="1,4", help="the students' step counts, in training order (each starts "
+                                                  "from the previous one's networks)")
+    m.add_argument("--iters", default="500,150", help="generator updates per student (one count, or one each)")
+    m.add_argument("--fake-updates", type=int, default=m0.fake_updates,
+                   help="fake-score / classifier updates per generator update (two time-scale; 1 = ablation)")
+    m.add_argument("--guidance", type=float, default=m0.guidance, help="the real score's CFG scale W")
+    m.add_argument("--no-gan", action="store_true", help="no GAN term (ablation)")
+    m.add_argument("--gan-g", type=float, default=m0.gan_g, help="generator GAN loss weight")
+    m.add_argument("--gan-d", type=float, default=m0.gan_d, help="classifier GAN loss weight")
+    m.add_argument("--batch", type=int, default=m0.batch)
+    m.add_argument("--lr", type=float, default=m0.lr)
+    m.add_argument("--ema-halflife", type=float, default=m0.ema_halflife, help="EMA of the weights (loop steps)")
+    m.add_argument("--ckpt-every", type=int, default=m0.ckpt_every, help="loop steps between checkpoints")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.set_defaults(fn=cmd_dmd2)
 
     s = dsub.add_parser("ship", help="copy a bundle's weights, JSON and plans (no training state) to DEST")
     s.add_argument("src")
@@ -102,9 +125,50 @@ def cmd_progressive(args) -> int:
     return 0
 
 
-def cmd_ship(args) -> int:
-    from .progressive import ship_bundle
+def _int_list(name: str, text: str) -> list[int]:
+    from .guided import DistillError
 
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise DistillError(f"--{name} expects comma-separated integers, got {text!r}") from None
+
+
+def cmd_dmd2(args) -> int:
+    from .dmd2 import DMD2Config, train_bundle
+    from .guided import DistillError
+
+    steps = _int_list("steps", args.steps)
+    iters = _int_list("iters", args.iters)
+    if len(iters) == 1:
+        iters = iters * len(steps)
+    if any(v < 1 for v in steps + iters):
+        raise DistillError(f"--steps and --iters must be ≥ 1, got {args.steps!r} and {args.iters!r}")
+    cfg = DMD2Config(steps=steps[0], iters=iters[0], fake_updates=args.fake_updates, batch=args.batch, lr=args.lr,
+                     ema_halflife=args.ema_halflife, ckpt_every=args.ckpt_every, guidance=args.guidance,
+                     gan=not args.no_gan, gan_g=args.gan_g, gan_d=args.gan_d)
+    if not args.ema_halflife >= 0:
+        raise DistillError(f"--ema-halflife must be ≥ 0, got {args.ema_halflife}")
+    _threads()
+    index = train_bundle(args.out, cfg, steps, iters, None if args.teacher == "digits" else args.teacher, args.seed,
+                         progress=not args.quiet)
+    print(f"dmd2 students for {', '.join(index['students'])} steps -> {os.path.join(args.out, 'students.json')}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_ship(args) -> int:
+    import json
+
+    from .progressive import INDEX, ship_bundle
+
+    try:
+        with open(os.path.join(args.src, INDEX)) as f:
+            method = json.load(f).get("method")
+    except (OSError, ValueError):
+        method = None  # ship_bundle names the problem
+    if method == "dmd2":
+        from .dmd2 import ship_bundle
     for f in ship_bundle(args.src, args.dest):
         print(f)
     return 0
