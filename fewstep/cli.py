@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -19,6 +20,18 @@ import fewstep
 
 class UserError(Exception):
     pass
+
+
+# Exit codes (README): 0 done, 1 internal error (a bug: please report it), 2 bad input,
+# 3 a result that is not finite (nothing written), 130 interrupted (nothing left behind).
+EXIT_INTERNAL, EXIT_USER, EXIT_NONFINITE, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors (its default prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER, f"fewstep: error: {self.prog.removeprefix('fewstep ')}: {message}\n")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -101,15 +114,10 @@ def _resolve_plan(args, teacher):
 
 
 def _read_noise(path: str):
-    import numpy as np
+    from .runtime.files import read_npy
+    from .runtime.noise import MAX_ELEMENTS
 
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise UserError(f"noise file not found: {path}") from None
-    except (ValueError, OSError) as exc:
-        raise UserError(f"noise file {path}: not a readable .npy array ({exc})") from None
-    return arr
+    return read_npy(path, "noise file", MAX_ELEMENTS)
 
 
 def _inputs(args, teacher, plan):
@@ -164,19 +172,32 @@ def save_grid(path: str, images, ncol: int | None = None, scale: int = 4) -> Non
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _prepare_out_dir(path: str) -> None:
-    if os.path.exists(path) and not os.path.isdir(path):
+def check_out_dir(path: str) -> None:
+    """Before any work: --out DIR is, or can be made, a writable directory (created only when written)."""
+    probe = os.path.abspath(path)
+    if os.path.exists(probe) and not os.path.isdir(probe):
         raise UserError(f"--out {path}: exists and is not a directory")
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"--out {path}: {probe} is not a writable directory")
+
+
+def _prepare_out_dir(path: str) -> None:
+    check_out_dir(path)
     os.makedirs(path, exist_ok=True)
-    if not os.access(path, os.W_OK):
-        raise UserError(f"--out {path}: not writable")
 
 
 # ---------------------------------------------------------------------------------------
 # commands
 
 
+NONFINITE_HINT = ("nothing was written. A plan coefficient or --guidance far out of range does this: "
+                  "try a smaller --guidance, or check the plan's rows")
+
+
 def cmd_sample(args) -> int:
+    from .errors import check_finite
     from .training.evaluate import run_plan
 
     teacher = _load_teacher(args)
@@ -185,10 +206,12 @@ def cmd_sample(args) -> int:
     from .training.evaluate import check_guidance
 
     check_guidance(teacher, args.guidance, inputs.labels)
-    _prepare_out_dir(args.out)
+    check_out_dir(args.out)
     t0 = time.perf_counter()
     x = run_plan(teacher, plan, inputs, args.guidance)
     secs = time.perf_counter() - t0
+    check_finite(x, f"{plan.name} on {teacher.name}", NONFINITE_HINT)
+    _prepare_out_dir(args.out)
     arr = x.detach().cpu().numpy().astype("float32")
     _save_npy(os.path.join(args.out, "samples.npy"), arr)
     extra = ""
@@ -201,12 +224,16 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .errors import NonFiniteError
     from .training.evaluate import evaluate
 
     teacher = _load_teacher(args)
     plan = _resolve_plan(args, teacher)
     z = _read_noise(args.noise) if args.noise else None
     res = evaluate(teacher, plan, _count(args, z), args.seed, args.cls, args.guidance, z)
+    bad = [k for k, v in res.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise NonFiniteError(f"{plan.name} on {teacher.name}: {', '.join(bad)} not finite")
     if args.json:
         print(json.dumps(res))
     else:
@@ -280,7 +307,7 @@ def cmd_bench_quality(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fewstep", description="Few-step diffusion sampling.")
+    p = Parser(prog="fewstep", description="Few-step diffusion sampling.")
     p.add_argument("--version", action="version", version=f"fewstep {fewstep.__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
 
@@ -349,17 +376,37 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "fn", None):
         parser.print_help()
         return 2
+    from .errors import NonFiniteError
+    from .runtime.files import one_line
+
+    debug = bool(os.environ.get("FEWSTEP_DEBUG"))
     try:
         return args.fn(args)
+    except NonFiniteError as exc:
+        if debug:
+            raise
+        print(f"fewstep: error: {one_line(exc, 500)}", file=sys.stderr)
+        return EXIT_NONFINITE
     except _user_errors() as exc:
-        if os.environ.get("FEWSTEP_DEBUG"):
+        if debug:
             raise
         msg = str(exc) if not isinstance(exc, OSError) or not exc.filename else f"{exc.strerror}: {exc.filename}"
-        print(f"fewstep: error: {msg}", file=sys.stderr)
-        return 2
+        print(f"fewstep: error: {one_line(msg, 500)}", file=sys.stderr)
+        return EXIT_USER
     except KeyboardInterrupt:
         print("fewstep: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except MemoryError:
+        if debug:
+            raise
+        print("fewstep: error: out of memory (ask for fewer samples or a smaller batch)", file=sys.stderr)
+        return EXIT_INTERNAL
+    except Exception as exc:  # a bug: still one line, never a traceback (FEWSTEP_DEBUG=1 shows it)
+        if debug:
+            raise
+        print(f"fewstep: error: internal error, {type(exc).__name__}: {one_line(exc, 300)} "
+              f"(FEWSTEP_DEBUG=1 shows the traceback; please report it)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -373,22 +373,52 @@ def _resolve(path: str | None) -> str:
     return path
 
 
-def load_teacher(path: str | None = None) -> EDMDenoiser:
-    """The digits teacher as an ``EDMDenoiser`` (eval mode, float32). None = the shipped weights."""
+def load_checked(make, path: str) -> nn.Module:
+    """``make()`` with the weights at ``path``, every tensor's name and shape checked against the file's
+    header on the meta device first: a config that does not match its weights (or asks for a huge
+    network) fails in one line before anything is allocated."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from ..runtime.files import check_regular
+
+    check_regular(path, "weights file")
+    with safe_open(path, framework="pt") as f:
+        have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in make().state_dict().items()}
+    for k in want:
+        if k not in have:
+            raise ValueError(f"{path}: tensor {k} missing ({len(have)} tensors in the file, {len(want)} expected)")
+        if have[k] != want[k]:
+            raise ValueError(f"{path}: tensor {k} has shape {list(have[k])}, the config says {list(want[k])}")
+    extra = sorted(set(have) - set(want))
+    if extra:
+        raise ValueError(f"{path}: tensor {extra[0]} is not part of this network ({len(extra)} unexpected)")
+    model = make()
+    model.load_state_dict(load_file(path))
+    return model
+
+
+def read_meta(path: str) -> dict:
+    """The JSON beside a .safetensors checkpoint (its config, format and provenance)."""
+    from ..runtime.files import load_json
+
+    meta = load_json(path[: -len(".safetensors")] + ".json", "checkpoint config", 1 << 20)
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path[: -len('.safetensors')]}.json: expected a JSON object")
+    return meta
+
+
+def load_teacher(path: str | None = None) -> EDMDenoiser:
+    """The digits teacher as an ``EDMDenoiser`` (eval mode, float32). None = the shipped weights."""
     path = _resolve(path)
-    cfg_path = path[: -len(".safetensors")] + ".json"
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"digits teacher config not found: {cfg_path}")
-    with open(cfg_path) as f:
-        meta = json.load(f)
-    if meta.get("format", "").startswith("fewstep.digits-student/"):  # a distilled student: same loader path
+    meta = read_meta(path)
+    if str(meta.get("format", "")).startswith("fewstep.digits-student/"):  # a distilled student: same loader path
         from .guided import load_student
 
         return load_student(path, meta)
-    model = DigitsUNet(UNetConfig.from_dict(meta["config"]))
-    model.load_state_dict(load_file(path))
+    model = load_checked(lambda: DigitsUNet(UNetConfig.from_dict(meta["config"])), path)
     model.eval().requires_grad_(False)
     den = make_denoiser(model, meta["sigma_data"])
     return den.eval()

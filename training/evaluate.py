@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import check_finite
 from ..runtime.executor import InputError, sample
 from ..runtime.plan import Plan
 from .teachers import Teacher
@@ -45,6 +46,9 @@ def make_inputs(teacher: Teacher, plan: Plan, n: int, seed: int, cls: int | None
 
     if n < 1:
         raise InputError(f"--n must be ≥ 1, got {n}")
+    if n * math.prod(teacher.shape) > _noise.MAX_ELEMENTS:
+        raise InputError(f"--n {n:,}: {n:,} samples of {math.prod(teacher.shape):,} values are more than the "
+                         f"{_noise.MAX_ELEMENTS:,} values one run holds; ask for fewer samples")
     n_stoch = len(plan.stochastic_rows)
     zz, eps = _noise.draw(seed, n, teacher.shape, n_stoch)
     if z is not None:
@@ -147,6 +151,8 @@ def evaluate(teacher: Teacher, plan: Plan, n: int, seed: int, cls: int | None = 
     t0 = time.perf_counter()
     samples = run_plan(teacher, plan, inputs, guidance)
     secs = time.perf_counter() - t0
+    check_finite(samples, f"{plan.name} on {teacher.name}", "nothing to score. A plan coefficient or a guidance "
+                 "scale far out of range does this: try a smaller --guidance, or check the plan's rows")
     ws = {r.guidance for r in plan.rows}
     if guidance is None and len(ws) == 1 and None not in ws:
         guidance = ws.pop()  # a plan fitted at w samples at w: score it against the reference at w

@@ -195,15 +195,13 @@ def write_student(path: str, model: nn.Module, meta: dict) -> None:
 
 def load_student(path: str, meta: dict | None = None) -> GuidedDenoiser:
     """A student written by ``train_guided`` or ``progressive`` (eval mode, float32)."""
-    from safetensors.torch import load_file
+    from .digits import load_checked, read_meta
 
     if meta is None:
-        with open(path[: -len(".safetensors")] + ".json") as f:
-            meta = json.load(f)
+        meta = read_meta(path)
     if meta.get("format") != FORMAT:
         raise DistillError(f"{path}: not a fewstep digits student (format {meta.get('format')!r})")
-    model = GuidedUNet(UNetConfig.from_dict(meta["config"]), meta["w_fourier"])
-    model.load_state_dict(load_file(path))
+    model = load_checked(lambda: GuidedUNet(UNetConfig.from_dict(meta["config"]), meta["w_fourier"]), path)
     model.eval().requires_grad_(False)
     den = GuidedDenoiser(model, sigma_data=meta["sigma_data"], sigma_min=meta["sigma_min"],
                          sigma_max=meta["sigma_max"], null_label=meta["null_label"])

@@ -47,7 +47,27 @@ class Teacher:
 
 
 def load(model: str, steps: int | None = None) -> Teacher:
-    """``steps``: for a distilled bundle, the student with that many steps (ignored by other models)."""
+    """``steps``: for a distilled bundle, the student with that many steps (ignored by other models).
+
+    Whatever is wrong with a user's model files (truncated or foreign safetensors, a config that does
+    not match its weights, malformed JSON, a missing file) is one ModelError naming the model."""
+    from safetensors import SafetensorError
+
+    from ..errors import FewstepError
+    from ..runtime.files import one_line
+
+    try:
+        return _load(model, steps)
+    except (ModelError, FewstepError):
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
+        what = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.filename else one_line(exc)
+        if isinstance(exc, KeyError):
+            what = f"field {exc} missing"
+        raise ModelError(f"model {model}: cannot load it ({what})") from None
+
+
+def _load(model: str, steps: int | None) -> Teacher:
     if model in SHIPPED_BUNDLES:
         return _bundle(SHIPPED_BUNDLES[model], steps, model)
     if model == "gmm":
@@ -95,17 +115,18 @@ def bundle_steps(model: str) -> list[int]:
 
 
 def _bundle(path: str, steps: int | None, name: str) -> Teacher:
+    from ..runtime.files import load_json
+
     index_path = os.path.join(path, "students.json")
-    try:
-        with open(index_path) as f:
-            index = json.load(f)
-    except FileNotFoundError:
-        raise ModelError(f"{name}: no students.json in {path} (not built? see README: make students)") from None
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{index_path}: not valid JSON ({exc})") from None
-    if index.get("format") != "fewstep.students/1":
-        raise ModelError(f"{index_path}: not a fewstep student index (format {index.get('format')!r})")
-    stage1 = os.path.join(path, index["stage1"])
+    if not os.path.exists(index_path):
+        raise ModelError(f"{name}: no students.json in {path} (not built? see README: make students)")
+    index = load_json(index_path, "student index", 1 << 20)
+    if not isinstance(index, dict) or index.get("format") != "fewstep.students/1":
+        fmt = index.get("format") if isinstance(index, dict) else None
+        raise ModelError(f"{index_path}: not a fewstep student index (format {fmt!r})")
+    if not isinstance(index.get("students", {}), dict):
+        raise ModelError(f"{index_path}: 'students' must be an object of step count → files")
+    stage1 = _bundle_file(path, index.get("stage1"), index_path, "stage1")
     ref = _reference(stage1)
     if steps is None:
         t = _digits(stage1)
@@ -117,21 +138,32 @@ def _bundle(path: str, steps: int | None, name: str) -> Teacher:
         raise ModelError(f"{name} has distilled students for {have} steps, not {steps}; or sample its "
                          f"guidance-conditioned stage-1 student with --solver NAME --nfe N")
     ent = students[str(steps)]
-    t = _digits(os.path.join(path, ent["weights"]))
+    if not isinstance(ent, dict):
+        raise ModelError(f"{index_path}: students[{steps!r}] must be an object")
+    t = _digits(_bundle_file(path, ent.get("weights"), index_path, f"students[{steps}].weights"))
     t.name = f"{name}@{steps}"
-    t.plans = {"deterministic": Plan.load(os.path.join(path, ent["plan"])),
-               "stochastic": Plan.load(os.path.join(path, ent["plan_stochastic"]))}
+    t.plans = {"deterministic": Plan.load(_bundle_file(path, ent.get("plan"), index_path, "plan")),
+               "stochastic": Plan.load(_bundle_file(path, ent.get("plan_stochastic"), index_path, "plan_stochastic"))}
     t.reference_denoiser = ref
     return t
+
+
+def _bundle_file(root: str, rel, index_path: str, field: str) -> str:
+    """A file a bundle index names: a relative path inside the bundle, nothing else."""
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/"):
+        raise ModelError(f"{index_path}: {field} must be a file name inside the bundle, got {rel!r}")
+    full = os.path.join(root, rel)
+    if not os.path.isfile(full):
+        raise ModelError(f"{index_path}: {field} names {rel}, which is not a file in {root}")
+    return full
 
 
 def _reference(stage1: str) -> nn.Module:
     """The model a student's reference solve runs: the original teacher when it is the shipped one (its
     hash is in the stage-1 student's JSON), else the stage-1 student (a denoiser of the same guided ODE)."""
-    from .digits import load_teacher, teacher_hash
+    from .digits import load_teacher, read_meta, teacher_hash
 
-    with open(stage1[: -len(".safetensors")] + ".json") as f:
-        meta = json.load(f)
+    meta = read_meta(stage1)
     if meta.get("teacher_hash") == teacher_hash(None):
         return load_teacher(None)
     return load_teacher(stage1)
