@@ -4,6 +4,7 @@
  *
  * ONNX Runtime is found through $FEWSTEP_ORT_LIBRARY (e.g. the onnxruntime Python package's
  * onnxruntime/capi/libonnxruntime.so.*). Class-conditional engines sample classes 0,1,2,... */
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,13 +31,28 @@ static int write_npy(const char* path, const int64_t* shape, int ndim, const flo
   return fclose(f) == 0 ? 0 : -1;
 }
 
+/* 1 if s is one or more decimal digits whose value fits in 64 bits */
+static int parse_u64(const char* s, unsigned long long* v) {
+  unsigned long long x = 0;
+  if (!*s) return 0;
+  for (; *s; ++s) {
+    unsigned d;
+    if (*s < '0' || *s > '9') return 0;
+    d = (unsigned)(*s - '0');
+    if (x > (ULLONG_MAX - d) / 10) return 0;
+    x = x * 10 + d;
+  }
+  *v = x;
+  return 1;
+}
+
 int main(int argc, char** argv) {
   fewstep_engine_params params;
   fewstep_engine* engine = NULL;
   fewstep_engine_info info;
   fewstep_status st;
   int64_t batch, shape[1 + FEWSTEP_MAX_DIMS], *labels = NULL;
-  unsigned long long seed;
+  unsigned long long seed, ubatch;
   float* out = NULL;
   size_t n;
   int i, rc = 1;
@@ -45,12 +61,16 @@ int main(int argc, char** argv) {
     fprintf(stderr, "usage: %s ENGINE.onnx SEED BATCH OUT.npy\n", argv[0]);
     return 2;
   }
-  seed = strtoull(argv[2], NULL, 10);
-  batch = strtoll(argv[3], NULL, 10);
-  if (batch < 1) {
-    fprintf(stderr, "BATCH must be >= 1\n");
+  /* strtoull takes "-1" as 2^64 - 1 and "abc" as 0: accept plain decimal digits only */
+  if (!parse_u64(argv[2], &seed)) {
+    fprintf(stderr, "SEED must be a decimal integer in [0, 2^64), got '%s'\n", argv[2]);
     return 2;
   }
+  if (!parse_u64(argv[3], &ubatch) || ubatch < 1 || ubatch > (1ull << 31)) {
+    fprintf(stderr, "BATCH must be an integer in [1, 2^31], got '%s'\n", argv[3]);
+    return 2;
+  }
+  batch = (int64_t)ubatch;
 
   params = fewstep_default_params();
   params.intra_op_threads = 1; /* run on this thread: deterministic and light */

@@ -488,6 +488,10 @@ def test_install_find_package_and_minimal_c(engines, native, tmp_path):
     p = subprocess.run([b / "minimal", engines["nometa"], "0", "1", tmp_path / "n.npy"], env=_env(),
                        capture_output=True, text=True)
     assert p.returncode == 1 and "without fewstep metadata" in p.stderr
+    for seed, batch in (("abc", "1"), ("-1", "1"), ("18446744073709551616", "1"), ("1", "0x2"), ("1", "")):
+        p = subprocess.run([b / "minimal", engines["ddpm"], seed, batch, tmp_path / "bad.npy"], env=_env(),
+                           capture_output=True, text=True)
+        assert p.returncode == 2 and "must be" in p.stderr and not (tmp_path / "bad.npy").exists(), (seed, batch)
     # the installed fewstep-run finds libfewstep through its RPATH
     p = subprocess.run([prefix / "bin/fewstep-run", engines["tiny"], "--batch", "2", "--out", tmp_path / "i.npy"],
                        env=_env(), capture_output=True, text=True)
