@@ -3,7 +3,11 @@
 //               [--threads T] [--provider cpu|cuda|tensorrt] [--device D] [--cuda-graph]
 //               [--cache-dir DIR] [--ort-library PATH] [--bench N]
 // Exit codes: 0 ok, 2 usage or input error, 1 engine / runtime error.
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -89,18 +93,35 @@ void write_npy(const std::string& path, const std::vector<long long>& shape, con
   std::string h = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + dims + "), }";
   while ((10 + h.size() + 1) % 64) h += ' ';
   h += '\n';
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary);
+  // A unique temporary file beside the target (mkstemp), renamed over it when complete: never half a
+  // file, never someone else's file, and removed on every error path; messages name the target only.
+  const size_t slash = path.find_last_of('/');
+  const std::string dir = slash == std::string::npos ? "." : path.substr(0, slash + 1);
+  const std::string base = slash == std::string::npos ? path : path.substr(slash + 1);
+  std::string tmpl = dir + (dir.back() == '/' ? "" : "/") + "." + base + ".XXXXXX";
+  std::vector<char> tmp(tmpl.begin(), tmpl.end());
+  tmp.push_back('\0');
+  const int fd = mkstemp(tmp.data());
+  if (fd < 0) throw fewstep::Error(FEWSTEP_ERR_IO, "cannot write " + path + ": " + std::strerror(errno));
+  FILE* f = fdopen(fd, "wb");
+  bool ok = f != nullptr;
+  if (ok) {
     const unsigned short len = static_cast<unsigned short>(h.size());
-    f.write("\x93NUMPY\x01\x00", 8);
     const char lb[2] = {char(len & 0xff), char(len >> 8)};
-    f.write(lb, 2);
-    f.write(h.data(), std::streamsize(h.size()));
-    f.write(reinterpret_cast<const char*>(data), std::streamsize(n * sizeof(float)));
-    if (!f) throw fewstep::Error(FEWSTEP_ERR_IO, "cannot write " + path);
+    ok = std::fwrite("\x93NUMPY\x01\x00", 1, 8, f) == 8 && std::fwrite(lb, 1, 2, f) == 2 &&
+         std::fwrite(h.data(), 1, h.size(), f) == h.size() &&
+         std::fwrite(data, sizeof(float), n, f) == n && std::fflush(f) == 0 && fsync(fileno(f)) == 0;
+    ok = (std::fclose(f) == 0) && ok;
+  } else {
+    close(fd);
   }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) throw fewstep::Error(FEWSTEP_ERR_IO, "cannot write " + path);
+  const mode_t mask = umask(0);
+  umask(mask);
+  if (!ok || chmod(tmp.data(), 0666 & ~mask) != 0 || std::rename(tmp.data(), path.c_str()) != 0) {
+    const int err = errno;
+    std::remove(tmp.data());
+    throw fewstep::Error(FEWSTEP_ERR_IO, "cannot write " + path + ": " + std::strerror(err));
+  }
 }
 
 double percentile(std::vector<double> v, double q) {
