@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from ..errors import FewstepError
+from ..errors import FewstepError, NonFiniteError
 
 
 class RunError(FewstepError):
@@ -85,5 +85,7 @@ def sample(engine, seed: int = 0, batch: int | None = None, cls=None, guidance: 
         g = np.full(batch, guidance, np.float32) if info["guidance_input"] else None
     try:
         return engine.sample(seed, batch, labels=labels, guidance=g, z=z)
+    except NonFiniteError:
+        raise  # its own exit code (3), not a bad argument
     except ValueError as exc:
         raise RunError(str(exc)) from None

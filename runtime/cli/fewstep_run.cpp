@@ -239,7 +239,7 @@ int main(int argc, char** argv) {
     return 2;
   } catch (const fewstep::Error& e) {
     std::fprintf(stderr, "fewstep-run: error: %s\n", e.what());
-    return 1;
+    return e.status() == FEWSTEP_ERR_NONFINITE ? 3 : 1;  // 3: the result was not finite, nothing written
   } catch (const std::exception& e) {
     std::fprintf(stderr, "fewstep-run: error: %s\n", e.what());
     return 1;

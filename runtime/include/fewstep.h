@@ -35,7 +35,9 @@ typedef enum fewstep_status {
   FEWSTEP_ERR_IO = 5,               /* a file cannot be opened or read */
   FEWSTEP_ERR_INVALID_ENGINE = 6,   /* not a fewstep engine: unreadable ONNX, missing or bad metadata */
   FEWSTEP_ERR_BACKEND = 7,          /* ONNX Runtime cannot be loaded, or failed (message in fewstep_last_error) */
-  FEWSTEP_ERR_UNSUPPORTED = 8       /* an execution provider the ONNX Runtime library does not have */
+  FEWSTEP_ERR_UNSUPPORTED = 8,      /* an execution provider the ONNX Runtime library does not have */
+  FEWSTEP_ERR_NONFINITE = 9         /* the run produced NaN or inf (a plan coefficient or guidance far out
+                                       of range); `out` holds them and must not be used */
 } fewstep_status;
 
 /* Library version, "MAJOR.MINOR.PATCH" (the Python package's __version__). Never NULL. */
@@ -172,7 +174,8 @@ FEWSTEP_API const char* fewstep_engine_metadata(const fewstep_engine* engine, co
  *   out       float[out_len] receives batch * per_sample floats, sample-major, row-major.
  * Returns FEWSTEP_OK; FEWSTEP_ERR_INVALID_ARGUMENT (NULL engine/out, bad batch, labels or guidance),
  * FEWSTEP_ERR_OUT_OF_RANGE (a label out of range, batch over 2^32), FEWSTEP_ERR_BUFFER_TOO_SMALL,
- * FEWSTEP_ERR_BACKEND (the run failed). On error `out` may be partly written.
+ * FEWSTEP_ERR_BACKEND (the run failed), FEWSTEP_ERR_NONFINITE (the result holds NaN or inf: try a smaller
+ * guidance). On error `out` may be partly written.
  * Thread-safe: any number of threads may sample from one engine at once; the results do not
  * depend on it. */
 FEWSTEP_API fewstep_status fewstep_sample(fewstep_engine* engine, uint64_t seed, int64_t batch, const int64_t* labels,

@@ -118,6 +118,11 @@ std::string find_ort_library() {
     case FEWSTEP_ERR_IO: throw py::value_error(e.what());  // FileNotFoundError-like but a ValueError for the CLI
     case FEWSTEP_ERR_BACKEND:
     case FEWSTEP_ERR_INTERNAL: throw std::runtime_error(e.what());
+    case FEWSTEP_ERR_NONFINITE: {  // fewstep.errors.NonFiniteError: the CLI exits 3 and writes nothing
+      const py::object cls = py::module_::import("fewstep.errors").attr("NonFiniteError");
+      PyErr_SetString(cls.ptr(), e.what());
+      throw py::error_already_set();
+    }
     default: throw py::value_error(e.what());
   }
 }

@@ -5,6 +5,7 @@
 // time and ask the library for exactly that API table: newer libraries keep older tables.
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -13,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "error.hpp"
@@ -197,6 +199,51 @@ int64_t json_int(const Json* v, const std::string& path, const char* key, int64_
   return int64_t(v->num);
 }
 
+// The plan the engine carries (fewstep.plan metadata, handed to embedders as plan_json) must be a valid
+// fewstep.plan/1 whose rows are the ones baked into the graph: as many as the contract's nfe, with as many
+// stochastic rows (g != 0) as noise slices, every number finite and every sigma > 0.
+void check_plan(const std::string& path, const std::string& text, const fewstep_engine_info& info) {
+  const auto bad = [&](const std::string& why) {
+    throw Error(FEWSTEP_ERR_INVALID_ENGINE, path + ": fewstep.plan: " + why);
+  };
+  const Json p = parse_json(text, (path + ": fewstep.plan").c_str());
+  const Json* fmt = p.get("format");
+  if (!fmt || fmt->type != Json::String || fmt->str != "fewstep.plan/1") bad("not a fewstep.plan/1");
+  const auto number = [&](const Json* v, const std::string& where, bool positive) {
+    if (!v || v->type != Json::Number || !std::isfinite(v->num) || (positive && v->num <= 0))
+      bad(where + (positive ? " must be a finite number > 0" : " must be a finite number"));
+    return v->num;
+  };
+  number(p.get("sigma_init"), "sigma_init", true);
+  const Json* rows = p.get("rows");
+  if (!rows || rows->type != Json::Array || rows->arr.empty()) bad("rows must be a non-empty list");
+  if (int64_t(rows->arr.size()) != info.nfe)
+    bad("has " + std::to_string(rows->arr.size()) + " rows, the contract says nfe " + std::to_string(info.nfe));
+  int32_t stochastic = 0;
+  for (size_t i = 0; i < rows->arr.size(); ++i) {
+    const Json& r = rows->arr[i];
+    const std::string w = "rows[" + std::to_string(i) + "]";
+    if (r.type != Json::Object) bad(w + " must be an object");
+    number(r.get("sigma"), w + ".sigma", true);
+    for (const char* k : {"a", "c"}) number(r.get(k), w + "." + k, false);
+    for (const char* k : {"g", "s"})
+      if (const Json* v = r.get(k)) number(v, w + "." + k, false);
+    for (const char* k : {"p", "q"}) {
+      const Json* l = r.get(k);
+      if (!l && std::strcmp(k, "p") == 0) continue;
+      if (!l || l->type != Json::Array || l->arr.size() > 11) bad(w + "." + k + " must be a list of at most 11 numbers");
+      for (size_t j = 0; j < l->arr.size(); ++j) number(&l->arr[j], w + "." + k + "[" + std::to_string(j) + "]", false);
+    }
+    const Json* gd = r.get("guidance");
+    if (gd && gd->type != Json::Null) number(gd, w + ".guidance", false);
+    const Json* g = r.get("g");
+    if (g && g->num != 0.0) ++stochastic;
+  }
+  if (stochastic != info.n_stochastic)
+    bad(std::to_string(stochastic) + " stochastic rows, the contract says n_stochastic " +
+        std::to_string(info.n_stochastic));
+}
+
 // Parse the metadata and check it against the graph; fills e->info and the input list.
 void read_contract(fewstep_engine* e, const std::string& path, const std::vector<InputSpec>& inputs,
                    const std::vector<InputSpec>& outputs) {
@@ -243,9 +290,14 @@ void read_contract(fewstep_engine* e, const std::string& path, const std::vector
   if (gi && gi->type != Json::Bool) bad_contract(path, "guidance_input must be true or false");
   info.guidance_input = gi && gi->b;
   const Json* si = c.get("sigma_init");
-  info.sigma_init = si && si->type == Json::Number ? si->num : 0.0;
+  if (si && (si->type != Json::Number || !std::isfinite(si->num) || si->num <= 0))
+    bad_contract(path, "sigma_init must be a finite number > 0");
+  info.sigma_init = si ? si->num : 0.0;
   const Json* cd = c.get("compute_dtype");
-  e->compute_dtype = cd && cd->type == Json::String ? cd->str : "float32";
+  if (cd && (cd->type != Json::String || (cd->str != "float32" && cd->str != "float16" && cd->str != "bfloat16")))
+    bad_contract(path, "compute_dtype must be \"float32\", \"float16\" or \"bfloat16\"");
+  e->compute_dtype = cd ? cd->str : "float32";
+  if (!e->plan_json.empty()) check_plan(path, e->plan_json, info);
 
   // The graph must be what the contract says: these checks turn a mismatched file into a
   // clear load error instead of a failure (or worse, a silent misuse) at sample time.
@@ -339,6 +391,12 @@ fewstep_engine* load(const char* path_c, const fewstep_engine_params& p) {
       p.provider < FEWSTEP_PROVIDER_CPU || p.provider > FEWSTEP_PROVIDER_TENSORRT)
     throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "fewstep_engine_params: threads and device_id must be >= 0 and "
                                               "provider one of FEWSTEP_PROVIDER_CPU / _CUDA / _TENSORRT");
+  // ONNX Runtime crashes (SIGSEGV) or hangs creating 10^5 threads; past 4x the cores threads only spin.
+  const int cap = std::max(8, 4 * int(std::thread::hardware_concurrency()));
+  if (p.intra_op_threads > cap || p.inter_op_threads > cap)
+    throw Error(FEWSTEP_ERR_OUT_OF_RANGE, "fewstep_engine_params: at most " + std::to_string(cap) +
+                                              " threads (4x this machine's cores), got " +
+                                              std::to_string(std::max(p.intra_op_threads, p.inter_op_threads)));
   {  // Our own check first: ORT's messages for a missing file are less direct.
     std::ifstream f(path, std::ios::binary);
     if (!f) throw Error(FEWSTEP_ERR_IO, "cannot open engine file " + path + ": " + std::strerror(errno));
@@ -378,8 +436,10 @@ void run(fewstep_engine* e, uint64_t seed, int64_t batch, const float* z_in, con
     throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "this engine was exported for batch " + std::to_string(info.fixed_batch) +
                                                   ", got " + std::to_string(batch));
   if (!out) throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "out is NULL");
-  if (uint64_t(batch) > uint64_t(SIZE_MAX) / uint64_t(info.per_sample) / 4)
-    throw Error(FEWSTEP_ERR_OUT_OF_RANGE, "batch too large");
+  // 2^31 values (8 GiB of float32 per buffer) is far past any real sampler and keeps every size in range.
+  if (uint64_t(batch) > (uint64_t(1) << 31) / uint64_t(info.per_sample))
+    throw Error(FEWSTEP_ERR_OUT_OF_RANGE, "batch " + std::to_string(batch) + " x " + std::to_string(info.per_sample) +
+                                              " values per sample is more than the 2^31 values one run may hold");
   const size_t n = size_t(batch) * size_t(info.per_sample);
   if (out_len < n)
     throw Error(FEWSTEP_ERR_BUFFER_TOO_SMALL, "out has room for " + std::to_string(out_len) + " floats, the batch needs " +
@@ -419,6 +479,10 @@ void run(fewstep_engine* e, uint64_t seed, int64_t batch, const float* z_in, con
   }
 
   std::vector<float> z, noise;
+  if (z_in)
+    for (size_t i = 0; i < n; ++i)
+      if (!std::isfinite(z_in[i]))
+        throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "z holds NaN or inf (value " + std::to_string(i) + ")");
   if (!z_in) {
     z.resize(n);
     if (fewstep_randn(seed, 0, 0, batch, info.per_sample, z.data(), n) != FEWSTEP_OK)
@@ -465,6 +529,12 @@ void run(fewstep_engine* e, uint64_t seed, int64_t batch, const float* z_in, con
   void* got = nullptr;
   check(api, api->GetTensorMutableData(values[4], &got), "reading the output");
   if (got != out) std::memcpy(out, got, n * sizeof(float));
+  size_t bad = 0;
+  for (size_t i = 0; i < n; ++i) bad += !std::isfinite(out[i]);
+  if (bad)
+    throw Error(FEWSTEP_ERR_NONFINITE, std::to_string(bad) + " of " + std::to_string(n) +
+                                           " values of the result are NaN or inf: a plan coefficient or the guidance "
+                                           "scale is far out of range (try a smaller guidance)");
 }
 
 }  // namespace

@@ -4,7 +4,9 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 
+#include "error.hpp"
 #include "fewstep.h"
 
 namespace {
@@ -49,19 +51,28 @@ inline void box_muller(uint32_t a, uint32_t b, float* n0, float* n1) {
 }  // namespace
 
 extern "C" fewstep_status fewstep_philox4x32_10(const uint32_t counter[4], const uint32_t key[2], uint32_t out[4]) {
-  if (!counter || !key || !out) return FEWSTEP_ERR_INVALID_ARGUMENT;
+  if (!counter || !key || !out)
+    return fewstep_impl::set_error(FEWSTEP_ERR_INVALID_ARGUMENT, "fewstep_philox4x32_10: NULL argument");
   philox(counter, key, out);
   return FEWSTEP_OK;
 }
 
 extern "C" fewstep_status fewstep_randn(uint64_t seed, uint64_t stream, uint64_t first_sample, int64_t batch,
                                         int64_t per_sample, float* out, size_t out_len) {
-  if (!out || batch < 1 || per_sample < 1) return FEWSTEP_ERR_INVALID_ARGUMENT;
+  using fewstep_impl::set_error;
+  if (!out) return set_error(FEWSTEP_ERR_INVALID_ARGUMENT, "fewstep_randn: out is NULL");
+  if (batch < 1 || per_sample < 1)
+    return set_error(FEWSTEP_ERR_INVALID_ARGUMENT, "fewstep_randn: batch and per_sample must be >= 1");
   constexpr uint64_t k32 = uint64_t(1) << 32;  // sample index and stream are 32-bit counter words
-  if (stream >= k32 || first_sample > k32 || uint64_t(batch) > k32 - first_sample) return FEWSTEP_ERR_OUT_OF_RANGE;
-  if (uint64_t(per_sample) > std::numeric_limits<size_t>::max() / uint64_t(batch)) return FEWSTEP_ERR_OUT_OF_RANGE;
+  if (stream >= k32) return set_error(FEWSTEP_ERR_OUT_OF_RANGE, "fewstep_randn: stream must be < 2^32");
+  if (first_sample > k32 || uint64_t(batch) > k32 - first_sample)
+    return set_error(FEWSTEP_ERR_OUT_OF_RANGE, "fewstep_randn: first_sample + batch must be <= 2^32");
+  if (uint64_t(per_sample) > std::numeric_limits<size_t>::max() / uint64_t(batch))
+    return set_error(FEWSTEP_ERR_OUT_OF_RANGE, "fewstep_randn: batch * per_sample does not fit in size_t");
   const size_t per = size_t(per_sample), total = size_t(batch) * per;
-  if (out_len < total) return FEWSTEP_ERR_BUFFER_TOO_SMALL;
+  if (out_len < total)
+    return set_error(FEWSTEP_ERR_BUFFER_TOO_SMALL, "fewstep_randn: out has room for " + std::to_string(out_len) +
+                                                       " floats, " + std::to_string(total) + " are needed");
 
   const uint32_t key[2] = {uint32_t(seed), uint32_t(seed >> 32)};
   for (int64_t b = 0; b < batch; ++b) {

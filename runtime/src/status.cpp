@@ -28,6 +28,7 @@ extern "C" const char* fewstep_status_string(fewstep_status status) {
     case FEWSTEP_ERR_INVALID_ENGINE: return "not a valid fewstep engine";
     case FEWSTEP_ERR_BACKEND: return "ONNX Runtime error";
     case FEWSTEP_ERR_UNSUPPORTED: return "unsupported execution provider";
+    case FEWSTEP_ERR_NONFINITE: return "result not finite";
   }
   return "unknown fewstep status";
 }

@@ -1,0 +1,126 @@
+"""Hostile engines: metadata is validated at load in C++ (and so in `fewstep run`, `fewstep-run` and the
+Python bindings alike); a run whose result is not finite is its own error; C API calls set their error.
+
+Engines are tiny GMM samplers exported here; each hostile variant edits one metadata entry with onnx.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+from fewstep import _C  # noqa: E402
+from fewstep.errors import NonFiniteError  # noqa: E402
+from fewstep.export.onnx import export_onnx  # noqa: E402
+from fewstep.runtime.solvers import build  # noqa: E402
+from fewstep.training.teachers import load  # noqa: E402
+
+
+def _meta(path: Path, key: str) -> str:
+    return next(p.value for p in onnx.load(path).metadata_props if p.key == key)
+
+
+def _with_meta(src: Path, dst: Path, key: str, value: str) -> Path:
+    m = onnx.load(src)
+    for p in m.metadata_props:
+        if p.key == key:
+            p.value = value
+    onnx.save(m, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def eng(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hostile_engines")
+    gmm = load("gmm")
+    den = gmm.denoiser
+    kw = dict(sample_shape=gmm.shape, num_classes=gmm.num_classes, teacher_hash=gmm.content_hash)
+    plan = build("ddpm", 4, den.sigma_min, den.sigma_max)  # stochastic rows: the noise input exists
+    export_onnx(den, plan, d / "good.onnx", **kw)
+    # x ← 1e30·x twice: finite coefficients (float32 holds 1e30), an infinite result
+    blow = build("ddim", 2, den.sigma_min, den.sigma_max)
+    blow = blow.replace(rows=tuple(r.__class__(**{**r.__dict__, "c": 1e30}) for r in blow.rows))
+    export_onnx(den, blow, d / "blowup.onnx", guidance_input=False, **kw)
+    return {"dir": d, "good": d / "good.onnx", "blowup": d / "blowup.onnx",
+            "plan": json.loads(_meta(d / "good.onnx", "fewstep.plan")),
+            "contract": json.loads(_meta(d / "good.onnx", "fewstep.contract"))}
+
+
+def _variants(eng):
+    d, good, plan, c = eng["dir"], eng["good"], eng["plan"], eng["contract"]
+    two_rows = {**plan, "rows": plan["rows"][:2]}
+    no_noise = {**plan, "rows": [{**r, "g": 0.0} for r in plan["rows"]]}
+    neg_sigma = {**plan, "rows": [{**plan["rows"][0], "sigma": -1.0}] + plan["rows"][1:]}
+    return {
+        "plan garbage": (_with_meta(good, d / "v1.onnx", "fewstep.plan", "{not json"), "fewstep.plan"),
+        "plan rows ≠ nfe": (_with_meta(good, d / "v2.onnx", "fewstep.plan", json.dumps(two_rows)), "nfe"),
+        "plan stochastic ≠ contract": (_with_meta(good, d / "v3.onnx", "fewstep.plan", json.dumps(no_noise)),
+                                       "n_stochastic"),
+        "plan sigma < 0": (_with_meta(good, d / "v4.onnx", "fewstep.plan", json.dumps(neg_sigma)), "sigma"),
+        "plan format": (_with_meta(good, d / "v5.onnx", "fewstep.plan", json.dumps({**plan, "format": "x"})),
+                        "fewstep.plan/1"),
+        "compute_dtype int8": (_with_meta(good, d / "v6.onnx", "fewstep.contract",
+                                          json.dumps({**c, "compute_dtype": "int8"})), "compute_dtype"),
+        "sigma_init NaN": (_with_meta(good, d / "v7.onnx", "fewstep.contract",
+                                      json.dumps({**c, "sigma_init": "NaN"})), "sigma_init"),
+    }
+
+
+def test_bad_metadata_is_refused_at_load_everywhere(eng, tmp_path):
+    for i, (name, (path, match)) in enumerate(_variants(eng).items()):
+        with pytest.raises(ValueError, match=match):
+            _C.Engine(str(path), threads=1)
+        if i % 3:
+            continue  # the CLI goes through the same loader: a third of the variants end to end is enough
+        out = tmp_path / "x.npy"
+        p = subprocess.run([sys.executable, "-m", "fewstep", "run", path, "--seed", "0", "--batch", "2", "--out", out],
+                           capture_output=True, text=True, cwd="/")
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and match in p.stderr, (name, p.stderr)
+        assert not out.exists()
+    _C.Engine(str(eng["good"]), threads=1).sample(0, 2)  # the unedited engine loads and runs
+
+
+def test_non_finite_result_has_its_own_error(eng, tmp_path):
+    e = _C.Engine(str(eng["blowup"]), threads=1)
+    with pytest.raises(NonFiniteError, match="NaN or inf"):
+        e.sample(0, 2)
+    out = tmp_path / "x.npy"
+    p = subprocess.run([sys.executable, "-m", "fewstep", "run", eng["blowup"], "--seed", "0", "--batch", "2",
+                        "--out", out], capture_output=True, text=True, cwd="/")
+    assert p.returncode == 3 and p.stderr.count("\n") == 1 and "NaN or inf" in p.stderr, p.stderr
+    assert not out.exists()
+
+
+def test_threads_are_capped(eng):
+    with pytest.raises(ValueError, match="at most .* threads"):
+        _C.Engine(str(eng["good"]), threads=100_000)
+
+
+def test_sample_from_refuses_non_finite_z(eng):
+    e = _C.Engine(str(eng["good"]), threads=1)
+    z = np.zeros((2, *eng["contract"]["sample_shape"]), np.float32)
+    z[1, 0] = np.inf
+    with pytest.raises(ValueError, match="z holds NaN or inf"):
+        e.sample(0, 2, z=z)
+
+
+def test_c_api_errors_set_the_last_error():
+    lib = ctypes.CDLL(_C.__file__)
+    lib.fewstep_randn.restype = ctypes.c_int
+    lib.fewstep_randn.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int64, ctypes.c_int64,
+                                  ctypes.POINTER(ctypes.c_float), ctypes.c_size_t]
+    lib.fewstep_last_error.restype = ctypes.c_char_p
+    buf = (ctypes.c_float * 8)()
+    cases = [((0, 2**32, 0, 1, 8, buf, 8), "stream"), ((0, 0, 0, 1, 8, buf, 4), "room for 4"),
+             ((0, 0, 0, 0, 8, buf, 8), "batch"), ((0, 0, 0, 1, 8, None, 8), "NULL")]
+    for args, match in cases:
+        assert lib.fewstep_randn(*args) != 0
+        assert match in lib.fewstep_last_error().decode(), (args, lib.fewstep_last_error())
