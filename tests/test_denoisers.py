@@ -398,6 +398,11 @@ def vp_grid_and_off_grid():
             torch.as_tensor(np.concatenate([t_grid, t_off]), dtype=F64))
 
 
+# Adapter vs manual_vp (same batch): both hand the float32 UNet c_in·x rounded once from float64, so its
+# input agrees bit for bit or by one float32 ulp where the float64 c_in differs in its last bit; the rest
+# is float64 scaling (~1e-16; 0 to 2e-16 is what these tests read). The bound 1e-6 of max|D| = 16·2⁻²⁴
+# admits that one ulp through a UNet with input-to-output gain ≤ 16; a wrong c_skip, c_out or c_in (or
+# prediction type) changes D by O(1) at some σ of the grid, which spans 0.01 to 157.
 def manual_vp(unet, x, sigma, t, prediction, **kw):
     """c_skip·x + c_out·unet(c_in·x, t), VP scalings written out for each prediction type."""
     s = col(sigma, x)
