@@ -33,8 +33,12 @@ def load_engine(path: str, threads: int = 0, provider: str = "cpu", device_id: i
     try:
         return _C.Engine(path, threads=threads, provider=provider, device_id=device_id, cuda_graph=cuda_graph,
                          cache_dir=cache_dir, ort_library=ort_library)
-    except ValueError as exc:
+    except (ValueError, RuntimeError) as exc:  # a bad engine file or ONNX Runtime library: the user's input
         raise RunError(str(exc)) from None
+
+
+# The C++ runtime's bound on one run (runtime/src/engine.cpp): checked here too, before numpy allocates.
+MAX_VALUES = 2**31
 
 
 def default_labels(info: dict, batch: int, cls) -> np.ndarray | None:
@@ -75,6 +79,10 @@ def sample(engine, seed: int = 0, batch: int | None = None, cls=None, guidance: 
     batch = 1 if batch is None else batch
     if batch < 1:
         raise RunError(f"--batch must be ≥ 1, got {batch}")
+    per_sample = int(np.prod(info["sample_shape"]))
+    if batch * per_sample > MAX_VALUES:
+        raise RunError(f"--batch {batch:,}: {batch:,} samples × {per_sample:,} values is more than the "
+                       f"{MAX_VALUES:,} values one run may hold")
     labels = default_labels(info, batch, cls)
     g = None
     if guidance is not None:
@@ -87,5 +95,5 @@ def sample(engine, seed: int = 0, batch: int | None = None, cls=None, guidance: 
         return engine.sample(seed, batch, labels=labels, guidance=g, z=z)
     except NonFiniteError:
         raise  # its own exit code (3), not a bad argument
-    except ValueError as exc:
+    except (ValueError, RuntimeError) as exc:  # RuntimeError: ONNX Runtime could not run this engine
         raise RunError(str(exc)) from None

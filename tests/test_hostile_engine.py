@@ -124,3 +124,48 @@ def test_c_api_errors_set_the_last_error():
     for args, match in cases:
         assert lib.fewstep_randn(*args) != 0
         assert match in lib.fewstep_last_error().decode(), (args, lib.fewstep_last_error())
+
+
+def _data_shaped_engine(path: Path) -> Path:
+    """A graph whose output is [2N, 2] for an input [N, 2]: its contract's dims are dynamic, so only the
+    run can tell (ORT hands back its own, larger buffer)."""
+    from onnx import TensorProto, helper
+
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 2])
+    out = helper.make_tensor_value_info("sample", TensorProto.FLOAT, ["M", 2])
+    g = helper.make_graph([helper.make_node("Concat", ["z", "z"], ["sample"], axis=0)], "twice", [z], [out])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    contract = {"sample_shape": [2], "nfe": 1, "n_stochastic": 0, "num_classes": None, "guidance_input": False}
+    for k, v in {"fewstep.format": "fewstep.engine/1", "fewstep.kind": "sampler",
+                 "fewstep.contract": json.dumps(contract)}.items():
+        m.metadata_props.add(key=k, value=v)
+    onnx.save(m, path)
+    return path
+
+
+@pytest.mark.parametrize("case", ["directory", "fifo", "huge batch", "not ORT", "threads", "data-shaped output",
+                                  "text noise"])
+def test_hostile_run_arguments(eng, tmp_path, capsys, case):
+    import os
+
+    from fewstep.cli import main
+
+    good = str(eng["good"])
+    args = {"directory": [str(tmp_path), "--batch", "2"],
+            "huge batch": [good, "--batch", str(2**40)],
+            "not ORT": [good, "--batch", "2", "--ort-library", "/etc/passwd"],
+            "threads": [good, "--batch", "2", "--threads", "100000"],
+            "text noise": [good, "--noise", str(tmp_path / "z.npy")]}.get(case)
+    if case == "fifo":
+        os.mkfifo(tmp_path / "fifo")
+        args = [str(tmp_path / "fifo"), "--batch", "2"]
+    if case == "data-shaped output":
+        args = [str(_data_shaped_engine(tmp_path / "twice.onnx")), "--batch", "3"]
+    (tmp_path / "z.npy").write_text("hello")
+    out = tmp_path / "out.npy"
+    capsys.readouterr()
+    rc = main(["run", *args, "--seed", "0", "--out", str(out)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and err[0].startswith("fewstep: error: "), (rc, err)
+    assert "Traceback" not in err[0] and not out.exists() and ".tmp" not in err[0]

@@ -4,6 +4,7 @@
 // the GPU wheel's library. We compile against the ORT_API_VERSION of the headers found at build
 // time and ask the library for exactly that API table: newer libraries keep older tables.
 #include <dlfcn.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <cmath>
@@ -64,7 +65,9 @@ const Ort& ort(const char* requested) {
                                          " at " + path + " is older than the C API version " +
                                          std::to_string(ORT_API_VERSION) + " fewstep was built with");
   OrtEnv* env = nullptr;
-  if (OrtStatus* st = api->CreateEnv(ORT_LOGGING_LEVEL_ERROR, "fewstep", &env)) {
+  // FATAL only: every error reaches the caller as a status with ORT's message; its own logger would print
+  // the same text to stderr a second time (and break the CLIs' one-line errors).
+  if (OrtStatus* st = api->CreateEnv(ORT_LOGGING_LEVEL_FATAL, "fewstep", &env)) {
     const std::string msg = api->GetErrorMessage(st);
     api->ReleaseStatus(st);
     throw Error(FEWSTEP_ERR_BACKEND, "ONNX Runtime CreateEnv failed: " + msg);
@@ -397,11 +400,15 @@ fewstep_engine* load(const char* path_c, const fewstep_engine_params& p) {
     throw Error(FEWSTEP_ERR_OUT_OF_RANGE, "fewstep_engine_params: at most " + std::to_string(cap) +
                                               " threads (4x this machine's cores), got " +
                                               std::to_string(std::max(p.intra_op_threads, p.inter_op_threads)));
-  {  // Our own check first: ORT's messages for a missing file are less direct.
+  {  // Our own checks first: ORT's messages for a missing file are less direct, and opening a FIFO hangs.
+    struct stat st{};
+    if (stat(path.c_str(), &st) != 0)
+      throw Error(FEWSTEP_ERR_IO, "cannot open engine file " + path + ": " + std::strerror(errno));
+    if (S_ISDIR(st.st_mode)) throw Error(FEWSTEP_ERR_IO, path + ": is a directory, not an engine file");
+    if (!S_ISREG(st.st_mode)) throw Error(FEWSTEP_ERR_IO, path + ": not a regular file (a pipe, socket or device)");
+    if (st.st_size == 0) throw Error(FEWSTEP_ERR_INVALID_ENGINE, path + ": empty file (not an ONNX model)");
     std::ifstream f(path, std::ios::binary);
     if (!f) throw Error(FEWSTEP_ERR_IO, "cannot open engine file " + path + ": " + std::strerror(errno));
-    char c;
-    if (!f.get(c)) throw Error(FEWSTEP_ERR_INVALID_ENGINE, path + ": empty file (not an ONNX model)");
   }
   const Ort& o = ort(p.ort_library);
   const OrtApi* api = o.api;
@@ -525,7 +532,19 @@ void run(fewstep_engine* e, uint64_t seed, int64_t batch, const float* z_in, con
   wrap(out, n * sizeof(float), shape, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &values[4]);
   check(api, api->Run(e->session, nullptr, e->input_names.data(), values, k, &e->output_name, 1, &values[4]),
         "ONNX Runtime run failed");
-  // A pre-allocated output is written in place; if ORT had to give us a different buffer, copy.
+  // A pre-allocated output is written in place; if ORT had to give us a different buffer (a graph whose
+  // output shape depends on the data), it must still hold exactly [batch, *sample_shape] before we copy.
+  {
+    Owned<OrtTensorTypeAndShapeInfo> ts(api->ReleaseTensorTypeAndShapeInfo);
+    check(api, api->GetTensorTypeAndShape(values[4], &ts.p), "reading the output shape");
+    size_t nd = 0;
+    check(api, api->GetDimensionsCount(ts.p, &nd), "reading the output rank");
+    std::vector<int64_t> got_dims(nd);
+    if (nd) check(api, api->GetDimensions(ts.p, got_dims.data(), nd), "reading the output shape");
+    if (got_dims != shape)
+      throw Error(FEWSTEP_ERR_INVALID_ENGINE, "the graph's output 'sample' does not have the shape [batch, *sample_shape] "
+                                              "the contract promises (an output whose shape depends on the data)");
+  }
   void* got = nullptr;
   check(api, api->GetTensorMutableData(values[4], &got), "reading the output");
   if (got != out) std::memcpy(out, got, n * sizeof(float));
