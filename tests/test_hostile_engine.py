@@ -169,3 +169,48 @@ def test_hostile_run_arguments(eng, tmp_path, capsys, case):
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc == 2 and len(err) == 1 and err[0].startswith("fewstep: error: "), (rc, err)
     assert "Traceback" not in err[0] and not out.exists() and ".tmp" not in err[0]
+
+
+# --- property-based fuzz of engine metadata -------------------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(10**30), 10**30), st.floats(width=64),
+                  st.text(max_size=6))
+_value = st.recursive(_leaf, lambda k: st.one_of(st.lists(k, max_size=3), st.dictionaries(st.text(max_size=5), k,
+                                                                                          max_size=3)), max_leaves=8)
+
+
+@st.composite
+def _metadata_edit(draw):
+    key = draw(st.sampled_from(["fewstep.plan", "fewstep.contract"]))
+    if draw(st.integers(0, 4)) == 0:
+        return key, draw(st.text(max_size=80))  # not JSON at all
+    return key, draw(st.sampled_from(["row", "top"])), draw(st.text(max_size=12) | st.sampled_from(
+        ["sigma", "a", "c", "q", "p", "g", "guidance", "rows", "nfe", "n_stochastic", "sample_shape",
+         "num_classes", "null_label", "guidance_input", "sigma_init", "compute_dtype", "format"])), draw(_value)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(edit=_metadata_edit())
+def test_fuzz_engine_metadata(eng, tmp_path_factory, edit):
+    """Any edit of the plan or contract metadata: the engine loads and samples, or says why in a
+    ValueError (NonFiniteError for a NaN result); never another exception, a crash or a hang."""
+    key = edit[0]
+    if len(edit) == 2:
+        text = edit[1]
+    else:
+        obj = json.loads(_meta(eng["good"], key))
+        target = obj["rows"][0] if edit[1] == "row" and key == "fewstep.plan" else obj
+        target[edit[2]] = edit[3]
+        text = json.dumps(obj)
+    path = _with_meta(eng["good"], tmp_path_factory.mktemp("fz") / "e.onnx", key, text)
+    try:
+        e = _C.Engine(str(path), threads=1)
+    except ValueError:
+        return
+    try:
+        e.sample(0, 2)
+    except ValueError:  # NonFiniteError included
+        pass
