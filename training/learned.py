@@ -272,97 +272,103 @@ class _Adam:
             p.sub_(self.lr * (m / (1 - b1 ** self.t)) / ((v / (1 - b2 ** self.t)).sqrt() + self.eps))
 
 
+class _Objective:
+    """The training loss of ``params`` on ``train`` (relative to the init's, plus the regulariser) and, for LD3,
+    the per-sample offsets of the student's noise inside the slack ball (z units, RMS ≤ ``slack``)."""
+
+    def __init__(self, params: _Params, den, train: Batch, ref: torch.Tensor, cfg: LearnConfig):
+        self.params, self.den, self.train, self.ref, self.cfg = params, den, train, ref, cfg
+        self.shift = torch.zeros_like(train.z, requires_grad=True) if cfg.loss == "ld3" else None
+        with torch.no_grad():
+            mse0 = float(_mse(endpoint(params, den, train, train.z, train.cond), ref))
+        self.norm = max(mse0, 1e-30)  # relative to the init's loss, so ``reg`` means the same on every model
+
+    def __call__(self, idx=None) -> torch.Tensor:
+        t = self.train
+        z = t.z if idx is None else t.z[idx]
+        cond = t.cond if idx is None or t.cond is None else t.cond[idx]
+        r = self.ref if idx is None else self.ref[idx]
+        if self.shift is not None:
+            z = z + (self.shift if idx is None else self.shift[idx])
+        loss = _mse(endpoint(self.params, self.den, t, z, cond), r) / self.norm
+        if self.cfg.reg:
+            loss = loss + self.cfg.reg * (self.params.delta ** 2).mean()
+        return loss
+
+    def project(self) -> None:
+        if self.shift is not None:
+            with torch.no_grad():
+                d = self.shift.reshape(self.shift.shape[0], -1)
+                rms_ = d.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-30)
+                d.mul_(torch.clamp(self.cfg.slack / rms_, max=1.0))
+
+
+def _phase(obj: _Objective, var: list, lr: float, nsteps: int, gen, deadline: float | None) -> tuple[int, bool]:
+    """``nsteps`` optimiser steps on ``var``; returns (steps taken, ran out of time)."""
+    cfg, n = obj.cfg, obj.train.z.shape[0]
+    if obj.shift is not None:
+        var = var + [obj.shift]
+    if cfg.optimizer == "lbfgs":
+        opt = torch.optim.LBFGS(var, lr=1.0, max_iter=nsteps, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = obj(None)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        obj.project()
+        return nsteps, False
+    opt = _Adam(var, lr=lr)
+    for i in range(nsteps):
+        idx = None
+        if cfg.minibatch is not None and cfg.minibatch < n:
+            idx = torch.randperm(n, generator=gen)[:cfg.minibatch]
+        opt.zero_grad()
+        obj(idx).backward()
+        opt.step()
+        obj.project()
+        if deadline is not None and time.perf_counter() > deadline:
+            return i + 1, True
+    return nsteps, False
+
+
 def learn(init: Plan, den, train: Batch, ref: torch.Tensor, held: Batch, held_ref: torch.Tensor,
           cfg: LearnConfig, say: Callable[[str], None] = lambda s: None, seed: int = 0):
     """Optimise ``init``'s rows on ``train``; returns (best plan on ``held``, info). ``init`` itself is a
     candidate, so the result is never worse than it on ``held`` (as the run_rows endpoint measures it)."""
     cfg = cfg.check()
     t0 = time.perf_counter()
-    e = init.nfe
-    k = cfg.history if cfg.history is not None else max(init.history, min(e - 1, 2))
-    k = max(k, init.history)
-    params = _Params(init, k)
-    n = train.z.shape[0]
+    deadline = None if cfg.budget is None else t0 + cfg.budget
+    k = cfg.history if cfg.history is not None else max(init.history, min(init.nfe - 1, 2))
+    params = _Params(init, max(k, init.history))
+    obj = _Objective(params, den, train, ref, cfg)
     gen = torch.Generator().manual_seed(seed)
-    # LD3: a per-sample offset of the student's noise inside the slack ball (z units, RMS ≤ slack)
-    shift = torch.zeros_like(train.z, requires_grad=True) if cfg.loss == "ld3" else None
-    with torch.no_grad():
-        mse0 = float(_mse(endpoint(params, den, train, train.z, train.cond), ref))
-    norm = max(mse0, 1e-30)  # losses relative to the init's, so ``reg`` means the same on every model
-
-    def objective(idx):
-        z = train.z if idx is None else train.z[idx]
-        cond = train.cond if idx is None or train.cond is None else train.cond[idx]
-        r = ref if idx is None else ref[idx]
-        if shift is not None:
-            z = z + (shift if idx is None else shift[idx])
-        loss = _mse(endpoint(params, den, train, z, cond), r) / norm
-        if cfg.reg:
-            loss = loss + cfg.reg * (params.delta ** 2).mean()
-        return loss
-
-    def project():
-        if shift is not None:
-            with torch.no_grad():
-                d = shift.reshape(n, -1)
-                rms_ = d.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-30)
-                d.mul_(torch.clamp(cfg.slack / rms_, max=1.0))
-
     best = {"err": _heldout_rms(params, den, held, held_ref), "state": params.state(), "phase": "init"}
     init_err = best["err"]
-    history, steps = [("init", init_err)], 0
-    phases = [(kind, r) for r in range(cfg.rounds) for kind in ("coef", "grid")]
-    out_of_time = False
-    for kind, rnd in phases:
-        nsteps = cfg.coef_steps if kind == "coef" else cfg.grid_steps
-        if nsteps == 0 or (kind == "grid" and params.theta.numel() == 0):
-            continue
-        var = [params.delta] if kind == "coef" else [params.theta]
-        lr = cfg.lr if kind == "coef" else cfg.grid_lr
-        if shift is not None:
-            var = var + [shift]
-        if cfg.optimizer == "lbfgs":
-            opt = torch.optim.LBFGS(var, lr=1.0, max_iter=nsteps, line_search_fn="strong_wolfe")
-
-            def closure(opt=opt):
-                opt.zero_grad()
-                loss = objective(None)
-                loss.backward()
-                return loss
-
-            opt.step(closure)
-            project()
-            steps += nsteps
-        else:
-            opt = _Adam(var, lr=lr)
-            for _ in range(nsteps):
-                idx = None
-                if cfg.minibatch is not None and cfg.minibatch < n:
-                    idx = torch.randperm(n, generator=gen)[:cfg.minibatch]
-                opt.zero_grad()
-                loss = objective(idx)
-                loss.backward()
-                opt.step()
-                project()
-                steps += 1
-                if cfg.budget is not None and time.perf_counter() - t0 > cfg.budget:
-                    out_of_time = True
-                    break
-        err = _heldout_rms(params, den, held, held_ref)
-        tag = f"round {rnd + 1} {kind}"
-        history.append((tag, err))
-        if math.isfinite(err) and err < best["err"]:
-            best.update(err=err, state=params.state(), phase=tag)
-        say(f"learned {tag}: held-out RMSE {err:.4g} (closed-form {init_err:.4g}, best {best['err']:.4g}) "
-            f"{time.perf_counter() - t0:.1f} s")
-        if out_of_time or (cfg.budget is not None and time.perf_counter() - t0 > cfg.budget):
-            out_of_time = True
-            break
+    history, steps, out_of_time = [("init", init_err)], 0, False
+    for rnd in range(cfg.rounds):
+        for kind in ("coef", "grid"):
+            nsteps = cfg.coef_steps if kind == "coef" else cfg.grid_steps
+            if out_of_time or nsteps == 0 or (kind == "grid" and params.theta.numel() == 0):
+                continue
+            var, lr = ([params.delta], cfg.lr) if kind == "coef" else ([params.theta], cfg.grid_lr)
+            done, out_of_time = _phase(obj, var, lr, nsteps, gen, deadline)
+            steps += done
+            err = _heldout_rms(params, den, held, held_ref)
+            tag = f"round {rnd + 1} {kind}"
+            history.append((tag, err))
+            if math.isfinite(err) and err < best["err"]:
+                best.update(err=err, state=params.state(), phase=tag)
+            say(f"learned {tag}: held-out RMSE {err:.4g} (closed-form {init_err:.4g}, best {best['err']:.4g}) "
+                f"{time.perf_counter() - t0:.1f} s")
+            out_of_time = out_of_time or (deadline is not None and time.perf_counter() > deadline)
     params.load(best["state"])
     won = best["phase"] != "init"
     plan = params.plan(init.name, dict(init.provenance)) if won else init
     info = {"winner": "learned" if won else "closed-form", "heldout_rmse_init": init_err,
-            "heldout_rmse": best["err"], "best_phase": best["phase"], "steps": steps, "history_k": k,
+            "heldout_rmse": best["err"], "best_phase": best["phase"], "steps": steps, "history_k": params.k,
             "out_of_budget": out_of_time, "learn_seconds": round(time.perf_counter() - t0, 3),
             "phases": [[t, v] for t, v in history], "learn_config": asdict(cfg)}
     if won:
