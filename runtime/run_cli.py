@@ -40,14 +40,22 @@ def register(sub, bench_sub) -> None:
 
     b = bench_sub.add_parser("latency", help="latency: network-only × NFE, Python executor, ORT, C++ runtime",
                              description="Exports the plan (sampler + step graph) to a temp dir and times the four "
-                                         "paths side by side (interleaved rounds, medians).")
+                                         "paths side by side (interleaved rounds with an idle gap before every "
+                                         "call, medians), at W = 1 and W = 2 for guided engines.")
     b.add_argument("--model", required=True, help="digits | gmm | PATH")
     b.add_argument("--plan", help="a plan JSON file")
     b.add_argument("--solver", help="solver name")
     b.add_argument("--nfe", type=int, help="network evaluations (with --solver)")
     b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--repeats", type=int, default=200, help="timed runs per path (after warm-up)")
+    b.add_argument("--repeats", type=int, default=30, help="timed rounds (each path once per round, after warm-up)")
     b.add_argument("--threads", type=int, default=1, help="threads for ONNX Runtime and torch (default 1)")
+    b.add_argument("--gap-ms", type=float, default=None,
+                   help="idle milliseconds before every timed call, so the previous path's threads are quiet "
+                        "(default 100)")
+    b.add_argument("--no-spin", action="store_true",
+                   help="Python ONNX Runtime sessions with session.intra_op.allow_spinning = 0")
+    b.add_argument("--guidance", type=float, action="append",
+                   help="W to measure (repeatable; default 1 and 2 for engines with a guidance input)")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--out", help="also write latency_<model>_<plan>_b<batch>.json/.md into this directory")
     b.set_defaults(fn=cmd_bench_latency)
@@ -95,9 +103,58 @@ def _median_us(times: list[float]) -> float:
     return statistics.median(times) * 1e6
 
 
-def latency(model: str, plan, batch: int = 1, repeats: int = 200, threads: int = 1) -> dict:
-    """Median latency (µs) of one sampler run by four paths, measured side by side: each round
-    runs every path once (so load spikes on a shared machine hit all paths alike)."""
+# ONNX Runtime's intra-op workers spin after a run, and torch's OpenMP workers after a parallel region: a
+# path timed right after another one shares its cores with those spinning threads (measured 2026-12-01,
+# 2 threads, digits batch 16: the eager executor timed at 96.7 ms right after an ORT run, 32–45 ms alone).
+# Every timed call is therefore preceded by an idle gap; GAP_MS is the default, and benchmarks/results/
+# latency_interference.md holds the measurement it comes from (gap 0 vs gap, spinning on vs off).
+GAP_MS = 100.0
+
+
+def interleaved(paths: dict, repeats: int, gap_ms: float = GAP_MS, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call of each path, measured in rounds (every path once per round, A B C … then B C … A:
+    the order rotates so no path always follows the same one), with ``gap_ms`` of idle time before each call."""
+    names = list(paths)
+    for _ in range(warmup):
+        for f in paths.values():
+            f()
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(repeats):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            if gap_ms > 0:
+                time.sleep(gap_ms / 1e3)
+            t0 = time.perf_counter()
+            paths[k]()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def machine(threads: int) -> dict:
+    import platform
+    import sys
+
+    import onnxruntime as ort
+    import torch
+
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "platform": platform.platform(),
+            "python": sys.version.split()[0], "torch": torch.__version__, "onnxruntime": ort.__version__,
+            "load_average": os.getloadavg(), "device": "cpu"}
+
+
+def latency(model: str, plan, batch: int = 1, repeats: int = 30, threads: int = 1, gap_ms: float = GAP_MS,
+            spinning: bool = True, guidance: list[float] | None = None) -> dict:
+    """Median latency (µs) of one sampler run by four paths, measured side by side in interleaved rounds
+    with an idle gap before every call (``interleaved``), at each W in ``guidance`` (default: 1 and 2 for an
+    engine with a guidance input, else the engine as it is).
+
+    ``spinning`` False sets ``session.intra_op.allow_spinning = 0`` on the Python ONNX Runtime sessions (the
+    C++ runtime runs ONNX Runtime's defaults, spinning on)."""
     import tempfile
 
     import numpy as np
@@ -106,13 +163,14 @@ def latency(model: str, plan, batch: int = 1, repeats: int = 200, threads: int =
 
     from .. import _C
     from ..export.onnx import example_inputs, export_onnx
-    from ..training.evaluate import make_inputs, run_plan
     from ..training.teachers import load
+    from .executor import sample as py_sample
     from .run import load_engine
 
     teacher = load(model)
     den = teacher.denoiser
-    torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         sampler_path, step_path = os.path.join(tmp, "sampler.onnx"), os.path.join(tmp, "step.onnx")
         res = export_onnx(den, plan, sampler_path, sample_shape=teacher.shape, num_classes=teacher.num_classes,
@@ -121,78 +179,89 @@ def latency(model: str, plan, batch: int = 1, repeats: int = 200, threads: int =
                            teacher_hash=teacher.content_hash, step_graph=True, force=True)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        if not spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = ort.InferenceSession(sampler_path, so, providers=["CPUExecutionProvider"])
         step_sess = ort.InferenceSession(step_path, so, providers=["CPUExecutionProvider"])
         eng = load_engine(sampler_path, threads=threads)
     contract = res.contract
-    feeds = example_inputs(contract, batch, seed=0, guidance=1.0)
-    step_feeds = example_inputs(step.contract, batch, seed=0, guidance=1.0)
-    labels = feeds.get("class_labels")
-    guidance = feeds.get("guidance")
-    inputs = make_inputs(teacher, plan, batch, 0)
-    if labels is not None:
-        inputs = type(inputs)(inputs.z, inputs.noise, torch.from_numpy(labels))
-
-    def py_exec():
-        with torch.no_grad():
-            run_plan(teacher, plan, inputs)
-
-    paths = {
-        "network_only": lambda: step_sess.run(None, step_feeds),
-        "python_executor": py_exec,
-        "ort_python": lambda: sess.run(None, feeds),
-        "cpp_runtime": lambda: eng.sample(0, batch, labels=labels, guidance=guidance),
-    }
-    # Same inputs, same answer: the C++ runtime must reproduce ORT-from-Python bit for bit.
-    same = bool(np.array_equal(paths["cpp_runtime"](), paths["ort_python"]()[0]))
-    times: dict[str, list[float]] = {k: [] for k in paths}
-    for _ in range(3):  # warm-up
-        for f in paths.values():
-            f()
-    for _ in range(repeats):
-        for k, f in paths.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    med = {k: _median_us(v) for k, v in times.items()}
+    has_w = contract["guidance_input"]
+    ws = list(guidance) if guidance else ([1.0, 2.0] if has_w else [None])
+    if not has_w and any(w not in (None, 1.0) for w in ws):
+        raise ValueError("this engine has no guidance input: it runs the plan's own W only")
     nfe = plan.nfe
+    paths, same, checks = {}, {}, {}
+    for w in ws:
+        feeds = example_inputs(contract, batch, seed=0, guidance=1.0 if w is None else w)
+        step_feeds = example_inputs(step.contract, batch, seed=0, guidance=1.0 if w is None else w)
+        labels, g = feeds.get("class_labels"), feeds.get("guidance")
+        t = {k: torch.from_numpy(v) for k, v in feeds.items()}
+
+        def py_exec(t=t, w=w):
+            with torch.no_grad():
+                return py_sample(plan, den, t["z"], cond=t.get("class_labels"), guidance=w, noise=t.get("noise"))
+
+        tag = "" if w is None else f"W={w:g} "
+        paths[tag + "network_only"] = lambda f=step_feeds: step_sess.run(None, f)
+        paths[tag + "python_executor"] = py_exec
+        paths[tag + "ort_python"] = lambda f=feeds: sess.run(None, f)
+        paths[tag + "cpp_runtime"] = lambda labels=labels, g=g: eng.sample(0, batch, labels=labels, guidance=g)
+        # Same inputs, same answer: the C++ runtime reproduces ORT-from-Python bit for bit, and the executor
+        # within the float32 export tolerance.
+        cpp = paths[tag + "cpp_runtime"]()
+        same[tag.strip() or "plan"] = bool(np.array_equal(cpp, paths[tag + "ort_python"]()[0]))
+        ref = py_exec().numpy()
+        checks[tag.strip() or "plan"] = float(np.abs(cpp - ref).max() / np.abs(ref).max())
+    times = interleaved(paths, repeats, gap_ms)
+    med = {k: _median_us(v) for k, v in times.items()}
+    per_w = {}
+    for w in ws:
+        tag = "" if w is None else f"W={w:g} "
+        m = {k[len(tag):]: v for k, v in med.items() if k.startswith(tag)}
+        per_w[tag.strip() or "plan"] = {
+            "median_us": {"network_only_x_nfe": m["network_only"] * nfe, "network_only_per_eval": m["network_only"],
+                          "python_executor": m["python_executor"], "ort_python": m["ort_python"],
+                          "cpp_runtime": m["cpp_runtime"]},
+            "ratios": {"cpp_over_python_executor": m["cpp_runtime"] / m["python_executor"],
+                       "cpp_over_ort_python": m["cpp_runtime"] / m["ort_python"],
+                       "cpp_over_nfe_x_network": m["cpp_runtime"] / (m["network_only"] * nfe)},
+        }
     return {
         "model": teacher.name, "plan": plan.name, "nfe": nfe, "batch": batch, "threads": threads,
-        "repeats": repeats, "device": "cpu", "onnxruntime": ort.__version__, "fewstep": _C.version(),
-        "median_us": {
-            "network_only_x_nfe": med["network_only"] * nfe,
-            "network_only_per_eval": med["network_only"],
-            "python_executor": med["python_executor"],
-            "ort_python": med["ort_python"],
-            "cpp_runtime": med["cpp_runtime"],
-        },
-        "ratios": {
-            "cpp_over_ort_python": med["cpp_runtime"] / med["ort_python"],
-            "cpp_over_nfe_x_network": med["cpp_runtime"] / (med["network_only"] * nfe),
-        },
-        "cpp_equals_ort_python": same,
-        "notes": "network_only = step graph in ONNX Runtime from Python (one session.run per evaluation) × NFE; "
-                 "ort_python = the sampler graph's raw session.run on precomputed inputs; cpp_runtime = "
-                 "_C.Engine.sample (Philox z/noise, then one ORT run). On the CPU the one-graph sampler has come out "
-                 "faster than NFE separate step-graph calls (same convolutions per evaluation); the cause is not "
-                 "pinned down, so read the second ratio as an upper bound.",
+        "repeats": repeats, "gap_ms": gap_ms, "ort_spinning": spinning, "machine": machine(threads),
+        "fewstep": _C.version(), "guidance_input": has_w, "by_guidance": per_w,
+        "cpp_equals_ort_python": same, "cpp_vs_executor_max_rel_err": checks,
+        "notes": "Interleaved rounds (the order rotates each round), an idle gap of gap_ms before every timed call "
+                 "so no path shares its cores with the previous path's spinning threads; medians. network_only = the "
+                 "step graph in ONNX Runtime from Python (one session.run per evaluation) × NFE; ort_python = the "
+                 "sampler graph's raw session.run on precomputed inputs; cpp_runtime = _C.Engine.sample (Philox z/"
+                 "noise, then one ORT run); python_executor = fewstep.runtime.sample, eager torch. At W = 1 an "
+                 "engine with a guidance input runs its B-row branch (the executor's work), at W ≠ 1 the 2B-row "
+                 "CFG branch.",
         "cuda": "not measured (no GPU): pip install onnxruntime-gpu; fewstep-run ENGINE --provider cuda --bench 200",
         "tensorrt": "not measured (no GPU): fewstep-run ENGINE --provider tensorrt --cache-dir trt_cache --bench 200",
     }
 
 
 def _markdown(r: dict) -> str:
-    m, q = r["median_us"], r["ratios"]
-    rows = [("network only × NFE (step graph, ORT)", m["network_only_x_nfe"]),
-            ("Python executor (torch)", m["python_executor"]), ("ONNX Runtime from Python", m["ort_python"]),
-            ("C++ runtime (_C.Engine)", m["cpp_runtime"])]
+    mc = r["machine"]
     lines = [f"# Latency: {r['model']} / {r['plan']} (NFE {r['nfe']}), batch {r['batch']}, {r['threads']} thread(s)",
-             "", f"CPU, ONNX Runtime {r['onnxruntime']}, {r['repeats']} interleaved runs per path; medians.", "",
-             "| path | median µs |", "| --- | ---: |"]
-    lines += [f"| {name} | {v:.1f} |" for name, v in rows]
-    lines += ["", f"- C++ ÷ raw ORT session call: {q['cpp_over_ort_python']:.3f} (target ≤ 1.01)",
-              f"- C++ ÷ (NFE × network only): {q['cpp_over_nfe_x_network']:.3f} (target ≤ 1.05)",
-              f"- C++ output bit-identical to ORT from Python: {r['cpp_equals_ort_python']}",
+             "", f"{mc['cpu']}, {mc['cores']} cores (shared), load average {mc['load_average'][0]:.2f} at the end; "
+             f"torch {mc['torch']}, ONNX Runtime {mc['onnxruntime']}; {r['repeats']} interleaved rounds, "
+             f"{r['gap_ms']:g} ms idle before every call, ORT spinning {'on' if r['ort_spinning'] else 'off'} "
+             "(Python sessions); medians.", "",
+             "| W | network only × NFE (step graph, ORT) | Python executor (eager torch) | ONNX Runtime from Python "
+             "| C++ runtime (_C.Engine) | C++ ÷ executor | C++ ÷ raw ORT | C++ ÷ (NFE × network) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for w, x in r["by_guidance"].items():
+        m, q = x["median_us"], x["ratios"]
+        lines.append(f"| {w} | {m['network_only_x_nfe']:.0f} µs | {m['python_executor']:.0f} µs | "
+                     f"{m['ort_python']:.0f} µs | {m['cpp_runtime']:.0f} µs | {q['cpp_over_python_executor']:.3f} | "
+                     f"{q['cpp_over_ort_python']:.3f} | {q['cpp_over_nfe_x_network']:.3f} |")
+    lines += ["", f"- C++ output bit-identical to ORT from Python: {r['cpp_equals_ort_python']}",
+              "- C++ vs executor, max |Δ| / max |ref|: "
+              + ", ".join(f"{k} {v:.2g}" for k, v in r["cpp_vs_executor_max_rel_err"].items()),
               f"- CUDA: {r['cuda']}", f"- TensorRT: {r['tensorrt']}", "", r["notes"], ""]
     return "\n".join(lines)
 
@@ -207,6 +276,12 @@ def cmd_bench_latency(args) -> int:
         raise FewstepError("give either --plan FILE or --solver NAME --nfe N, not both")
     if args.batch < 1 or args.repeats < 1 or args.threads < 0:
         raise FewstepError("--batch and --repeats must be ≥ 1, --threads ≥ 0")
+    gap = GAP_MS if args.gap_ms is None else args.gap_ms
+    if not 0 <= gap <= 10_000:
+        raise FewstepError(f"--gap-ms must be in [0, 10000], got {args.gap_ms}")
+    for w in args.guidance or []:
+        if w != w or w in (float("inf"), float("-inf")):
+            raise FewstepError(f"--guidance must be finite, got {w}")
     if args.plan:
         plan = Plan.load(args.plan)
     elif args.solver and args.nfe is not None:
@@ -214,10 +289,13 @@ def cmd_bench_latency(args) -> int:
         plan = build(args.solver, args.nfe, den.sigma_min, den.sigma_max)
     else:
         raise FewstepError("choose a sampler: --solver NAME --nfe N, or --plan FILE")
-    r = latency(args.model, plan, args.batch, args.repeats, args.threads)
+    try:
+        r = latency(args.model, plan, args.batch, args.repeats, args.threads, gap, not args.no_spin, args.guidance)
+    except ValueError as exc:
+        raise FewstepError(str(exc)) from None
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"latency_{r['model']}_{r['plan']}_b{r['batch']}")
+        stem = os.path.join(args.out, f"latency_{r['model']}_{r['plan']}_b{r['batch']}_t{r['threads']}")
         atomic_write_bytes(stem + ".json", (json.dumps(r, indent=1) + "\n").encode())
         atomic_write_bytes(stem + ".md", _markdown(r).encode())
     if args.json:

@@ -272,6 +272,25 @@ def test_stale_contract_names_the_fix(variants, tmp_path):
         e.sample(0, 2, labels=np.zeros(2, np.int64), guidance=np.full(2, 2.0, np.float32))
 
 
+def test_bench_latency_harness(tmp_path):
+    """`fewstep bench latency`: interleaved rounds whose order rotates, an idle gap before every call, W = 1 and
+    W = 2 for an engine with a guidance input, every path's output checked."""
+    from fewstep.runtime.run_cli import interleaved
+
+    calls = []
+    t = interleaved({k: (lambda k=k: calls.append((k, time.perf_counter()))) for k in "abc"}, 3, gap_ms=5, warmup=0)
+    assert [k for k, _ in calls] == list("abc" "bca" "cab") and all(len(v) == 3 for v in t.values())
+    assert min(b[1] - a[1] for a, b in zip(calls, calls[1:])) >= 0.005  # the gap precedes every call
+    assert _cli("bench", "latency", "--model", "gmm", "--solver", "ddim", "--nfe", 2, "--batch", 3, "--repeats", 2,
+                "--gap-ms", 1, "--out", tmp_path) == 0
+    r = json.loads((tmp_path / "latency_gmm_ddim-2_b3_t1.json").read_text())
+    assert sorted(r["by_guidance"]) == ["W=1", "W=2"] and r["gap_ms"] == 1 and r["repeats"] == 2
+    assert all(r["cpp_equals_ort_python"].values()) and max(r["cpp_vs_executor_max_rel_err"].values()) <= TOL
+    assert all(v > 0 for x in r["by_guidance"].values() for v in x["median_us"].values())
+    assert "W=2" in (tmp_path / "latency_gmm_ddim-2_b3_t1.md").read_text()
+    assert _cli("bench", "latency", "--model", "gmm", "--solver", "ddim", "--nfe", 2, "--gap-ms", -1) == 2
+
+
 # ---- reliability ------------------------------------------------------------------------------
 
 

@@ -165,6 +165,9 @@ def test_network_rows_per_guidance_variant(digits, tmp_path):
         w = None if name == "input" else 1.0
         assert _rel(_run(tmp_path / f"{name}.onnx", feeds), _executor(digits, plan, feeds, w)) <= 1e-4
     assert rows == {("input", "then_branch"): {3}, ("input", "else_branch"): {6}, "fixed1": {3}, "fixed2": {6}}
+    with pytest.raises(xo.ExportError, match="fixes W on every row"):  # an input no row reads: refused, not dropped
+        xo.export_teacher("digits", fixed[2.0], tmp_path / "x.onnx", guidance_input=True)
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_guidance_is_per_sample(digits, digits_engine):

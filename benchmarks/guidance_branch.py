@@ -1,0 +1,116 @@
+"""One engine that branches on W (ONNX `If`) against two separate engines, through the C++ runtime.
+
+An engine with a guidance input holds two traces of the plan: a B-row one for calls whose every W is
+1 and CFG's 2B-row one for the rest, selected by an `If` on the guidance input (export/onnx.py,
+``branch_on_unit_guidance``). The alternative design is two engines: a B-row one (no guidance input)
+and a 2B-row one, the caller picking. This measures what the branch costs:
+
+- W = 1: the `If` engine against the B-row engine,
+- W = 2: the `If` engine against the 2B-row engine without the branch,
+
+all four through ``fewstep._C.Engine``, in interleaved rounds with an idle gap before every call
+(``fewstep.runtime.run_cli.interleaved``), medians; digits, DPM-Solver++(2M), NFE 4.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/guidance_branch.py [--batch 16 64] [--threads 1] [--repeats 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+
+
+def bench(batches, threads: int, repeats: int, gap_ms: float) -> dict:
+    import torch
+
+    from fewstep import _C
+    from fewstep.export.onnx import export_onnx
+    from fewstep.runtime.run_cli import _median_us, interleaved, machine
+    from fewstep.runtime.solvers import build
+    from fewstep.training.teachers import load
+
+    torch.set_num_threads(threads)
+    t = load("digits")
+    den = t.denoiser
+    plan = build("dpmpp-2m", 4, den.sigma_min, den.sigma_max)
+    kw = dict(sample_shape=t.shape, num_classes=t.num_classes, teacher_hash=t.content_hash)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {k: os.path.join(tmp, k + ".onnx") for k in ("branch", "b_rows", "cfg_rows")}
+        export_onnx(den, plan, paths["branch"], **kw)
+        export_onnx(den, plan, paths["b_rows"], guidance_input=False, **kw)
+        export_onnx(den, plan, paths["cfg_rows"], unit_guidance_branch=False, **kw)
+        sizes = {k: os.path.getsize(p) for k, p in paths.items()}
+        eng = {k: _C.Engine(p, threads=threads) for k, p in paths.items()}
+    for batch in batches:
+        labels = np.arange(batch, dtype=np.int64) % t.num_classes
+        w1, w2 = np.ones(batch, np.float32), np.full(batch, 2.0, np.float32)
+        calls = {
+            "W=1 branch engine": lambda b=batch, lb=labels, g=w1: eng["branch"].sample(0, b, labels=lb, guidance=g),
+            "W=1 B-row engine": lambda b=batch, lb=labels: eng["b_rows"].sample(0, b, labels=lb),
+            "W=2 branch engine": lambda b=batch, lb=labels, g=w2: eng["branch"].sample(0, b, labels=lb, guidance=g),
+            "W=2 2B-row engine": lambda b=batch, lb=labels, g=w2: eng["cfg_rows"].sample(0, b, labels=lb, guidance=g),
+        }
+        # the branch picks the same computation: equal outputs, bit for bit
+        same_w1 = bool(np.array_equal(calls["W=1 branch engine"](), calls["W=1 B-row engine"]()))
+        same_w2 = bool(np.array_equal(calls["W=2 branch engine"](), calls["W=2 2B-row engine"]()))
+        times = interleaved(calls, repeats, gap_ms)
+        med = {k: _median_us(v) / 1e3 for k, v in times.items()}
+        rows.append({"batch": batch, "median_ms": med, "equal_outputs": {"W=1": same_w1, "W=2": same_w2},
+                     "branch_over_b_rows_w1": med["W=1 branch engine"] / med["W=1 B-row engine"],
+                     "branch_over_cfg_rows_w2": med["W=2 branch engine"] / med["W=2 2B-row engine"],
+                     "w1_over_w2_branch": med["W=1 branch engine"] / med["W=2 branch engine"]})
+        print(json.dumps(rows[-1]), flush=True)
+    return {"model": "digits", "plan": plan.name, "threads": threads, "repeats": repeats, "gap_ms": gap_ms,
+            "machine": machine(threads), "file_bytes": sizes, "rows": rows}
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    out = ["# One engine with an `If` on W vs two separate engines (C++ runtime)", "",
+           f"{m['cpu']}, {m['cores']} cores (shared with other jobs), {r['threads']} intra-op thread(s); "
+           f"ONNX Runtime {m['onnxruntime']}; digits / {r['plan']}; {r['repeats']} interleaved rounds, "
+           f"{r['gap_ms']:g} ms idle before every call; medians. Load average at the end {m['load_average'][0]:.2f}.",
+           "", f"File sizes: branch engine {r['file_bytes']['branch'] / 1e6:.2f} MB, B-row engine "
+           f"{r['file_bytes']['b_rows'] / 1e6:.2f} MB, 2B-row engine {r['file_bytes']['cfg_rows'] / 1e6:.2f} MB "
+           "(the weights are stored once in the branch engine; each branch adds its nodes).", "",
+           "| batch | W=1 branch | W=1 B-row engine | ratio | W=2 branch | W=2 2B-row engine | ratio | "
+           "equal outputs |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for x in r["rows"]:
+        d = x["median_ms"]
+        out.append(f"| {x['batch']} | {d['W=1 branch engine']:.2f} ms | {d['W=1 B-row engine']:.2f} ms | "
+                   f"{x['branch_over_b_rows_w1']:.3f} | {d['W=2 branch engine']:.2f} ms | "
+                   f"{d['W=2 2B-row engine']:.2f} ms | {x['branch_over_cfg_rows_w2']:.3f} | "
+                   f"{x['equal_outputs']} |")
+    out += ["", "Regenerate: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/guidance_branch.py`", ""]
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--gap-ms", type=float, default=100.0)
+    ap.add_argument("--out", default=RESULTS)
+    args = ap.parse_args()
+    from fewstep.runtime.plan import atomic_write_text
+
+    r = bench(args.batch, args.threads, args.repeats, args.gap_ms)
+    stem = os.path.join(args.out, f"latency_guidance_branch_t{args.threads}")
+    atomic_write_text(stem + ".json", json.dumps(r, indent=1) + "\n")
+    atomic_write_text(stem + ".md", markdown(r))
+    print(markdown(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
