@@ -279,7 +279,7 @@ def test_fp16_runs_in_fp16_within_tolerance(digits, tmp_path):
     # The teacher's longest path rounds R ≈ 70 times (25 convs, 17 GroupNorms + SiLUs, 8 residual adds); the last
     # pass's D is the output (the σ = 80 pass is damped by σ). Independent roundings grow as √R·u: float16
     # (u = 2⁻¹¹) 4e-3, and the bar 1e-2 is 2.4× that (worst case R·u = 3.4e-2 is verify's 5e-2). The floor:
-    # a float32 graph stays ≤ R·2⁻²⁴ = 4e-6, so 1e-5 catches float32 in disguise. This engine reads 2e-3.
+    # a float32 graph stays ≤ 2 passes·R·2⁻²⁴ = 8.4e-6, so 1e-5 catches float32 in disguise. This engine reads 2e-3.
     assert 1e-5 < r.max_rel_err <= 1e-2
 
 
