@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from ..errors import FewstepError
 
@@ -107,6 +108,8 @@ def cmd_export(args) -> int:
 
     teacher = load_teacher(args.model, student_steps(args))
     plan = _plan(args, teacher)
+    if sys.stderr.isatty():  # progress on a terminal only: piped stderr keeps errors to one line
+        print(f"fewstep export: tracing {plan.name} ({plan.nfe} evaluations) ...", file=sys.stderr, flush=True)
     res = export_onnx(teacher.denoiser, plan, out, sample_shape=teacher.shape, num_classes=teacher.num_classes,
                       dtype=args.dtype, batch=args.batch, step_graph=args.step_graph,
                       teacher_hash=teacher.content_hash, force=args.force)
@@ -120,6 +123,8 @@ def cmd_export(args) -> int:
         from .verify import verify
 
         model = None if args.model in ("digits", "gmm") else args.model
+        if sys.stderr.isatty():
+            print("fewstep export: verifying against the executor ...", file=sys.stderr, flush=True)
         v = verify(out, model=model)
         print(v.line())
         rc = 0 if v.passed else 1

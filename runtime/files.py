@@ -143,6 +143,19 @@ def read_npy(path: str | os.PathLike, what: str, max_elements: int):
         raise FileError(f"{what} {path}: {exc.strerror}") from None
 
 
+def check_writable_file(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Before any work: ``path`` can be written (its directory exists and is writable, and it is not a
+    directory), so a long fit or export never ends in "permission denied"."""
+    p = os.path.abspath(os.fspath(path))
+    if os.path.isdir(p):
+        raise FileError(f"{flag} {path}: is a directory; give a file name")
+    d = os.path.dirname(p)
+    if not os.path.isdir(d):
+        raise FileError(f"{flag} {path}: directory {d} does not exist")
+    if not os.access(d, os.W_OK | os.X_OK) or (os.path.exists(p) and not os.access(p, os.W_OK)):
+        raise FileError(f"{flag} {path}: not writable")
+
+
 def one_line(msg: str, limit: int = 300) -> str:
     """An exception's message as one line of at most ``limit`` characters (torch's state-dict errors
     and safetensors' run to many lines)."""

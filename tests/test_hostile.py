@@ -94,6 +94,7 @@ def test_fifo_plan_does_not_hang(capsys, tmp_path):
     (["--seed", str(2**70)], "seed must be in [0, 2^64)"),
     (["--n", "1e8"], "invalid int value"),
     (["--n", "100000000"], "ask for fewer samples"),
+    (["--n", "100000000"], "100,000,000 samples"),
     (["--n", "0"], "--n must be ≥ 1"),
 ])
 def test_hostile_sample_arguments(capsys, tmp_path, args, match):
@@ -324,3 +325,21 @@ def test_fuzz_model_folders(capsys, tmp_path_factory, files):
     assert rc in (2, 3), (rc, lines)
     assert len(lines) == 1 and lines[0].startswith("fewstep: error: "), lines
     assert not out.exists()
+
+
+def test_ctrl_c_leaves_nothing_behind(tmp_path):
+    """SIGINT in the middle of a fit (after its first progress line): exit 130, one line, no file."""
+    import signal
+    import time
+
+    out = tmp_path / "p.json"
+    p = subprocess.Popen([sys.executable, "-m", "fewstep", "fit", "--model", "gmm", "--solver", "ddim", "--nfe", "4",
+                          "--method", "timesteps+dode", "--out", out], stderr=subprocess.PIPE, text=True, cwd="/")
+    first = p.stderr.readline()  # the fit has started: imports are done, main() is running
+    assert first.startswith("fewstep fit: "), first
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    rest = p.stderr.read()
+    assert p.wait(timeout=60) == 130, rest
+    assert rest.strip().splitlines()[-1] == "fewstep: interrupted" and "Traceback" not in rest, rest
+    assert list(tmp_path.iterdir()) == []

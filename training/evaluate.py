@@ -47,8 +47,8 @@ def make_inputs(teacher: Teacher, plan: Plan, n: int, seed: int, cls: int | None
     if n < 1:
         raise InputError(f"--n must be ≥ 1, got {n}")
     if n * math.prod(teacher.shape) > _noise.MAX_ELEMENTS:
-        raise InputError(f"--n {n:,}: {n:,} samples of {math.prod(teacher.shape):,} values are more than the "
-                         f"{_noise.MAX_ELEMENTS:,} values one run holds; ask for fewer samples")
+        raise InputError(f"{n:,} samples of {math.prod(teacher.shape):,} values are more than the "
+                         f"{_noise.MAX_ELEMENTS:,} values one run holds; ask for fewer samples (--n, --batch)")
     n_stoch = len(plan.stochastic_rows)
     zz, eps = _noise.draw(seed, n, teacher.shape, n_stoch)
     if z is not None:
@@ -87,7 +87,8 @@ def check_guidance(teacher: Teacher, guidance: float | None, labels) -> None:
 
 @torch.no_grad()
 def run_plan(teacher: Teacher, plan: Plan, inputs: Inputs, guidance: float | None = None,
-             batch: int = 1000) -> torch.Tensor:
+             batch: int = 1000, progress=None) -> torch.Tensor:
+    """``progress``: called with the number of samples after each batch (a tqdm bar's ``update``)."""
     check_guidance(teacher, guidance, inputs.labels)
     outs = []
     n = inputs.z.shape[0]
@@ -96,12 +97,14 @@ def run_plan(teacher: Teacher, plan: Plan, inputs: Inputs, guidance: float | Non
         noise = inputs.noise[:, sl] if inputs.noise is not None else None
         cond = inputs.labels[sl] if inputs.labels is not None else None
         outs.append(sample(plan, teacher.denoiser, inputs.z[sl], cond=cond, guidance=guidance, noise=noise))
+        if progress:
+            progress(sl.stop - sl.start)
     return torch.cat(outs)
 
 
 @torch.no_grad()
 def reference(teacher: Teacher, inputs: Inputs, sigma_max: float, guidance: float | None = None,
-              steps: int | None = None, batch: int = 1000) -> torch.Tensor:
+              steps: int | None = None, batch: int = 1000, progress=None) -> torch.Tensor:
     from .gmm import reference_endpoint
 
     steps = steps or REFERENCE_STEPS[teacher.kind]
@@ -116,6 +119,8 @@ def reference(teacher: Teacher, inputs: Inputs, sigma_max: float, guidance: floa
         ref = reference_endpoint(den, z.to(torch.float64) if teacher.kind == "gmm" else z, sigma_max,
                                  den.sigma_min, steps, cond=cond, guidance=guidance)
         outs.append(ref.to(torch.float32))
+        if progress:
+            progress(sl.stop - sl.start)
     return torch.cat(outs)
 
 
@@ -147,16 +152,21 @@ def quality(teacher: Teacher, samples: torch.Tensor, inputs: Inputs, ref: torch.
 
 def evaluate(teacher: Teacher, plan: Plan, n: int, seed: int, cls: int | None = None,
              guidance: float | None = None, z: np.ndarray | None = None, ref_steps: int | None = None) -> dict:
+    from tqdm import tqdm
+
     inputs = make_inputs(teacher, plan, n, seed, cls, z)
+    # sampling, then the reference solve (the long part); shown on a terminal only (disable=None)
+    bar = tqdm(total=2 * n, desc=f"eval {plan.name}", unit="sample", disable=None, leave=False)
     t0 = time.perf_counter()
-    samples = run_plan(teacher, plan, inputs, guidance)
+    samples = run_plan(teacher, plan, inputs, guidance, progress=bar.update)
     secs = time.perf_counter() - t0
     check_finite(samples, f"{plan.name} on {teacher.name}", "nothing to score. A plan coefficient or a guidance "
                  "scale far out of range does this: try a smaller --guidance, or check the plan's rows")
     ws = {r.guidance for r in plan.rows}
     if guidance is None and len(ws) == 1 and None not in ws:
         guidance = ws.pop()  # a plan fitted at w samples at w: score it against the reference at w
-    ref = reference(teacher, inputs, plan.sigma_init, guidance, ref_steps)
+    ref = reference(teacher, inputs, plan.sigma_init, guidance, ref_steps, progress=bar.update)
+    bar.close()
     res = {"model": teacher.name, "plan": plan.name, "nfe": plan.nfe, "n": n, "seed": seed,
            "guidance": 1.0 if guidance is None else guidance, "class": cls}
     res.update(quality(teacher, samples, inputs, ref))

@@ -98,6 +98,7 @@ def cmd_fit(args) -> int:
 
     import torch
 
+    from ..runtime.files import check_writable_file
     from .fit import FitError, fit, parse_method
     from .learned import METHODS as LEARNED
     from .teachers import load
@@ -105,9 +106,7 @@ def cmd_fit(args) -> int:
     if args.method in LEARNED:
         if args.nfe < 1:
             raise FitError(f"--nfe must be ≥ 1, got {args.nfe}")
-        out_dir = os.path.dirname(os.path.abspath(args.out))
-        if not os.path.isdir(out_dir):
-            raise FitError(f"--out {args.out}: directory {out_dir} does not exist")
+        check_writable_file(args.out)
         return _cmd_fit_learned(args, None if args.quiet else
                                 (lambda s: print(f"fewstep fit: {s}", file=sys.stderr, flush=True)))
     parse_method(args.method)  # bad arguments fail before any work
@@ -117,9 +116,7 @@ def cmd_fit(args) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise FitError(f"--{name} must be ≥ 1, got {v}")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise FitError(f"--out {args.out}: directory {out_dir} does not exist")
+    check_writable_file(args.out)
     teacher = load(args.model)
     if teacher.kind == "gmm":
         # The exact GMM's ops are tiny: intra-op threads only contend (7 ms vs 0.08 ms per softmax on 2 busy cores).

@@ -7,6 +7,7 @@ stream 0 of the seed) and one reference solve, so columns are comparable.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -16,7 +17,7 @@ import torch
 
 import fewstep
 
-from ..runtime.plan import atomic_write_text
+from ..runtime.plan import atomic_write_bytes, atomic_write_text
 from ..runtime.solvers import SolverError, build, solvers
 from .evaluate import make_inputs, quality, reference, run_plan
 from .teachers import load
@@ -128,7 +129,7 @@ def _plot(res: dict, path: str) -> None:
     ax.set_title(f"{res['model']}: base solvers")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
