@@ -287,8 +287,8 @@ def test_bf16_exports_at_opset_22_and_verifies(tmp_path):
     """bf16 engines are opset 22 (Conv takes bfloat16 from there on); ONNX Runtime's CPU provider has no
     bfloat16 kernels, so verify runs them in onnx's reference evaluator. DDIM-2 reads 3.5e-2 vs the float32
     executor: bfloat16 keeps 8 mantissa bits (u = 2⁻⁸ = 4e-3 per rounding), and √R·u over the R ≈ 70 roundings
-    of the last UNet pass is 3.3e-2; the bar 0.1 is 3× that. The floor 1e-3 is 250× above a float32 graph's
-    worst case (R·2⁻²⁴ = 4e-6) and 30× below the bfloat16 estimate."""
+    of the last UNet pass is 3.3e-2; the bar 0.1 is 3× that. The floor 1e-3 is 120× above a float32 graph's
+    worst case (2 passes·R·2⁻²⁴ = 8.4e-6) and 30× below the bfloat16 estimate."""
     import onnx
 
     path = tmp_path / "b.onnx"
