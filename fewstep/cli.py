@@ -173,14 +173,9 @@ def save_grid(path: str, images, ncol: int | None = None, scale: int = 4) -> Non
 
 
 def check_out_dir(path: str) -> None:
-    """Before any work: --out DIR is, or can be made, a writable directory (created only when written)."""
-    probe = os.path.abspath(path)
-    if os.path.exists(probe) and not os.path.isdir(probe):
-        raise UserError(f"--out {path}: exists and is not a directory")
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"--out {path}: {probe} is not a writable directory")
+    from .runtime.files import check_writable_dir
+
+    check_writable_dir(path)
 
 
 def _prepare_out_dir(path: str) -> None:

@@ -156,6 +156,17 @@ def check_writable_file(path: str | os.PathLike, flag: str = "--out") -> None:
         raise FileError(f"{flag} {path}: not writable")
 
 
+def check_writable_dir(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Before any work: ``path`` is, or can be made, a writable directory (created only when written)."""
+    probe = os.path.abspath(os.fspath(path))
+    if os.path.exists(probe) and not os.path.isdir(probe):
+        raise FileError(f"{flag} {path}: exists and is not a directory")
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise FileError(f"{flag} {path}: {probe} is not a writable directory")
+
+
 def one_line(msg: str, limit: int = 300) -> str:
     """An exception's message as one line of at most ``limit`` characters (torch's state-dict errors
     and safetensors' run to many lines)."""

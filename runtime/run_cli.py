@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 
 
@@ -62,19 +63,11 @@ def register(sub, bench_sub) -> None:
 
 
 def cmd_run(args) -> int:
-    from ..errors import FewstepError
-    from .run import load_engine, sample
+    from .files import check_writable_file, read_npy
+    from .run import MAX_VALUES, load_engine, sample
 
-    z = None
-    if args.noise:
-        import numpy as np
-
-        try:
-            z = np.load(args.noise, allow_pickle=False)
-        except FileNotFoundError:
-            raise FewstepError(f"noise file not found: {args.noise}") from None
-        except (ValueError, OSError) as exc:
-            raise FewstepError(f"noise file {args.noise}: not a readable .npy array ({exc})") from None
+    check_writable_file(args.out)
+    z = read_npy(args.noise, "noise file", MAX_VALUES) if args.noise else None
     eng = load_engine(args.engine, threads=args.threads, provider=args.provider, device_id=args.device,
                       ort_library=args.ort_library)
     t0 = time.perf_counter()
@@ -266,6 +259,14 @@ def _markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def safe_name(name: str) -> str:
+    """A model or plan name as one file-name component: a path becomes its file name, and anything but
+    letters, digits, '.', '_' and '-' becomes '_' (a plan named '../x' must not write outside --out)."""
+    base = os.path.basename(name.rstrip("/\\")) or "model"
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip(".")
+    return base or "model"
+
+
 def cmd_bench_latency(args) -> int:
     from ..errors import FewstepError
     from ..runtime.plan import Plan, atomic_write_bytes
@@ -276,6 +277,13 @@ def cmd_bench_latency(args) -> int:
         raise FewstepError("give either --plan FILE or --solver NAME --nfe N, not both")
     if args.batch < 1 or args.repeats < 1 or args.threads < 0:
         raise FewstepError("--batch and --repeats must be ≥ 1, --threads ≥ 0")
+    cap = 4 * (os.cpu_count() or 2)
+    if args.threads > cap:
+        raise FewstepError(f"--threads {args.threads}: at most {cap} (4× this machine's cores)")
+    if args.out:
+        from .files import check_writable_dir
+
+        check_writable_dir(args.out)  # before the benchmark, not after it
     gap = GAP_MS if args.gap_ms is None else args.gap_ms
     if not 0 <= gap <= 10_000:
         raise FewstepError(f"--gap-ms must be in [0, 10000], got {args.gap_ms}")
@@ -295,7 +303,8 @@ def cmd_bench_latency(args) -> int:
         raise FewstepError(str(exc)) from None
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"latency_{r['model']}_{r['plan']}_b{r['batch']}_t{r['threads']}")
+        stem = os.path.join(args.out, f"latency_{safe_name(r['model'])}_{safe_name(r['plan'])}_b{r['batch']}"
+                                      f"_t{r['threads']}")
         atomic_write_bytes(stem + ".json", (json.dumps(r, indent=1) + "\n").encode())
         atomic_write_bytes(stem + ".md", _markdown(r).encode())
     if args.json:
