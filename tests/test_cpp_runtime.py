@@ -518,3 +518,26 @@ def test_install_find_package_and_minimal_c(engines, native, tmp_path):
     p = subprocess.run([prefix / "bin/fewstep-run", engines["tiny"], "--batch", "2", "--out", tmp_path / "i.npy"],
                        env=_env(), capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+def test_native_cli_hostile(engines, native, gmm, tmp_path):
+    """fewstep-run: a NaN result is exit 3 with nothing written; --out a directory leaves no temporary file;
+    absurd threads are refused (ONNX Runtime itself crashes at 10^5)."""
+    from fewstep.runtime.plan import Row
+
+    exe = str(native / "fewstep-run")
+    den = gmm.denoiser
+    blow = build("ddim", 2, den.sigma_min, den.sigma_max)
+    blow = blow.replace(rows=tuple(Row(**{**r.__dict__, "c": 1e30}) for r in blow.rows))  # x·1e30·1e30: inf
+    export_onnx(den, blow, tmp_path / "blow.onnx", sample_shape=gmm.shape, num_classes=gmm.num_classes,
+                guidance_input=False)
+    out = tmp_path / "o"
+    out.mkdir()
+    cases = [([tmp_path / "blow.onnx", "--batch", "2", "--out", out / "x.npy"], 3, "NaN or inf"),
+             ([engines["tiny"], "--batch", "2", "--out", out], 1, "cannot write"),
+             ([engines["tiny"], "--batch", "2", "--threads", "100000", "--out", out / "y.npy"], 1, "threads")]
+    for args, rc, match in cases:
+        p = subprocess.run([exe, *map(str, args)], env=_env(), capture_output=True, text=True)
+        assert p.returncode == rc and p.stderr.count("\n") == 1 and match in p.stderr, (args, p.stderr)
+        assert list(out.iterdir()) == [] and not [f for f in tmp_path.iterdir() if ".tmp" in f.name or
+                                                  f.name.startswith(".o.")]
