@@ -12,10 +12,12 @@ contract's shapes are written as they are. A fixed-batch export writes its fixed
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import tempfile
 
 from ..errors import FewstepError
 from ..runtime.plan import atomic_write_text
@@ -88,9 +90,17 @@ def write_triton_repo(onnx_path, repo_dir, name: str | None = None, engine_path=
     for model_name, platform, src, fname in models:
         mdir = os.path.join(repo_dir, model_name)
         os.makedirs(os.path.join(mdir, "1"), exist_ok=True)
-        tmp = os.path.join(mdir, "1", f".tmp-{fname}")
-        shutil.copyfile(src, tmp)  # copy then rename: Triton never sees half a model
-        os.replace(tmp, os.path.join(mdir, "1", fname))
+        # copy to a unique temporary file, then rename: Triton never sees half a model, and an
+        # interrupted or failed copy leaves nothing behind
+        fd, tmp = tempfile.mkstemp(prefix=f".{fname}.", suffix=".tmp", dir=os.path.join(mdir, "1"))
+        os.close(fd)
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, os.path.join(mdir, "1", fname))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         atomic_write_text(os.path.join(mdir, "config.pbtxt"), config_pbtxt(model_name, contract, platform, params))
         written.append(mdir)
     return written

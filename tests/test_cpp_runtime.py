@@ -541,3 +541,12 @@ def test_native_cli_hostile(engines, native, gmm, tmp_path):
         assert p.returncode == rc and p.stderr.count("\n") == 1 and match in p.stderr, (args, p.stderr)
         assert list(out.iterdir()) == [] and not [f for f in tmp_path.iterdir() if ".tmp" in f.name or
                                                   f.name.startswith(".o.")]
+    hdr = tmp_path / "claims.npy"  # a header promising 10^11 samples: refused before allocating
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (10**11, 2)})
+    hdr.write_bytes(buf.getvalue() + b"\0" * 64)
+    p = subprocess.run([exe, engines["tiny"], "--noise", hdr, "--out", out / "z.npy"], env=_env(), capture_output=True,
+                       text=True)
+    assert p.returncode == 2 and "truncated" in p.stderr and list(out.iterdir()) == [], p.stderr

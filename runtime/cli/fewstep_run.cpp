@@ -52,6 +52,9 @@ double parse_float(const std::string& s, const char* what) {
 
 // .npy (format 1.0/2.0) of little-endian float32, C order: shape and data.
 std::vector<float> read_npy(const std::string& path, std::vector<long long>& shape) {
+  struct stat st{};
+  if (stat(path.c_str(), &st) != 0) throw Usage("cannot open noise file " + path + ": " + std::strerror(errno));
+  if (!S_ISREG(st.st_mode)) throw Usage("noise file " + path + ": not a regular file");
   std::ifstream f(path, std::ios::binary);
   if (!f) throw Usage("cannot open noise file " + path);
   char magic[8];
@@ -79,6 +82,9 @@ std::vector<float> read_npy(const std::string& path, std::vector<long long>& sha
       throw Usage(path + ": bad shape");
     n *= size_t(shape.back());
   }
+  // The header's promise against the file's size before allocating (a header may claim 10^11 values).
+  if (uint64_t(n) * sizeof(float) > uint64_t(st.st_size)) throw Usage(path + ": truncated .npy data (the header "
+                                                                          "promises more values than the file holds)");
   std::vector<float> data(n);
   if (!f.read(reinterpret_cast<char*>(data.data()), std::streamsize(n * sizeof(float))))
     throw Usage(path + ": truncated .npy data");
@@ -154,7 +160,11 @@ int run(int argc, char** argv) {
     else if (a == "--guidance") has_guidance = true, guidance = parse_float(next(), "--guidance");
     else if (a == "--noise") noise_path = next();
     else if (a == "--out") out_path = next();
-    else if (a == "--threads") opt.intra_op_threads = int(parse_int(next(), "--threads"));
+    else if (a == "--threads") {
+      const long long t = parse_int(next(), "--threads");
+      if (t < 0 || t > 1 << 20) throw Usage("--threads must be in [0, 2^20], got " + std::to_string(t));
+      opt.intra_op_threads = int(t);
+    }
     else if (a == "--device") opt.device_id = int(parse_int(next(), "--device"));
     else if (a == "--cuda-graph") opt.cuda_graph = true;
     else if (a == "--cache-dir") opt.engine_cache_dir = next();
