@@ -287,10 +287,12 @@ def cmd_demo(args) -> int:
 
 
 def cmd_solvers(args) -> int:
-    from .runtime.solvers import solvers
+    from .runtime.solvers import aliases_of, solvers
 
     for s in solvers().values():
-        print(f"{s.name:10s} {s.summary}")
+        also = aliases_of(s.name)
+        print(f"{s.name:16s} {s.summary}" + (f"  [also: {', '.join(also)}]" if also else ""))
+    print("names are matched case-insensitively, with '_' for '-' and k-diffusion's sample_ prefix")
     return 0
 
 

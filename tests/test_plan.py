@@ -264,3 +264,17 @@ def test_every_solver_builds_at_every_small_nfe():
                 last = plan.rows[-1]
                 if last.s == 0.0 and name != "plms":  # PLMS ends on an Adams–Bashforth step, not on D
                     assert last.c == 0.0  # x ← D: round-off must not leave a 1e-17·x term
+
+
+def test_peer_solver_names_resolve():
+    """k-diffusion and diffusers names give the fewstep solver their peer test checks them against."""
+    from fewstep.runtime.solvers import SolverError, get
+
+    want = {"sample_euler": "ddim", "euler": "ddim", "sample_heun": "heun", "dpmpp_2m": "dpmpp-2m",
+            "sample_dpmpp_2m": "dpmpp-2m", "DPM++2M": "dpmpp-2m", "ipndm": "ipndm", "DDIMScheduler": "ddim",
+            "EulerDiscreteScheduler": "ddim", "HeunDiscreteScheduler": "heun", "DPMSolverMultistepScheduler": "dpmpp-2m",
+            "UniPCMultistepScheduler": "unipc", "DEISMultistepScheduler": "deis-3", "DDPMScheduler": "ddpm",
+            "deis-2": "deis-2"}
+    assert {k: get(k).name for k in want} == want
+    with pytest.raises(SolverError, match="fewstep solvers"):
+        get("sample_lms")  # k-diffusion's LMS is not PLMS: no alias rather than a wrong one

@@ -64,7 +64,25 @@ def _registry() -> dict[str, Solver]:
 
 
 _SOLVERS: dict[str, Solver] | None = None
-ALIASES = {"euler": "ddim", "dpm++2m": "dpmpp-2m", "dpm++3m": "dpmpp-3m", "edm": "heun", "ancestral": "ddpm"}
+# Names users arrive with: k-diffusion's sampler names (sample_euler, dpmpp_2m, …) and diffusers'
+# scheduler classes, each mapped to the fewstep solver whose plan its peer test checks it against
+# (tests/test_solvers_a.py, test_solvers_b.py). Keys are canonical: lower case, '_' → '-', no
+# "sample-" prefix (see _canonical). Schedulers whose default update differs (e.g. diffusers'
+# DEIS is order 3, UniPC bh2 with predict_x0) map to the matching fewstep variant.
+ALIASES = {
+    "euler": "ddim", "dpm++2m": "dpmpp-2m", "dpm++3m": "dpmpp-3m", "edm": "heun", "ancestral": "ddpm",
+    # k-diffusion
+    "deis": "deis-3",  # ComfyUI's k-diffusion sample_deis: tAB, max_order 3 (k-diffusion's lms is not PLMS)
+    # diffusers
+    "ddimscheduler": "ddim", "eulerdiscretescheduler": "ddim", "heundiscretescheduler": "heun",
+    "dpmsolvermultistepscheduler": "dpmpp-2m", "unipcmultistepscheduler": "unipc",
+    "deismultistepscheduler": "deis-3", "pndmscheduler": "plms",  # PNDM with skip_prk_steps, as SD's configs "ipndmscheduler": "ipndm", "ddpmscheduler": "ddpm",
+}
+
+
+def _canonical(name: str) -> str:
+    key = name.strip().lower().replace("_", "-")
+    return key.removeprefix("sample-")
 
 
 def solvers() -> dict[str, Solver]:
@@ -75,11 +93,20 @@ def solvers() -> dict[str, Solver]:
 
 
 def get(name: str) -> Solver:
-    key = ALIASES.get(name, name)
     table = solvers()
+    if name in table:
+        return table[name]
+    key = _canonical(name)
+    key = ALIASES.get(key, key)
     if key not in table:
-        raise SolverError(f"unknown solver {name!r}; choose one of {', '.join(sorted(table))}")
+        raise SolverError(f"unknown solver {name!r}; choose one of {', '.join(sorted(table))} "
+                          f"(or a k-diffusion / diffusers name: `fewstep solvers`)")
     return table[key]
+
+
+def aliases_of(name: str) -> list[str]:
+    """The other names ``get`` accepts for solver ``name``."""
+    return sorted(k for k, v in ALIASES.items() if v == name and k != name)
 
 
 def build(
