@@ -272,7 +272,8 @@ def test_peer_solver_names_resolve():
 
     want = {"sample_euler": "ddim", "euler": "ddim", "sample_heun": "heun", "dpmpp_2m": "dpmpp-2m",
             "sample_dpmpp_2m": "dpmpp-2m", "DPM++2M": "dpmpp-2m", "ipndm": "ipndm", "DDIMScheduler": "ddim",
-            "EulerDiscreteScheduler": "ddim", "HeunDiscreteScheduler": "heun", "DPMSolverMultistepScheduler": "dpmpp-2m",
+            "EulerDiscreteScheduler": "ddim", "HeunDiscreteScheduler": "heun",
+            "DPMSolverMultistepScheduler": "dpmpp-2m",
             "UniPCMultistepScheduler": "unipc", "DEISMultistepScheduler": "deis-3", "DDPMScheduler": "ddpm",
             "deis-2": "deis-2"}
     assert {k: get(k).name for k in want} == want

@@ -76,7 +76,8 @@ ALIASES = {
     # diffusers
     "ddimscheduler": "ddim", "eulerdiscretescheduler": "ddim", "heundiscretescheduler": "heun",
     "dpmsolvermultistepscheduler": "dpmpp-2m", "unipcmultistepscheduler": "unipc",
-    "deismultistepscheduler": "deis-3", "pndmscheduler": "plms",  # PNDM with skip_prk_steps, as SD's configs "ipndmscheduler": "ipndm", "ddpmscheduler": "ddpm",
+    "deismultistepscheduler": "deis-3", "ipndmscheduler": "ipndm", "ddpmscheduler": "ddpm",
+    "pndmscheduler": "plms",  # PNDM with skip_prk_steps, as Stable Diffusion's configs set it
 }
 
 
