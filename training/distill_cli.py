@@ -135,7 +135,7 @@ def _int_list(name: str, text: str) -> list[int]:
 
 
 def cmd_dmd2(args) -> int:
-    from .dmd2 import DMD2Config, train_bundle
+    from .dmd2 import DMD2Config, check_bundle, train_bundle
     from .guided import DistillError
 
     steps = _int_list("steps", args.steps)
@@ -149,6 +149,9 @@ def cmd_dmd2(args) -> int:
                      gan=not args.no_gan, gan_g=args.gan_g, gan_d=args.gan_d)
     if not args.ema_halflife >= 0:
         raise DistillError(f"--ema-halflife must be ≥ 0, got {args.ema_halflife}")
+    check_bundle(cfg, steps, iters)
+    if args.teacher != "digits" and not os.path.exists(args.teacher):
+        raise DistillError(f"--teacher {args.teacher}: not found")
     _threads()
     index = train_bundle(args.out, cfg, steps, iters, None if args.teacher == "digits" else args.teacher, args.seed,
                          progress=not args.quiet)

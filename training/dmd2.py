@@ -388,6 +388,15 @@ def train_digits(out_dir: str, cfg: DMD2Config, teacher: str | None = None, init
     return path
 
 
+def check_bundle(base: DMD2Config, steps: list[int], iters: list[int]) -> None:
+    if len(steps) != len(iters) or not steps:
+        raise DistillError(f"--iters needs one count per student ({len(steps)}), got {len(iters)}")
+    if len(set(steps)) != len(steps):
+        raise DistillError(f"--steps has repeats: {steps}")
+    for k, n in zip(steps, iters):
+        check_config(DMD2Config(**{**asdict(base), "steps": k, "iters": n}))
+
+
 def train_bundle(out_dir: str, base: DMD2Config, steps: list[int], iters: list[int], teacher: str | None = None,
                  seed: int = 0, progress: bool = True, resume: bool = True) -> dict:
     """Students for each K in ``steps`` (in order), each initialised from the previous one's networks (the
@@ -396,12 +405,7 @@ def train_bundle(out_dir: str, base: DMD2Config, steps: list[int], iters: list[i
     kept on a rerun, an interrupted one resumes. Returns the index (students.json)."""
     from .digits import _resolve, teacher_hash
 
-    if len(steps) != len(iters) or not steps:
-        raise DistillError(f"--iters needs one count per student ({len(steps)}), got {len(iters)}")
-    if len(set(steps)) != len(steps):
-        raise DistillError(f"--steps has repeats: {steps}")
-    for k, n in zip(steps, iters):
-        check_config(DMD2Config(**{**asdict(base), "steps": k, "iters": n}))
+    check_bundle(base, steps, iters)
     src = _resolve(teacher)
     t_hash = teacher_hash(teacher)
     rank, _ = trainer.dist_info()
