@@ -8,7 +8,7 @@ LOCK    := requirements.lock
 PIP_VERSION       := 26.3
 PIP_TOOLS_VERSION := 7.6.2
 
-.PHONY: demo test install dev lint clean sysdeps asan students lock
+.PHONY: demo test install dev lint clean sysdeps asan students lock dmd2
 
 # A fresh Debian machine may lack venv/ensurepip or a C++ compiler: install them (as root).
 sysdeps:
@@ -71,6 +71,14 @@ students: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/fewstep distill guided --out $(STUDENTS_RUN)/guided
 	OMP_NUM_THREADS=1 $(VENV)/bin/fewstep distill progressive --student $(STUDENTS_RUN)/guided --out $(STUDENTS_RUN)
 	$(VENV)/bin/fewstep distill ship $(STUDENTS_RUN) training/weights/digits_guided
+
+# Rebuild the shipped DMD2 students (training/weights/digits_dmd2/): a 1-step generator, then a 4-step one
+# started from its networks (W = 1), then copy the sampling artifacts without training state. Resumable:
+# rerun after an interruption. Training wall time: benchmarks/results/dmd2_digits.md.
+DMD2_RUN ?= out/digits_dmd2
+dmd2: install
+	OMP_NUM_THREADS=1 $(VENV)/bin/fewstep distill dmd2 --out $(DMD2_RUN)
+	$(VENV)/bin/fewstep distill ship $(DMD2_RUN) training/weights/digits_dmd2
 
 # AddressSanitizer / LeakSanitizer over 1,000 load/sample/free cycles of the C API (also part of `make test`).
 asan: install
