@@ -50,7 +50,8 @@ def main() -> int:
     lines = ["# Engine (C++ runtime) ÷ eager executor: digits / dpmpp-2m-4", "",
              f"{m['cpu']}, {m['cores']} cores shared with other jobs; torch {m['torch']}, ONNX Runtime "
              f"{m['onnxruntime']}. Per row: `fewstep bench latency` ({args.repeats} interleaved rounds, "
-             f"{runs[-1]['gap_ms']:g} ms idle before every call, medians; the row's own file holds every path). "
+             f"{runs[-1]['gap_ms']:g} ms idle, then until the process is quiet, before every call, medians; "
+             "the row's own file holds every path). "
              "At W = 1 the engine runs its B-row branch; at W = 2 CFG's 2B rows, like the executor. "
              "Targets at 1 thread: ≤ 0.6 (W = 1), ≤ 0.65 (W = 2).", "",
              "| batch | threads | W | C++ runtime ms | eager executor ms | engine ÷ eager | target | load avg |",

@@ -5,31 +5,23 @@ Imported at CLI start: nothing here imports torch, onnx or onnxruntime at module
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import time
 
 
-def _class(text: str):
-    if text == "none":
-        return "none"
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a class index or 'none', got {text!r}") from None
-
-
 def register(sub, bench_sub) -> None:
+    from .cli_args import add_count, class_arg
+
     p = sub.add_parser("run", help="sample an exported engine with the C++ runtime (ONNX Runtime underneath)",
                        description="Same sample as `fewstep sample --plan P --seed S --n N` for the engine's plan.")
     p.add_argument("engine", help="exported sampler .onnx (fewstep export)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--seed", type=int, default=0, help="Philox seed for z and the stochastic rows' noise")
     src.add_argument("--noise", help="initial z as a float32 .npy of shape N×… (stochastic rows use seed 0)")
-    p.add_argument("--batch", type=int, help="number of samples (default: the noise file's N, else 1)")
-    p.add_argument("--class", dest="cls", type=_class,
+    add_count(p, "number of samples (default: the noise file's N, else 1)", dest="batch", old="--batch")
+    p.add_argument("--class", dest="cls", type=class_arg,
                    help="class label, or 'none' (null label, unconditional); default classes 0,1,2,… in turn")
     p.add_argument("--guidance", type=float, help="CFG scale W (engines with a guidance input)")
     p.add_argument("--out", required=True, help="output .npy file (float32 [N, *sample_shape])")
@@ -51,8 +43,8 @@ def register(sub, bench_sub) -> None:
     b.add_argument("--repeats", type=int, default=30, help="timed rounds (each path once per round, after warm-up)")
     b.add_argument("--threads", type=int, default=1, help="threads for ONNX Runtime and torch (default 1)")
     b.add_argument("--gap-ms", type=float, default=None,
-                   help="idle milliseconds before every timed call, so the previous path's threads are quiet "
-                        "(default 100)")
+                   help="idle milliseconds before every timed call (default 20), after which the harness also "
+                        "waits until the previous path's threads have stopped spinning")
     b.add_argument("--no-spin", action="store_true",
                    help="Python ONNX Runtime sessions with session.intra_op.allow_spinning = 0")
     b.add_argument("--guidance", type=float, action="append",
@@ -99,14 +91,35 @@ def _median_us(times: list[float]) -> float:
 # ONNX Runtime's intra-op workers spin after a run, and torch's OpenMP workers after a parallel region: a
 # path timed right after another one shares its cores with those spinning threads (measured 2026-12-01,
 # 2 threads, digits batch 16: the eager executor timed at 96.7 ms right after an ORT run, 32–45 ms alone).
-# Every timed call is therefore preceded by an idle gap; GAP_MS is the default, and benchmarks/results/
-# latency_interference.md holds the measurement it comes from (gap 0 vs gap, spinning on vs off).
-GAP_MS = 100.0
+# benchmarks/results/latency_interference_b16_t2.md measures the spinning directly (CPU time the process burns
+# while its main thread sleeps): ~45 ms of CPU for ONNX Runtime, over 100–200 ms of wall time on the loaded
+# box, ~10 ms within 50 ms for torch, none with ONNX Runtime's spinning off. Its wall time grows with the
+# machine's load, so a fixed gap is not enough: before every timed call the harness waits GAP_MS, then until
+# the process is quiet (QUIET_CPU_MS of CPU or less over a QUIET_WINDOW_MS window, main thread asleep).
+GAP_MS = 20.0
+QUIET_WINDOW_MS = 20.0
+QUIET_CPU_MS = 0.5  # an idle process burns ~0.02 ms per 20 ms here; one spinning thread, even at a 20% share, ~4
+QUIET_MAX_S = 3.0
 
 
-def interleaved(paths: dict, repeats: int, gap_ms: float = GAP_MS, warmup: int = 2) -> dict[str, list[float]]:
+def wait_quiet(gap_ms: float = GAP_MS) -> bool:
+    """Sleep ``gap_ms``, then until no other thread of this process burns CPU (False: still busy after
+    QUIET_MAX_S; ``time.process_time`` counts every thread of the process)."""
+    time.sleep(gap_ms / 1e3)
+    t_end = time.perf_counter() + QUIET_MAX_S
+    while time.perf_counter() < t_end:
+        c0 = time.process_time()
+        time.sleep(QUIET_WINDOW_MS / 1e3)
+        if (time.process_time() - c0) * 1e3 <= QUIET_CPU_MS:
+            return True
+    return False
+
+
+def interleaved(paths: dict, repeats: int, gap_ms: float = GAP_MS, warmup: int = 2, quiet: bool = True) \
+        -> dict[str, list[float]]:
     """Seconds per call of each path, measured in rounds (every path once per round, A B C … then B C … A:
-    the order rotates so no path always follows the same one), with ``gap_ms`` of idle time before each call."""
+    the order rotates so no path always follows the same one). Before each call: ``gap_ms`` of idle time,
+    then (``quiet``) until the previous path's worker threads have stopped spinning (``wait_quiet``)."""
     names = list(paths)
     for _ in range(warmup):
         for f in paths.values():
@@ -114,7 +127,9 @@ def interleaved(paths: dict, repeats: int, gap_ms: float = GAP_MS, warmup: int =
     times: dict[str, list[float]] = {k: [] for k in names}
     for r in range(repeats):
         for k in names[r % len(names):] + names[:r % len(names)]:
-            if gap_ms > 0:
+            if quiet:
+                wait_quiet(gap_ms)
+            elif gap_ms > 0:
                 time.sleep(gap_ms / 1e3)
             t0 = time.perf_counter()
             paths[k]()
@@ -141,10 +156,10 @@ def machine(threads: int) -> dict:
 
 
 def latency(model: str, plan, batch: int = 1, repeats: int = 30, threads: int = 1, gap_ms: float = GAP_MS,
-            spinning: bool = True, guidance: list[float] | None = None) -> dict:
+            spinning: bool = True, guidance: list[float] | None = None, quiet: bool = True) -> dict:
     """Median latency (µs) of one sampler run by four paths, measured side by side in interleaved rounds
-    with an idle gap before every call (``interleaved``), at each W in ``guidance`` (default: 1 and 2 for an
-    engine with a guidance input, else the engine as it is).
+    with an idle gap before every call, then a wait until the process is quiet (``interleaved``), at each W in
+    ``guidance`` (default: 1 and 2 for an engine with a guidance input, else the engine as it is).
 
     ``spinning`` False sets ``session.intra_op.allow_spinning = 0`` on the Python ONNX Runtime sessions (the
     C++ runtime runs ONNX Runtime's defaults, spinning on)."""
@@ -206,7 +221,7 @@ def latency(model: str, plan, batch: int = 1, repeats: int = 30, threads: int = 
         same[tag.strip() or "plan"] = bool(np.array_equal(cpp, paths[tag + "ort_python"]()[0]))
         ref = py_exec().numpy()
         checks[tag.strip() or "plan"] = float(np.abs(cpp - ref).max() / np.abs(ref).max())
-    times = interleaved(paths, repeats, gap_ms)
+    times = interleaved(paths, repeats, gap_ms, quiet=quiet)
     med = {k: _median_us(v) for k, v in times.items()}
     per_w = {}
     for w in ws:
@@ -222,16 +237,18 @@ def latency(model: str, plan, batch: int = 1, repeats: int = 30, threads: int = 
         }
     return {
         "model": teacher.name, "plan": plan.name, "nfe": nfe, "batch": batch, "threads": threads,
-        "repeats": repeats, "gap_ms": gap_ms, "ort_spinning": spinning, "machine": machine(threads),
+        "repeats": repeats, "gap_ms": gap_ms, "wait_quiet": quiet, "ort_spinning": spinning,
+        "machine": machine(threads),
         "fewstep": _C.version(), "guidance_input": has_w, "by_guidance": per_w,
         "cpp_equals_ort_python": same, "cpp_vs_executor_max_rel_err": checks,
-        "notes": "Interleaved rounds (the order rotates each round), an idle gap of gap_ms before every timed call "
-                 "so no path shares its cores with the previous path's spinning threads; medians. network_only = the "
-                 "step graph in ONNX Runtime from Python (one session.run per evaluation) × NFE; ort_python = the "
-                 "sampler graph's raw session.run on precomputed inputs; cpp_runtime = _C.Engine.sample (Philox z/"
-                 "noise, then one ORT run); python_executor = fewstep.runtime.sample, eager torch. At W = 1 an "
-                 "engine with a guidance input runs its B-row branch (the executor's work), at W ≠ 1 the 2B-row "
-                 "CFG branch.",
+        "notes": "Interleaved rounds (the order rotates each round); before every timed call gap_ms of idle time, "
+                 "then a wait until the process burns no CPU (the previous path's ONNX Runtime / OpenMP workers "
+                 "spin for ~100–200 ms after a run on a loaded box), so no path shares its cores with them; "
+                 "medians. network_only = the step graph in ONNX Runtime from Python (one session.run per "
+                 "evaluation) × NFE; ort_python = the sampler graph's raw session.run on precomputed inputs; "
+                 "cpp_runtime = _C.Engine.sample (Philox z/noise, then one ORT run); python_executor = "
+                 "fewstep.runtime.sample, eager torch. At W = 1 an engine with a guidance input runs its B-row "
+                 "branch (the executor's work), at W ≠ 1 the 2B-row CFG branch.",
         "cuda": "not measured (no GPU): pip install onnxruntime-gpu; fewstep-run ENGINE --provider cuda --bench 200",
         "tensorrt": "not measured (no GPU): fewstep-run ENGINE --provider tensorrt --cache-dir trt_cache --bench 200",
     }
@@ -242,8 +259,8 @@ def _markdown(r: dict) -> str:
     lines = [f"# Latency: {r['model']} / {r['plan']} (NFE {r['nfe']}), batch {r['batch']}, {r['threads']} thread(s)",
              "", f"{mc['cpu']}, {mc['cores']} cores (shared), load average {mc['load_average'][0]:.2f} at the end; "
              f"torch {mc['torch']}, ONNX Runtime {mc['onnxruntime']}; {r['repeats']} interleaved rounds, "
-             f"{r['gap_ms']:g} ms idle before every call, ORT spinning {'on' if r['ort_spinning'] else 'off'} "
-             "(Python sessions); medians.", "",
+             f"{r['gap_ms']:g} ms idle{' + until quiet' if r['wait_quiet'] else ''} before every call, ORT spinning "
+             f"{'on' if r['ort_spinning'] else 'off'} (Python sessions); medians.", "",
              "| W | network only × NFE (step graph, ORT) | Python executor (eager torch) | ONNX Runtime from Python "
              "| C++ runtime (_C.Engine) | C++ ÷ executor | C++ ÷ raw ORT | C++ ÷ (NFE × network) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -275,8 +275,22 @@ def test_stale_contract_names_the_fix(variants, tmp_path):
 def test_bench_latency_harness(tmp_path):
     """`fewstep bench latency`: interleaved rounds whose order rotates, an idle gap before every call, W = 1 and
     W = 2 for an engine with a guidance input, every path's output checked."""
-    from fewstep.runtime.run_cli import interleaved
+    from fewstep.runtime.run_cli import interleaved, wait_quiet
 
+    def spin(seconds):  # a worker thread burning CPU, as ONNX Runtime's do after a run
+        t_end = time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            pass
+
+    worker = threading.Thread(target=spin, args=(0.3,))
+    t0 = time.perf_counter()
+    worker.start()
+    assert wait_quiet(0)
+    waited = time.perf_counter() - t0
+    worker.join()
+    assert waited >= 0.3  # not before the spinning thread stopped
+    t0 = time.perf_counter()
+    assert wait_quiet(0) and time.perf_counter() - t0 < 0.3 * 2  # a quiet process: one 20 ms window (or a few)
     calls = []
     t = interleaved({k: (lambda k=k: calls.append((k, time.perf_counter()))) for k in "abc"}, 3, gap_ms=5, warmup=0)
     assert [k for k, _ in calls] == list("abc" "bca" "cab") and all(len(v) == 3 for v in t.values())
@@ -434,9 +448,16 @@ def _gen():
 
 
 def ort_headers_arg():
-    """Reuse headers an earlier build fetched (make dev / the wheel build); else CMake fetches them."""
-    hits = sorted(glob.glob(str(ROOT / "build/*/onnxruntime-headers/include/onnxruntime/onnxruntime_c_api.h")))
-    return [f"-DFEWSTEP_ORT_INCLUDE_DIR={Path(hits[0]).parent}"] if hits else []
+    """Reuse the headers an earlier build fetched (make dev / the wheel build: ONNX Runtime's C API and
+    nlohmann/json); else CMake fetches them."""
+    args = []
+    for var, pattern in (("ORT", "onnxruntime-headers/include/onnxruntime/onnxruntime_c_api.h"),
+                         ("JSON", "nlohmann-headers/include/nlohmann/json.hpp")):
+        hits = sorted(glob.glob(str(ROOT / "build/*" / pattern)))
+        if hits:
+            d = Path(hits[0]).parent
+            args.append(f"-DFEWSTEP_{var}_INCLUDE_DIR={d if var == 'ORT' else d.parent}")
+    return args
 
 
 @pytest.fixture(scope="module")
