@@ -214,3 +214,28 @@ def test_fuzz_engine_metadata(eng, tmp_path_factory, edit):
         e.sample(0, 2)
     except ValueError:  # NonFiniteError included
         pass
+
+
+def test_metadata_json_is_strict_and_depth_bounded(eng):
+    """The C++ metadata reader (nlohmann/json): nesting past 64 levels is refused by a linear pre-scan before
+    the parser runs (a 100k-deep contract must not reach a recursive parser or overflow the stack), brackets
+    inside strings do not count, and malformed text is one ValueError naming the entry and the byte."""
+    d, good, c = eng["dir"], eng["good"], eng["contract"]
+    deep = "[" * 100_000 + "]" * 100_000
+    cases = {
+        "deep contract": (_with_meta(good, d / "j1.onnx", "fewstep.contract", deep), "nested too deeply"),
+        "deep plan": (_with_meta(good, d / "j2.onnx", "fewstep.plan", '{"a": ' + deep + "}"), "nested too deeply"),
+        "65 levels": (_with_meta(good, d / "j3.onnx", "fewstep.contract",
+                                 json.dumps({**c, "x": json.loads("[" * 64 + "]" * 64)})), "nested too deeply"),
+        "truncated": (_with_meta(good, d / "j4.onnx", "fewstep.contract", json.dumps(c)[:-1]),
+                      r"fewstep.contract: malformed JSON \(.*byte"),
+        "NaN literal": (_with_meta(good, d / "j5.onnx", "fewstep.contract", json.dumps({**c, "sigma_init": 1.0})
+                                   .replace("1.0", "NaN")), "fewstep.contract: malformed JSON"),
+    }
+    for path, match in cases.values():
+        with pytest.raises(ValueError, match=match):
+            _C.Engine(str(path), threads=1)
+    # 64 levels (the contract object + 63 lists) is allowed, and "[" inside a string is not nesting
+    ok = {**c, "x": json.loads("[" * 63 + "]" * 63), "note": "[[[[{{{{" * 100 + '\\"['}
+    e = _C.Engine(str(_with_meta(good, d / "j6.onnx", "fewstep.contract", json.dumps(ok))), threads=1)
+    assert e.sample(0, 2).shape[0] == 2

@@ -196,10 +196,14 @@ std::vector<InputSpec> session_inputs(const OrtApi* api, OrtSession* session, bo
   throw Error(FEWSTEP_ERR_INVALID_ENGINE, path + ": fewstep.contract: " + why);
 }
 
+// A JSON number as a double (integers beyond 2^53 round, as every number did in the old reader); NaN if not a number.
+double num(const Json* v) { return v && v->is_number() ? v->get<double>() : std::nan(""); }
+
 int64_t json_int(const Json* v, const std::string& path, const char* key, int64_t lo, int64_t hi) {
-  if (!v || v->type != Json::Number || !(v->num >= double(lo) && v->num <= double(hi)) || v->num != std::floor(v->num))
+  const double x = num(v);
+  if (!(x >= double(lo) && x <= double(hi)) || x != std::floor(x))
     bad_contract(path, std::string(key) + " must be an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
-  return int64_t(v->num);
+  return int64_t(x);
 }
 
 // The plan the engine carries (fewstep.plan metadata, handed to embedders as plan_json) must be a valid
@@ -210,37 +214,38 @@ void check_plan(const std::string& path, const std::string& text, const fewstep_
     throw Error(FEWSTEP_ERR_INVALID_ENGINE, path + ": fewstep.plan: " + why);
   };
   const Json p = parse_json(text, (path + ": fewstep.plan").c_str());
-  const Json* fmt = p.get("format");
-  if (!fmt || fmt->type != Json::String || fmt->str != "fewstep.plan/1") bad("not a fewstep.plan/1");
+  const Json* fmt = member(p, "format");
+  if (!fmt || !fmt->is_string() || fmt->get_ref<const std::string&>() != "fewstep.plan/1") bad("not a fewstep.plan/1");
   const auto number = [&](const Json* v, const std::string& where, bool positive) {
-    if (!v || v->type != Json::Number || !std::isfinite(v->num) || (positive && v->num <= 0))
+    const double x = num(v);
+    if (!std::isfinite(x) || (positive && x <= 0))
       bad(where + (positive ? " must be a finite number > 0" : " must be a finite number"));
-    return v->num;
+    return x;
   };
-  number(p.get("sigma_init"), "sigma_init", true);
-  const Json* rows = p.get("rows");
-  if (!rows || rows->type != Json::Array || rows->arr.empty()) bad("rows must be a non-empty list");
-  if (int64_t(rows->arr.size()) != info.nfe)
-    bad("has " + std::to_string(rows->arr.size()) + " rows, the contract says nfe " + std::to_string(info.nfe));
+  number(member(p, "sigma_init"), "sigma_init", true);
+  const Json* rows = member(p, "rows");
+  if (!rows || !rows->is_array() || rows->empty()) bad("rows must be a non-empty list");
+  if (int64_t(rows->size()) != info.nfe)
+    bad("has " + std::to_string(rows->size()) + " rows, the contract says nfe " + std::to_string(info.nfe));
   int32_t stochastic = 0;
-  for (size_t i = 0; i < rows->arr.size(); ++i) {
-    const Json& r = rows->arr[i];
+  for (size_t i = 0; i < rows->size(); ++i) {
+    const Json& r = (*rows)[i];
     const std::string w = "rows[" + std::to_string(i) + "]";
-    if (r.type != Json::Object) bad(w + " must be an object");
-    number(r.get("sigma"), w + ".sigma", true);
-    for (const char* k : {"a", "c"}) number(r.get(k), w + "." + k, false);
+    if (!r.is_object()) bad(w + " must be an object");
+    number(member(r, "sigma"), w + ".sigma", true);
+    for (const char* k : {"a", "c"}) number(member(r, k), w + "." + k, false);
     for (const char* k : {"g", "s"})
-      if (const Json* v = r.get(k)) number(v, w + "." + k, false);
+      if (const Json* v = member(r, k)) number(v, w + "." + k, false);
     for (const char* k : {"p", "q"}) {
-      const Json* l = r.get(k);
+      const Json* l = member(r, k);
       if (!l && std::strcmp(k, "p") == 0) continue;
-      if (!l || l->type != Json::Array || l->arr.size() > 11) bad(w + "." + k + " must be a list of at most 11 numbers");
-      for (size_t j = 0; j < l->arr.size(); ++j) number(&l->arr[j], w + "." + k + "[" + std::to_string(j) + "]", false);
+      if (!l || !l->is_array() || l->size() > 11) bad(w + "." + k + " must be a list of at most 11 numbers");
+      for (size_t j = 0; j < l->size(); ++j) number(&(*l)[j], w + "." + k + "[" + std::to_string(j) + "]", false);
     }
-    const Json* gd = r.get("guidance");
-    if (gd && gd->type != Json::Null) number(gd, w + ".guidance", false);
-    const Json* g = r.get("g");
-    if (g && g->num != 0.0) ++stochastic;
+    const Json* gd = member(r, "guidance");
+    if (gd && !gd->is_null()) number(gd, w + ".guidance", false);
+    const Json* g = member(r, "g");
+    if (g && num(g) != 0.0) ++stochastic;  // g, when present, was checked finite above
   }
   if (stochastic != info.n_stochastic)
     bad(std::to_string(stochastic) + " stochastic rows, the contract says n_stochastic " +
@@ -270,36 +275,37 @@ void read_contract(fewstep_engine* e, const std::string& path, const std::vector
   e->contract_json = *contract;
   if (const std::string* plan = meta("fewstep.plan")) e->plan_json = *plan;
   const Json c = parse_json(*contract, (path + ": fewstep.contract").c_str());
-  if (c.type != Json::Object) bad_contract(path, "not a JSON object");
+  if (!c.is_object()) bad_contract(path, "not a JSON object");
 
   fewstep_engine_info& info = e->info;
-  const Json* shape = c.get("sample_shape");
-  if (!shape || shape->type != Json::Array || shape->arr.empty() || shape->arr.size() > FEWSTEP_MAX_DIMS)
+  const Json* shape = member(c, "sample_shape");
+  if (!shape || !shape->is_array() || shape->empty() || shape->size() > FEWSTEP_MAX_DIMS)
     bad_contract(path, "sample_shape must be a list of 1.." + std::to_string(FEWSTEP_MAX_DIMS) + " sizes");
-  info.ndim = int32_t(shape->arr.size());
+  info.ndim = int32_t(shape->size());
   info.per_sample = 1;
   for (int d = 0; d < info.ndim; ++d) {
-    info.sample_shape[d] = json_int(&shape->arr[d], path, "sample_shape entries", 1, int64_t(1) << 31);
+    info.sample_shape[d] = json_int(&(*shape)[size_t(d)], path, "sample_shape entries", 1, int64_t(1) << 31);
     if (info.per_sample > (int64_t(1) << 40) / info.sample_shape[d]) bad_contract(path, "sample_shape too large");
     info.per_sample *= info.sample_shape[d];
   }
-  info.nfe = int32_t(json_int(c.get("nfe"), path, "nfe", 0, 1 << 20));
-  info.n_stochastic = int32_t(json_int(c.get("n_stochastic"), path, "n_stochastic", 0, 1 << 20));
-  const Json* nc = c.get("num_classes");
-  info.num_classes = (!nc || nc->type == Json::Null) ? 0 : int32_t(json_int(nc, path, "num_classes", 1, 1 << 30));
-  const Json* nl = c.get("null_label");
-  info.null_label = (!nl || nl->type == Json::Null) ? -1 : int32_t(json_int(nl, path, "null_label", 0, 1 << 30));
-  const Json* gi = c.get("guidance_input");
-  if (gi && gi->type != Json::Bool) bad_contract(path, "guidance_input must be true or false");
-  info.guidance_input = gi && gi->b;
-  const Json* si = c.get("sigma_init");
-  if (si && (si->type != Json::Number || !std::isfinite(si->num) || si->num <= 0))
-    bad_contract(path, "sigma_init must be a finite number > 0");
-  info.sigma_init = si ? si->num : 0.0;
-  const Json* cd = c.get("compute_dtype");
-  if (cd && (cd->type != Json::String || (cd->str != "float32" && cd->str != "float16" && cd->str != "bfloat16")))
+  info.nfe = int32_t(json_int(member(c, "nfe"), path, "nfe", 0, 1 << 20));
+  info.n_stochastic = int32_t(json_int(member(c, "n_stochastic"), path, "n_stochastic", 0, 1 << 20));
+  const Json* nc = member(c, "num_classes");
+  info.num_classes = (!nc || nc->is_null()) ? 0 : int32_t(json_int(nc, path, "num_classes", 1, 1 << 30));
+  const Json* nl = member(c, "null_label");
+  info.null_label = (!nl || nl->is_null()) ? -1 : int32_t(json_int(nl, path, "null_label", 0, 1 << 30));
+  const Json* gi = member(c, "guidance_input");
+  if (gi && !gi->is_boolean()) bad_contract(path, "guidance_input must be true or false");
+  info.guidance_input = gi && gi->get<bool>();
+  const Json* si = member(c, "sigma_init");
+  const double sigma_init = num(si);
+  if (si && (!std::isfinite(sigma_init) || sigma_init <= 0)) bad_contract(path, "sigma_init must be a finite number > 0");
+  info.sigma_init = si ? sigma_init : 0.0;
+  const Json* cd = member(c, "compute_dtype");
+  const std::string dtype = cd && cd->is_string() ? cd->get<std::string>() : "";
+  if (cd && dtype != "float32" && dtype != "float16" && dtype != "bfloat16")
     bad_contract(path, "compute_dtype must be \"float32\", \"float16\" or \"bfloat16\"");
-  e->compute_dtype = cd ? cd->str : "float32";
+  e->compute_dtype = cd ? dtype : "float32";
   if (!e->plan_json.empty()) check_plan(path, e->plan_json, info);
 
   // The graph must be what the contract says: these checks turn a mismatched file into a
