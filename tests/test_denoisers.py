@@ -28,6 +28,7 @@ from fewstep.runtime.denoisers import (
 from fewstep.training.gmm import GMM
 
 F64 = torch.float64
+F64_U = 2.0**-53  # unit roundoff of float64
 N_TRAIN = 1000
 
 
@@ -48,6 +49,46 @@ def t_to_sigma_np(t, ac):
 
 def col(s, x):
     return s.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def t_tolerance(log_sigmas) -> float:
+    """Bound on |σ_to_t(σ) − t| for a table σ, or for the float64 round trip t → σ → t.
+
+    log σ reaches σ_to_t with ≤ 8 roundings of a value ≤ L = max|log σ| (t_to_sigma's interpolation 3, its exp
+    and the log 1 each, numpy's log vs torch's of the same σ 2, the subtraction log σ − lo 1): ≤ 8·u·L absolute.
+    Dividing by the interval's width hi − lo ≥ Δ_min turns that into ≤ 8·u·L/Δ_min of t; the final
+    (idx − 1) + frac rounds at |t| < N: ≤ u·N. Safety ×4. DDPM's linear table: L = 5.1, Δ_min = 5.0e-3,
+    N = 1000: 4.1e-12 (t reads one ulp of 999, 1.1e-13, at worst).
+    """
+    ls = torch.as_tensor(log_sigmas, dtype=F64)
+    return 4 * F64_U * (8 * float(ls.abs().max()) / float(ls.diff().min()) + len(ls))
+
+
+def exact_bound(x, eta):
+    """Per-sample bound on |D_adapter − D_gmm| when the raw network is the GMM written exactly (float64).
+
+    Rounding: the adapter (c_in·x, c_skip·x + c_out·F) and the raw network (VP↔VE or flow↔VE, ε / v / x0 from D)
+    do ≤ 40 roundings between them, each on a value ≤ max|x| (x = x0 + σ·n reaches σ_max·|n|; D = x − σ·ε cancels
+    it back to data size, so the error is u·|x|, not u·|D|). σ: the raw network maps t back to its own
+    σ' = σ·(1 + η) with an independent formula, and D moves by ≤ 2η·|x| (x − D ≈ σ·n carries all of D's σ
+    dependence at first order). Safety ×4. ``eta`` is per sample (a tensor) or one number.
+    """
+    xm = x.abs().reshape(len(x), -1).max(1).values
+    return 4 * (40 * F64_U + 2 * torch.as_tensor(eta, dtype=F64)) * xm
+
+
+def vp_eta(ac, sigmas):
+    """η of the VP adapter → RawVP: t is rounded at |t| < N (u·N) and read back through log σ's slope, the width
+    Δ of the table interval around σ, plus ≤ 6 roundings of |log σ| ≤ L in the logs, exps and interpolations."""
+    ls = torch.as_tensor(np.log(table_sigmas(ac)), dtype=F64)
+    wid = ls.diff()
+    i = torch.searchsorted(ls, sigmas.log().contiguous()).clamp(1, len(ls) - 1)
+    delta = torch.maximum(wid[i - 1], wid[i.clamp(max=len(wid) - 1)])
+    return F64_U * (len(ls) * delta + 6 * float(ls.abs().max()))
+
+
+def per_sample_err(a, b):
+    return (a - b).abs().reshape(len(a), -1).max(1).values
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +171,13 @@ def test_vp_parameterisations_are_exact(gmm, cls, prediction):
     den = cls(RawVP(gmm, ac, prediction), torch.as_tensor(ac))
     sigmas = vp_test_sigmas(ac)
     x = noisy(gmm, sigmas)
-    err = (den(x, sigmas) - gmm(x, sigmas)).abs().max().item()
-    assert err < 1e-10, err
+    bound = exact_bound(x, vp_eta(ac, sigmas))  # ≤ 1.9e-11 here (η ≤ 4.7e-14)
+    assert (per_sample_err(den(x, sigmas), gmm(x, sigmas)) <= bound).all()
+    # the bound sees a raw network trained on another table (β_end off by 0.1 %)
+    wrong = cls(RawVP(gmm, linear_table(end=0.02002), prediction), torch.as_tensor(ac))
+    assert (per_sample_err(wrong(x, sigmas), gmm(x, sigmas)) > bound).any()
+    # σ_min, σ_max: √((1 − ᾱ)/ᾱ) on the same table, correctly rounded −, /, √ in numpy and torch alike: equal;
+    # rel 1e-15 (9u) leaves room for one last-bit difference, far below any other table
     assert den.sigma_min == pytest.approx(table_sigmas(ac)[0], rel=1e-15)
     assert den.sigma_max == pytest.approx(table_sigmas(ac)[-1], rel=1e-15)
 
@@ -140,9 +186,14 @@ def test_flow_parameterisation_is_exact(gmm):
     den = FlowDenoiser(RawFlow(gmm, 1000.0), t_scale=1000.0)
     sigmas = torch.logspace(-3, 3, 61, dtype=F64)
     x = noisy(gmm, sigmas)
-    err = (den(x, sigmas) - gmm(x, sigmas)).abs().max().item()
-    assert err < 1e-10, err
-    # σ = t/(1−t): the model's time input is t·t_scale
+    # σ' = tt/(1 − tt) from the rounded tt = t/1000 errs by η ≈ 3u·(1 + σ) relative, but with x_t = x/(1 + σ)
+    # fixed it moves D only by ≈ η·|x|/(1 + σ)² ≤ 3u·|x|: η = 2u covers it in exact_bound's 2η·|x|. ≤ 2.5e-11 here.
+    bound = exact_bound(x, 2 * F64_U)
+    assert (per_sample_err(den(x, sigmas), gmm(x, sigmas)) <= bound).all()
+    wrong = FlowDenoiser(RawFlow(gmm, 1000.0), t_scale=999.0)  # a wrong time scale must fail the bound
+    assert (per_sample_err(wrong(x, sigmas), gmm(x, sigmas)) > bound).any()
+    # σ = t/(1−t): the model's time input is t·t_scale; σ/(1 + σ)·1000 is 3 roundings of values ≤ 1000
+    # (≤ 3·1.1e-13), 1e-12 ≈ 3× that
     t = den.sigma_to_t(torch.tensor([1.0, 3.0], dtype=F64))
     assert t.tolist() == pytest.approx([500.0, 750.0], abs=1e-12)
 
@@ -152,11 +203,15 @@ def test_edm_matches_table1_and_is_exact(gmm):
     den = EDMDenoiser(RawEDM(gmm, sd), sigma_data=sd)
     sigmas = torch.logspace(math.log10(0.002), math.log10(80), 57, dtype=F64)
     c_skip, c_out, c_in, c_noise = edm_table1(sigmas, sd)
+    # the same formulas in another order: ≤ 6 roundings each side (u = 1.1e-16): 1.3e-15; 1e-14 ≈ 7× that
     for got, want in zip((*den.get_scalings(sigmas), den.sigma_to_t(sigmas)), (c_skip, c_out, c_in, c_noise)):
         assert torch.allclose(got, want, rtol=1e-14, atol=0)
     x = noisy(gmm, sigmas)
-    err = (den(x, sigmas) - gmm(x, sigmas)).abs().max().item()
-    assert err < 1e-10, err
+    # RawEDM's σ' = exp(4·(log σ)/4): η ≤ u·(|log σ| + 1) (the log's error, ×4/4 exact, exp's own): ≤ 5.4u
+    bound = exact_bound(x, F64_U * (sigmas.log().abs() + 1))  # ≤ 3.3e-12 here
+    assert (per_sample_err(den(x, sigmas), gmm(x, sigmas)) <= bound).all()
+    wrong = EDMDenoiser(RawEDM(gmm, sd), sigma_data=0.5)  # σ_data not the network's: fails the bound
+    assert (per_sample_err(wrong(x, sigmas), gmm(x, sigmas)) > bound).any()
 
 
 def test_vp_eps_scalings_match_table1():
@@ -166,7 +221,7 @@ def test_vp_eps_scalings_match_table1():
     c_skip, c_out, c_in = den.get_scalings(s)
     assert torch.equal(c_skip, torch.ones_like(s))
     assert torch.equal(c_out, -s)
-    assert torch.allclose(c_in, 1 / torch.sqrt(s**2 + 1), rtol=1e-15, atol=0)
+    assert torch.allclose(c_in, 1 / torch.sqrt(s**2 + 1), rtol=1e-15, atol=0)  # same 4 ops, same order: ≤ 4u·0
 
 
 # --- σ ↔ t on a discrete table ------------------------------------------------------------
@@ -174,18 +229,23 @@ def test_sigma_t_round_trip_and_integer_grid():
     ac = linear_table()
     den = VPEpsDenoiser(None, torch.as_tensor(ac))
     grid = torch.as_tensor(table_sigmas(ac), dtype=F64)
+    tol = t_tolerance(den.log_sigmas)  # 4.1e-12 (derivation in t_tolerance)
     t = den.sigma_to_t(grid)
-    assert (t - torch.arange(N_TRAIN, dtype=F64)).abs().max().item() < 1e-9
-    # fractional t → σ → t, and the t → σ map agrees with an independent interpolation
+    assert (t - torch.arange(N_TRAIN, dtype=F64)).abs().max().item() < tol
+    # …and it can fail: σ off by 1e-9 relative moves t by ≥ 1e-9/Δ_max = 2.5e-9 (σ_max + 1e-9 is clamped: left out)
+    assert (den.sigma_to_t(grid[:-1] * (1 + 1e-9)) - torch.arange(N_TRAIN - 1, dtype=F64)).abs().min().item() > tol
+    # fractional t → σ → t, and the t → σ map agrees with an independent interpolation: both interpolate
+    # log σ with ≤ 3 roundings of |log σ| ≤ 5.1 and exponentiate (exp's relative error = the argument's absolute
+    # error + u): ≤ 2·(3·5.1 + 1)·u = 3.6e-15 relative; 1e-13 is 28× that
     tf = torch.linspace(0, N_TRAIN - 1, 4001, dtype=F64)
     s = den.t_to_sigma(tf)
     assert torch.allclose(s, t_to_sigma_np(tf, ac), rtol=1e-13, atol=0)
-    assert (den.sigma_to_t(s) - tf).abs().max().item() < 1e-9
+    assert (den.sigma_to_t(s) - tf).abs().max().item() < tol
     # outside the table: clamped to its ends
     assert den.sigma_to_t(torch.tensor([1e-5, 1e4], dtype=F64)).tolist() == [0.0, N_TRAIN - 1]
     # the table is σ bookkeeping: a half-precision cast of the module must not round it
     den.half()
-    assert (den.sigma_to_t(grid) - torch.arange(N_TRAIN, dtype=F64)).abs().max().item() < 1e-9
+    assert (den.sigma_to_t(grid) - torch.arange(N_TRAIN, dtype=F64)).abs().max().item() < tol
 
 
 def test_bad_table_is_refused():
@@ -217,7 +277,12 @@ def test_cfg_is_one_batched_call(gmm):
     d_u = den(x, sigmas, torch.full_like(labels, gmm.null_label))
     d_c = den(x, sigmas, labels)
     assert raw.batches == [2 * b, b, b]
-    assert (guided - (d_u + w * (d_c - d_u))).abs().max().item() < 1e-10
+    # Each D (batched or not) is within exact_bound of the GMM's own D (η of RawEDM's σ' as in the EDM test);
+    # the combination scales that by 1 + 2w and adds its 3 roundings of values ≤ (1 + 2w)·max|D|. The batched
+    # call and the separate ones are each that close to the GMM's guided D, so within twice it of each other.
+    bound = (1 + 2 * w) * (exact_bound(x, F64_U * (sigmas.log().abs() + 1))
+                           + 3 * F64_U * per_sample_err(d_c.abs() + d_u.abs(), 0 * d_c))
+    assert (per_sample_err(guided, d_u + w * (d_c - d_u)) <= 2 * bound).all()
     # the guided result really differs from the conditional one (the check can fail)
     assert (guided - d_c).abs().max().item() > 1e-3
     raw.batches.clear()
@@ -225,7 +290,7 @@ def test_cfg_is_one_batched_call(gmm):
     assert raw.batches == [b]
     assert torch.equal(plain, d_c)
     # and the exact answer: GMM's own guided D
-    assert (guided - gmm(x, sigmas, labels, guidance=w)).abs().max().item() < 1e-10
+    assert (per_sample_err(guided, gmm(x, sigmas, labels, guidance=w)) <= bound).all()
 
 
 def test_cfg_without_null_conditioning_raises(gmm):
@@ -422,7 +487,7 @@ def test_pipeline_dir_round_trip(tmp_path, prediction):
     den = load_diffusers(tmp_path)
     assert type(den) is {"epsilon": VPEpsDenoiser, "v_prediction": VPVDenoiser, "sample": VPX0Denoiser}[prediction]
     sigma, t = vp_grid_and_off_grid()
-    assert (den.sigma_to_t(sigma) - t).abs().max().item() < 1e-9  # grid σ's → exact integers
+    assert (den.sigma_to_t(sigma) - t).abs().max().item() < t_tolerance(den.log_sigmas)  # grid σ's → integers
     x = 1.5 * torch.randn(len(sigma), 1, 8, 8, dtype=F64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = den(x, sigma)
