@@ -306,6 +306,10 @@ def cmd_bench_quality(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="fewstep", description="Few-step diffusion sampling.")
     p.add_argument("--version", action="version", version=f"fewstep {fewstep.__version__}")
+    from ._native import CMakePrefixPathAction
+
+    p.add_argument("--cmake-prefix-path", action=CMakePrefixPathAction,
+                   help="print the CMake prefix of the installed C library (find_package(fewstep)) and exit")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
 
     s = sub.add_parser("sample", help="sample a model with a solver or a plan")
