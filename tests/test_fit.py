@@ -56,6 +56,17 @@ F64_U = 2.0**-53
 RIDGE = 1e-12  # training.fit.lstsq's relative ridge: moves a well-posed one-feature solution by ≤ 1e-12 relative
 
 
+def _never_worse(err, base) -> bool:
+    """fit_rmse ≤ fit_rmse_base up to fit.safeguard's tie margin, and nothing else.
+
+    Both are ``rms(run(plan, den, batch), ref)`` of one deterministic float64 computation (fixed shapes, same
+    process): recomputing it for the kept plan gives bit-for-bit the value safeguard compared. safeguard keeps
+    the base plan (α = 0, tried last) only when it beats the current best by more than 1e-15·max(1, best), so
+    the kept error may exceed the base's by at most that tie margin; no rounding slack is needed beyond it.
+    """
+    return err <= base + 1e-15 * max(1.0, err)
+
+
 def _lstsq_rel(c):
     """Relative error bound of a fitted coefficient whose residual is c·|w| out of states of size |w| (the
     cancellation): the ridge's bias plus ≤ 32 float64 roundings per element at condition 1/c, ×2 safety."""
@@ -209,7 +220,7 @@ def test_cross_form_fits_at_9_and_10_nfe(gmm, cache, solver, method):
     for nfe in (9, 10):
         p = fit(gmm, solver, nfe, method, batch=32, cache=cache)
         pv = p.provenance
-        assert p.nfe == nfe and pv["fit_rmse"] <= pv["fit_rmse_base"] * (1 + 1e-12)
+        assert p.nfe == nfe and _never_worse(pv["fit_rmse"], pv["fit_rmse_base"])
         if method == "iia-ddim":
             assert pv["iia_variant"] == "iia-ddim"
         else:
@@ -228,7 +239,7 @@ def test_fitting_never_worsens_the_fitted_batch(gmm, cache, solver):
     for method in ("dode", "iia"):
         p = fit(gmm, solver, nfe, method, batch=32, cache=cache)
         pv = p.provenance
-        assert pv["fit_rmse"] <= pv["fit_rmse_base"] * (1 + 1e-12), (solver, method, pv)
+        assert _never_worse(pv["fit_rmse"], pv["fit_rmse_base"]), (solver, method, pv)
         assert p.nfe == nfe and p.sigmas == build(solver, nfe, 0.002, 80.0).sigmas
 
 
@@ -266,7 +277,7 @@ def test_guided_fit_carries_w_and_combines_with_timesteps(gmm, cache):
     p = fit(gmm, "dpmpp-2m", 3, "timesteps+iia", cls=2, guidance=2.0, batch=32, cache=cache)
     assert all(r.guidance == 2.0 for r in p.rows)
     assert p.provenance["guidance"] == 2.0 and p.provenance["class"] == 2
-    assert p.provenance["fit_rmse"] <= p.provenance["fit_rmse_base"]
+    assert _never_worse(p.provenance["fit_rmse"], p.provenance["fit_rmse_base"])
 
 
 @pytest.mark.parametrize("solver,nfe,method", [("ddim", 4, "timesteps+dode"), ("dpmpp-2m", 3, "timesteps+iia")])
@@ -280,12 +291,15 @@ def test_joint_timesteps_never_worse_than_sequential(gmm, solver, nfe, method):
     # The sequential answer (grid for the plain solver, then coefficients) is the joint search's start.
     (b, ref), = own.values()
     seq = pv["fit_rmse_sequential"]
-    assert pv["fit_rmse"] <= seq + 1e-12 and seq <= pv["fit_rmse_base"]
+    # refine_joint replaces its start only by a strictly smaller error, and fit_rmse recomputes that very value
+    # (see _never_worse): exact ≤; the start (sequential) is a safeguard-kept error: ≤ base up to the tie margin.
+    assert pv["fit_rmse"] <= seq and _never_worse(seq, pv["fit_rmse_base"])
     # The kept plan's recorded error is its real error on the fitting batch, on a grid the plain
     # timesteps fit did not produce when the joint search improved it.
     from fewstep.training.fit import rms, run
 
-    assert rms(run(p, gmm.denoiser, b), ref) == pytest.approx(pv["fit_rmse"], rel=1e-9)
+    # The same deterministic float64 computation on the same plan, batch and reference: bit-equal.
+    assert rms(run(p, gmm.denoiser, b), ref) == pv["fit_rmse"]
     assert timesteps.grid_of(p)[0] == pytest.approx(80.0)
 
 
@@ -322,7 +336,8 @@ def test_bad_arguments_raise_clear_errors(gmm):
 
 @pytest.mark.parametrize("argv,msg", [
     (["--nfe", "0"], "--nfe must be ≥ 1"),
-    (["--batch", "0"], "--batch must be ≥ 1"),
+    (["--batch", "0"], "--n must be ≥ 1"),  # the old spelling of --n still works
+    (["--n", "0"], "--n must be ≥ 1"),
     (["--fine", "0"], "--fine must be ≥ 1"),
     (["--method", "magic"], "unknown method 'magic'"),
     (["--solver", "nope"], "unknown solver 'nope'"),
@@ -334,6 +349,8 @@ def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, msg):
     flat = [t for kv in args.items() for t in kv]
     assert main(["fit", "--model", "gmm", *flat, "--out", str(tmp_path / "p.json"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
+    if "--batch" in argv:  # the old spelling says which flag to use, then the error as usual
+        assert err.pop(0) == "fewstep: warning: --batch is deprecated in `fewstep fit`; use --n"
     assert len(err) == 1 and msg in err[0] and err[0].startswith("fewstep: error:")
     assert not (tmp_path / "p.json").exists()
 
