@@ -68,13 +68,24 @@ def test_d_ddim_data_form(gmm):
     assert plan.history == 1
     z = torch.randn(64, 3, dtype=torch.float64)
     # the same thing by hand: DDIM plus λ·(D_i − D_{i−1})
-    x = base.sigma_init * z
-    prev = None
-    for i, r in enumerate(base.rows):
-        d = gmm(x, torch.full((64,), r.sigma, dtype=torch.float64))
-        x = r.c * x + r.q[0] * d + (lam[i] * (d - prev) if i else 0)
-        prev = d
-    torch.testing.assert_close(sample(plan, gmm, z), x, rtol=1e-12, atol=1e-12)
+    def by_hand(lam):
+        x = base.sigma_init * z
+        prev = None
+        for i, r in enumerate(base.rows):
+            d = gmm(x, torch.full((64,), r.sigma, dtype=torch.float64))
+            x = r.c * x + r.q[0] * d + (lam[i] * (d - prev) if i else 0)
+            prev = d
+        return x
+
+    # Another association of one update: the executor rounds q_0 + λ and sums c·x + (q_0 + λ)·D_i − λ·D_{i−1}
+    # (5 roundings), by_hand c·x + q_0·D_i + λ·(D_i − D_{i−1}) (6); each ≤ u·Σ|terms| ≤ u·2.6·σ_init·max|z|
+    # (|c| ≤ 1, |q_0 + λ| ≤ 1.3, |λ| ≤ 0.3 counted twice; |x|, |D| ≤ σ_init·max|z|), carried to the output with gain
+    # ≤ 1 (c ≤ 1; the GMM's Jacobian, as in peers.rounding_bound) over the 5 rows: rows·11·u·that, ×2 safety.
+    atol = 2 * len(base.rows) * 11 * 2.0**-53 * 2.6 * base.sigma_init * float(z.abs().max())
+    torch.testing.assert_close(sample(plan, gmm, z), by_hand(lam), rtol=0, atol=atol)
+    # …and it can fail: the last λ off by 1e-6 relative moves the sample by ≈ 3e-7·|D_4 − D_3|, far above atol
+    off = by_hand(lam[:-1] + [lam[-1] * (1 + 1e-6)])
+    assert float((sample(plan, gmm, z) - off).abs().max()) > atol
 
 
 def test_edm_heun_step_rows():
@@ -82,6 +93,8 @@ def test_edm_heun_step_rows():
     plan = build("heun", 7, 0.002, 80)
     second = plan.rows[1]
     assert second.sigma == s[1]
+    # The Trace forms a = 1 + (σ_1 − σ_0)·(1/σ_0) and p in ≤ 8 float64 roundings of terms ≤ 1, and a = 0.12 is
+    # what is left of 1 − 0.88 (cancellation 1/a = 8.2): ≤ 8·8.2·u = 7.3e-15 relative; 1e-13 is 14× that
     assert math.isclose(second.a, s[1] / s[0], rel_tol=1e-13)
     assert math.isclose(second.p[0], 1 - s[1] / s[0], rel_tol=1e-13)
     first = plan.rows[0]
@@ -104,14 +117,18 @@ def test_dmd2_multistep_rows(gmm):
     assert plan.stochastic_rows == [0, 1]
     z = torch.randn(8, 3, dtype=torch.float64)
     noise = torch.randn(2, 8, 3, dtype=torch.float64)
-    torch.testing.assert_close(sample(plan, gmm, z, noise=noise), manual(plan, gmm, z, noise))
+    # a = 1, s = 0, c = 0, q = (1,): the executor and manual() do the same float64 ops in the same order, and
+    # the products by 0 and 1 are exact, so the results are bit-equal (no tolerance to derive)
+    torch.testing.assert_close(sample(plan, gmm, z, noise=noise), manual(plan, gmm, z, noise), rtol=0, atol=0)
+    assert not torch.equal(sample(plan, gmm, z, noise=noise.flip(0)), manual(plan, gmm, z, noise))
 
 
 def test_one_step_student(gmm):
     plan = Plan("one-step", 80.0, [Row(sigma=80.0, a=1.0, c=0.0, q=(1.0,))])
     z = torch.randn(5, 3, dtype=torch.float64)
     out = sample(plan, gmm, z)
-    torch.testing.assert_close(out, gmm(80.0 * z, torch.full((5,), 80.0, dtype=torch.float64)))
+    # x = 80·z, u = x, x' = 0·x + 1·D: the same σ tensor and input, exact products by 0 and 1: bit-equal
+    torch.testing.assert_close(out, gmm(80.0 * z, torch.full((5,), 80.0, dtype=torch.float64)), rtol=0, atol=0)
 
 
 # --- JSON -----------------------------------------------------------------------------
