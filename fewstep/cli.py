@@ -51,6 +51,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _add_model_plan(p: argparse.ArgumentParser, out: bool = True) -> None:
+    from .runtime.cli_args import class_arg
+
     p.add_argument("--model", required=True,
                    help="digits | digits-guided | gmm | PATH (checkpoint, distilled bundle or diffusers directory)")
     g = p.add_argument_group("sampler (one of)")
@@ -62,7 +64,8 @@ def _add_model_plan(p: argparse.ArgumentParser, out: bool = True) -> None:
     g.add_argument("--schedule", help="σ schedule for --solver: edm | logsnr | vp (default: the solver's)")
     g.add_argument("--plan", help="a plan JSON file (fewstep.plan/1)")
     p.add_argument("--force", action="store_true", help="use a plan fitted for another teacher anyway")
-    p.add_argument("--class", dest="cls", type=int, help="class label for conditional models")
+    p.add_argument("--class", dest="cls", type=class_arg,
+                   help="class label for conditional models, or 'none' (the null label: unconditional)")
     p.add_argument("--guidance", type=float, help="CFG scale W: D_u + W·(D_c − D_u); 1 = plain conditional")
     p.add_argument("--n", type=int, help="number of samples (default: the noise file's N, else 64; eval 256)")
     src = p.add_mutually_exclusive_group()

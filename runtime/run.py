@@ -1,7 +1,7 @@
 """`fewstep run`: sample an exported engine with the C++ runtime (``fewstep._C.Engine``).
 
 The engine's z and stochastic noise come from the shared Philox generator, so
-``fewstep run engine.onnx --seed S --batch N`` equals ``fewstep sample --plan P --seed S --n N``
+``fewstep run engine.onnx --seed S --n N`` equals ``fewstep sample --plan P --seed S --n N``
 for the plan baked into the engine (bit-identical to ONNX Runtime called from Python on the same
 inputs, within the export tolerance of the PyTorch executor).
 """
@@ -71,17 +71,17 @@ def sample(engine, seed: int = 0, batch: int | None = None, cls=None, guidance: 
             raise RunError(f"noise file: expected a float32 array of shape N×{'×'.join(map(str, want))}, "
                            f"got {z.dtype} {tuple(z.shape)}")
         if batch is not None and batch != z.shape[0]:
-            raise RunError(f"--batch {batch} but the noise file has {z.shape[0]} samples")
+            raise RunError(f"--n {batch} but the noise file has {z.shape[0]} samples")
         if not np.all(np.isfinite(z)):
             raise RunError("noise file: contains NaN or inf")
         batch = z.shape[0]
         z = np.ascontiguousarray(z)
     batch = 1 if batch is None else batch
     if batch < 1:
-        raise RunError(f"--batch must be ≥ 1, got {batch}")
+        raise RunError(f"--n must be ≥ 1, got {batch}")
     per_sample = int(np.prod(info["sample_shape"]))
     if batch * per_sample > MAX_VALUES:
-        raise RunError(f"--batch {batch:,}: {batch:,} samples × {per_sample:,} values is more than the "
+        raise RunError(f"--n {batch:,}: {batch:,} samples × {per_sample:,} values is more than the "
                        f"{MAX_VALUES:,} values one run may hold")
     labels = default_labels(info, batch, cls)
     g = None

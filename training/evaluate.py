@@ -61,7 +61,12 @@ def make_inputs(teacher: Teacher, plan: Plan, n: int, seed: int, cls: int | None
             raise InputError("noise file: contains NaN or inf")
         zz = z
     labels = None
-    if teacher.num_classes is not None:
+    if cls == "none":  # the null label: unconditional sampling of a class-conditional model
+        null = getattr(teacher.denoiser, "null_label", None)
+        if teacher.num_classes is None or null is None:
+            raise InputError(f"--class none: {teacher.name} has no null label (no unconditional sampling)")
+        labels = torch.full((n,), null, dtype=torch.long)
+    elif teacher.num_classes is not None:
         if cls is not None:
             if not 0 <= cls < teacher.num_classes:
                 raise InputError(f"--class must be in 0..{teacher.num_classes - 1} for {teacher.name}, got {cls}")
@@ -124,6 +129,14 @@ def reference(teacher: Teacher, inputs: Inputs, sigma_max: float, guidance: floa
     return torch.cat(outs)
 
 
+def _classes(teacher: Teacher, inputs: Inputs):
+    """The class labels to score against; None when unconditional (no labels, or the null label)."""
+    lab = inputs.labels
+    if lab is None or teacher.num_classes is None or bool((lab >= teacher.num_classes).any()):
+        return None
+    return lab
+
+
 def quality(teacher: Teacher, samples: torch.Tensor, inputs: Inputs, ref: torch.Tensor | None) -> dict:
     from . import metrics
 
@@ -137,11 +150,11 @@ def quality(teacher: Teacher, samples: torch.Tensor, inputs: Inputs, ref: torch.
         out["fd_digits"] = float(metrics.fd_digits(samples, x_test))
         if samples.shape[0] > PR_K:
             out["precision"], out["recall"] = metrics.digits_precision_recall(samples, x_test, PR_K)
-        if inputs.labels is not None:
+        if _classes(teacher, inputs) is not None:
             out["class_accuracy"] = float(metrics.class_accuracy(samples, inputs.labels))
     elif teacher.kind == "gmm":
         g = teacher.denoiser
-        labels = inputs.labels if inputs.labels is not None else None
+        labels = _classes(teacher, inputs)
         data = g.sample_data(samples.shape[0], seed=12345, labels=labels)
         out["sliced_w2"] = float(metrics.sliced_w2(samples.double(), data))
         if samples.shape[0] > PR_K:

@@ -6,6 +6,7 @@ import os
 
 
 def register(sub, bench_sub) -> None:
+    from ..runtime.cli_args import add_count
     from .fit import METHODS
 
     p = sub.add_parser("fit", help="fit a solver's coefficients / timesteps to a teacher (D-ODE, IIA, timesteps)")
@@ -16,7 +17,7 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--method", required=True, help=f"{' | '.join(METHODS)}; combine with '+', e.g. timesteps+iia; "
                                                   "learned (alias plan): every row coefficient and σ by gradient "
                                                   "descent from a closed-form fit")
-    p.add_argument("--batch", type=int, help="fitting samples (default per method: D-ODE 100, IIA 16/200, …)")
+    add_count(p, "fitting samples (default per method: D-ODE 100, IIA 16/200, …)", dest="batch", old="--batch")
     p.add_argument("--fine", type=int, help="D-ODE: teacher step factor (10); IIA: sub-steps M (3, guided 10)")
     p.add_argument("--class", dest="cls", type=int, help="fit for one class label")
     p.add_argument("--guidance", type=float, help="CFG scale W the plan is fitted for (written into its rows)")
@@ -72,10 +73,9 @@ def _cmd_fit_learned(args, say) -> int:
         init = Plan.load(args.init)
     else:
         parse_method(args.init_method)
-    for name in ("batch", "heldout"):
-        v = getattr(args, name)
+    for flag, v in (("--n", args.batch), ("--heldout", args.heldout)):
         if v is not None and v < 1:
-            raise FitError(f"--{name} must be ≥ 1, got {v}")
+            raise FitError(f"{flag} must be ≥ 1, got {v}")
     teacher = load(args.model)
     if teacher.kind == "gmm":
         import torch
@@ -112,10 +112,9 @@ def cmd_fit(args) -> int:
     parse_method(args.method)  # bad arguments fail before any work
     if args.nfe < 1:
         raise FitError(f"--nfe must be ≥ 1, got {args.nfe}")
-    for name in ("batch", "fine"):
-        v = getattr(args, name)
+    for flag, v in (("--n", args.batch), ("--fine", args.fine)):
         if v is not None and v < 1:
-            raise FitError(f"--{name} must be ≥ 1, got {v}")
+            raise FitError(f"{flag} must be ≥ 1, got {v}")
     check_writable_file(args.out)
     teacher = load(args.model)
     if teacher.kind == "gmm":
