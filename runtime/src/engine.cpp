@@ -4,6 +4,7 @@
 // the GPU wheel's library. We compile against the ORT_API_VERSION of the headers found at build
 // time and ask the library for exactly that API table: newer libraries keep older tables.
 #include <dlfcn.h>
+#include <glob.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -37,11 +38,46 @@ struct Ort {
 std::mutex g_ort_mutex;
 Ort* g_ort = nullptr;  // intentionally never freed: lives until the process exits
 
+// The pip-installed ONNX Runtime next to this library: libfewstep (or the _C module it is linked into)
+// lies in site-packages/fewstep/lib/ (or fewstep/), the onnxruntime / onnxruntime-gpu wheel's library in
+// site-packages/onnxruntime/capi/. Looks in this library's directory and up to three levels above it for
+// onnxruntime/capi/libonnxruntime.so*; "" when there is none (a system install, a dev build).
+std::string sibling_ort_library() {
+  Dl_info info{};
+  if (!dladdr(reinterpret_cast<const void*>(&sibling_ort_library), &info) || !info.dli_fname) return "";
+  // Canonical: a library found through fewstep-run's RUNPATH is named fewstep/bin/../lib/libfewstep.so.
+  char* real = realpath(info.dli_fname, nullptr);
+  if (!real) return "";
+  std::string dir = real;
+  std::free(real);
+  for (int up = 0; up < 4; ++up) {
+    const size_t slash = dir.find_last_of('/');
+    if (slash == std::string::npos) return "";
+    dir.erase(slash);  // the parent (first pass: the library's own directory)
+    std::string pattern;  // the directory escaped: only our own '*' is a wildcard
+    for (const char c : dir) {
+      if (c == '*' || c == '?' || c == '[' || c == '\\') pattern += '\\';
+      pattern += c;
+    }
+    pattern += "/onnxruntime/capi/libonnxruntime.so*";
+    glob_t g{};
+    std::string hit;
+    if (glob(pattern.c_str(), 0, nullptr, &g) == 0 && g.gl_pathc > 0) hit = g.gl_pathv[0];  // sorted: .so.1 < .so.1.x
+    globfree(&g);
+    if (!hit.empty()) return hit;
+    if (dir.empty()) return "";
+  }
+  return "";
+}
+
+// Which ONNX Runtime: the caller's (params.ort_library), else $FEWSTEP_ORT_LIBRARY, else the pip-installed
+// onnxruntime package beside this library, else the dynamic loader's libonnxruntime.so.
 const Ort& ort(const char* requested) {
   std::string path = requested ? requested : "";
   if (path.empty()) {
     const char* env = std::getenv("FEWSTEP_ORT_LIBRARY");
-    path = env && *env ? env : "libonnxruntime.so";
+    path = env && *env ? env : sibling_ort_library();
+    if (path.empty()) path = "libonnxruntime.so";
   }
   std::lock_guard<std::mutex> lock(g_ort_mutex);
   if (g_ort) {
@@ -54,8 +90,9 @@ const Ort& ort(const char* requested) {
   if (!lib)
     throw Error(FEWSTEP_ERR_BACKEND,
                 "cannot load ONNX Runtime (" + path + "): " + dlerror() +
-                    "; install the onnxruntime (or onnxruntime-gpu) Python package and point FEWSTEP_ORT_LIBRARY "
-                    "at its onnxruntime/capi/libonnxruntime.so.*");
+                    "; install the onnxruntime (or onnxruntime-gpu) Python package (found by itself when fewstep is "
+                    "pip-installed in the same environment) or point FEWSTEP_ORT_LIBRARY at its "
+                    "onnxruntime/capi/libonnxruntime.so.*");
   using GetApiBase = const OrtApiBase* (*)();
   auto get_base = reinterpret_cast<GetApiBase>(dlsym(lib, "OrtGetApiBase"));
   if (!get_base) throw Error(FEWSTEP_ERR_BACKEND, path + " is not ONNX Runtime (no OrtGetApiBase)");
