@@ -2,8 +2,9 @@
  *
  *   minimal ENGINE.onnx SEED BATCH OUT.npy
  *
- * ONNX Runtime is found through $FEWSTEP_ORT_LIBRARY (e.g. the onnxruntime Python package's
- * onnxruntime/capi/libonnxruntime.so.*). Class-conditional engines sample classes 0,1,2,... */
+ * ONNX Runtime: with fewstep pip-installed, libfewstep finds the onnxruntime package installed beside it;
+ * $FEWSTEP_ORT_LIBRARY (e.g. some onnxruntime/capi/libonnxruntime.so.*) overrides that.
+ * Class-conditional engines sample classes 0,1,2,... */
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>

@@ -112,9 +112,11 @@ typedef struct fewstep_engine_params {
   const char* engine_cache_dir; /* TensorRT engine + timing cache directory; NULL = no cache. Default NULL.
                                    Copied during fewstep_engine_load. */
   const char* ort_library;      /* path of libonnxruntime.so to dlopen; NULL = the environment variable
-                                   FEWSTEP_ORT_LIBRARY, else "libonnxruntime.so" on the loader's search
-                                   path. The first library loaded in a process stays loaded: later
-                                   loads must name the same file (or NULL). Default NULL. */
+                                   FEWSTEP_ORT_LIBRARY, else the onnxruntime Python package installed
+                                   beside this libfewstep (pip: site-packages/onnxruntime/capi/), else
+                                   "libonnxruntime.so" on the loader's search path. The first library
+                                   loaded in a process stays loaded: later loads must name the same
+                                   file (or NULL). Default NULL. */
 } fewstep_engine_params;
 
 /* The defaults documented field by field above. */

@@ -39,7 +39,7 @@ struct EngineOptions {
   int device_id = 0;
   bool cuda_graph = false;
   std::string engine_cache_dir;  // empty = none
-  std::string ort_library;       // empty = FEWSTEP_ORT_LIBRARY, else libonnxruntime.so
+  std::string ort_library;       // empty = FEWSTEP_ORT_LIBRARY, else the pip package's, else libonnxruntime.so
 
   fewstep_engine_params to_c() const {
     fewstep_engine_params p = fewstep_default_params();
