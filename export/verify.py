@@ -5,18 +5,46 @@ engine and the executor see the same z / noise. The error is the max absolute di
 the largest reference magnitude: max|ort − ref| / max|ref| (an element-wise relative error is
 meaningless near zero).
 
-Tolerances (against the float32 executor, which is the answer a user wants):
-- float32: 1e-4. Both sides do the same float32 ops; measured ≤ 1.2e-6 on the digits teacher.
-- float16: 5e-2. The state x runs in float16 as the contract says, and at σ_max = 80 |x| reaches
-  ~320, where float16's spacing is 0.25; measured 2e-3 (DPM++ 2M / DDPM, 4 NFE) and 4.4e-2 (Heun,
-  3 NFE) on the digits teacher. A bigger error means a wrong graph, not rounding.
-- bfloat16: BF16_TOLERANCE. bfloat16 engines are exported at opset 22, and ONNX Runtime's CPU
-  provider has no bfloat16 kernels, so they are run by the `onnx` package's reference evaluator
-  (a plain numpy interpreter of the ONNX spec: slow, but it runs every op in bfloat16) instead.
+Tolerance (against the float32 executor, which is the answer a user wants): derived per engine by
+``tolerance`` from the rounding depth of the exported computation, not measured:
+
+- R: the most roundings on one path from an input to the output, counted on the graph itself
+  (``rounding_depth``: every arithmetic node rounds its output once; the If branches of an engine
+  with a guidance input: the deeper one). The passes are chained through the state, so R covers
+  all NFE UNet passes and the updates between them (digits: ≈ 153 a pass, each GroupNorm's,
+  SiLU's and the σ embedding's Mul/Add counted).
+- u: the compute dtype's unit roundoff: float32 2⁻²⁴, float16 2⁻¹¹, bfloat16 2⁻⁸.
+- CFG: a guided D = (1 − w)·D_u + w·D_c weighs the two halves' errors by |1 − w| and |w|
+  (worst case |1 − w| + |w|, independent errors √((1 − w)² + w²)); w = 1: one half, gain 1.
+- A: the plan's largest row gain max(|a| + Σ|p|, |c| + Σ|q|) ≥ 1: a row summing big terms that
+  cancel (Heun at NFE 3 ends with q ≈ ±2·10⁴) scales every fresh rounding by it. The bound treats
+  each rounding as a relative error of the sample's scale carried to the output with gain ≤ A (the
+  model of the project's other rounding bounds: states at high σ are damped by the later rows).
+
+float32: worst case, 2·A·g_w·R·u (every rounding at full size and one sign; ×2: ONNX Runtime and
+torch each round, in another order). It is small enough (3.4e-4 for the 3-NFE guided digits engine)
+to need no statistical assumption, and a wrong row coefficient or σ moves the sample by ≥ 1e-2.
+
+float16 / bfloat16: the worst case R·u is useless there (float16, 3 guided passes: 0.9, bfloat16
+7.2: above what a wrong graph does), so the random-walk model of independent, zero-mean roundings
+(Higham & Mary 2019, "A new approach to probabilistic rounding error analysis"):
+λ·A·g_w·√R·u with λ = 6, which holds with probability ≥ 1 − 2·exp(−λ²/2) ≈ 1 − 3e-8 per output
+element, so a correct engine of ≤ 3·10⁴ elements fails with probability < 1e-3. The float32
+executor's own error is ≪ that and not counted. Digits, DPM++ 2M at 2 NFE with its guidance input
+(R = 307, w = 1.5): float16 8.1e-2 (reads 5e-4 to 7e-4 with seeds 0 and 1; DPM++ 2M at 4 NFE
+1e-3 to 2.4e-3), bfloat16 DDIM-2 0.65 (reads 3.5e-2). ONNX Runtime's CPU provider runs float16
+nodes without float16 kernels in float32, so it often reads far below the bound; the bound is for
+any runtime that rounds every op. Heun at NFE 3 (A = 4·10⁴) gets a bound above 1: such an engine
+cannot be verified in low precision (nor in float32 by this model) — its plan is ill-conditioned.
+
+bfloat16 engines are exported at opset 22, and ONNX Runtime's CPU provider has no bfloat16 kernels,
+so they are run by the `onnx` package's reference evaluator (a plain numpy interpreter of the ONNX
+spec: slow, but it runs every op in bfloat16) instead.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -26,7 +54,15 @@ import torch
 from ..errors import FewstepError
 from .onnx import ExportError, read_metadata
 
-TOLERANCE = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 2e-1}
+UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+LAMBDA = 6.0  # the random-walk bound's confidence: fails a correct element with probability ≤ 2·exp(−λ²/2)
+# Nodes whose float output is rounded (shape, index and copy ops are exact; Cast narrows; Resize may interpolate).
+ROUNDING_OPS = frozenset({
+    "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Exp", "Log", "Sigmoid", "Tanh", "Erf", "Softmax",
+    "Cos", "Sin", "Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "InstanceNormalization",
+    "GroupNormalization", "LayerNormalization", "BatchNormalization", "ReduceMean", "ReduceSum", "Resize", "Cast",
+    "HardSigmoid", "Softplus", "Gelu", "Mish", "Where",
+})
 
 
 class VerifyError(FewstepError):
@@ -51,6 +87,70 @@ class VerifyResult:
         ok = "ok" if self.passed else "FAILED"
         return (f"verify {os.path.basename(self.path)}: {self.kind} {self.compute_dtype}, batch {self.batch}, "
                 f"max rel err {self.max_rel_err:.3g} (tolerance {self.tolerance:g}) {ok}")
+
+
+def rounding_depth(model) -> int:
+    """The most rounding nodes (``ROUNDING_OPS``) on one path from an input to an output of ``model``
+    (an ``onnx.ModelProto``); an If node counts as its deeper branch. ONNX nodes are topologically sorted."""
+
+    def walk(graph, depth: dict) -> list[int]:
+        d = dict(depth)
+        for node in graph.node:
+            base = max((d.get(i, 0) for i in node.input if i), default=0)
+            branches = [a.g for a in node.attribute if a.type == 5]  # AttributeProto.GRAPH
+            if branches:
+                outs = [walk(g, d) for g in branches]
+                for k, o in enumerate(node.output):
+                    d[o] = max((b[k] for b in outs if k < len(b)), default=base)
+            else:
+                inc = 1 if node.op_type in ROUNDING_OPS else 0
+                for o in node.output:
+                    d[o] = base + inc
+        return [d.get(o.name, 0) for o in graph.output]
+
+    return max(walk(model.graph, {}), default=0)
+
+
+def row_gain(plan) -> float:
+    """A = max over rows of |a| + Σ|p| and |c| + Σ|q| (at least 1): how much a row can scale fresh roundings."""
+    if plan is None:
+        return 1.0
+    return max([1.0] + [max(abs(r.a) + sum(map(abs, r.p)), abs(r.c) + sum(map(abs, r.q))) for r in plan.rows])
+
+
+def cfg_gain(w, worst: bool) -> float:
+    """How CFG D = (1 − w)·D_u + w·D_c scales the halves' errors: |1 − w| + |w| (worst), √((1 − w)² + w²)."""
+    if w is None or w == 1.0:
+        return 1.0
+    return abs(1 - w) + abs(w) if worst else math.hypot(1 - w, w)
+
+
+def tolerance(compute_dtype: str, depth: int, gain: float = 1.0, ws=(None,)) -> float:
+    """The derived bound on max|engine − executor| / max|executor| (see the module docstring)."""
+    u = UNIT_ROUNDOFF[compute_dtype]
+    worst = compute_dtype == "float32"
+    g = max(cfg_gain(w, worst) for w in ws)
+    if worst:
+        return 2 * gain * g * depth * u
+    return LAMBDA * gain * g * math.sqrt(depth) * u
+
+
+def engine_tolerance(path, guidance: float = 1.5) -> float:
+    """``tolerance`` of the engine at ``path`` as ``verify`` computes it (depth counted on its graph)."""
+    import onnx
+
+    meta = read_metadata(path)
+    c, plan = meta["fewstep.contract"], meta["fewstep.plan"]
+    return tolerance(c["compute_dtype"], rounding_depth(onnx.load(os.fspath(path))), row_gain(plan),
+                     _guidances(plan, c, guidance))
+
+
+def _guidances(plan, contract, guidance):
+    """Every w a guided evaluation of the check can use: the rows' own, and the W inputs verify feeds."""
+    ws = [guidance, 1.0] if contract["guidance_input"] else [None]
+    if plan is not None:
+        ws += [r.guidance for r in plan.rows if r.guidance is not None]
+    return ws
 
 
 def require_ort():
@@ -165,6 +265,6 @@ def verify(path, model: str | None = None, batch: int = 7, seed: int = 0, guidan
         ref = reference(teacher, meta, example_inputs(c, batch, seed=seed, guidance=w), w)
         err = max(err, float(np.abs(out.astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-30)))
         finite = finite and bool(np.all(np.isfinite(out)))
-    tol = TOLERANCE[dt] if tolerance is None else tolerance
+    tol = engine_tolerance(path, guidance) if tolerance is None else tolerance
     ok = finite and err <= tol
     return VerifyResult(path, meta["fewstep.kind"], dt, batch, err, tol, ok)
