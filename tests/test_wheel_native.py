@@ -22,8 +22,8 @@ pytest.importorskip("onnxruntime")
 from fewstep import _C, _native  # noqa: E402
 
 PREFIX = _native.cmake_prefix_path()
-pytestmark = pytest.mark.skipif(PREFIX is None, reason="development checkout: no C library inside the package "
-                                                       "(`make test` installs the wheel)")
+wheel_only = pytest.mark.skipif(PREFIX is None, reason="development checkout: no C library inside the package "
+                                                      "(`make test` installs the wheel)")
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's scripts directory
 
@@ -48,6 +48,7 @@ def engine(tmp_path_factory):
     return str(path)
 
 
+@wheel_only
 def test_layout_and_prefix_one_liners():
     p = Path(PREFIX)
     assert p == Path(_native.__file__).resolve().parent  # the package directory is the prefix
@@ -61,6 +62,7 @@ def test_layout_and_prefix_one_liners():
         assert r.returncode == 0 and r.stdout == f"{PREFIX}\n" and not r.stderr, (cmd, r.stderr)
 
 
+@wheel_only
 def test_fewstep_run_on_path_finds_ort_itself(engine, tmp_path):
     exe = shutil.which("fewstep-run", path=str(BIN))
     assert exe, "the fewstep-run console script is not in the venv"
@@ -77,6 +79,7 @@ def test_fewstep_run_on_path_finds_ort_itself(engine, tmp_path):
     assert r.returncode == 1 and "cannot load ONNX Runtime" in r.stderr and not (tmp_path / "e.npy").exists()
 
 
+@wheel_only
 def test_find_package_against_the_wheel(engine, tmp_path):
     cmake = shutil.which("cmake") or shutil.which("cmake", path=str(BIN))
     if not cmake or not (shutil.which("c++") or shutil.which("g++")):
@@ -100,3 +103,43 @@ def test_find_package_against_the_wheel(engine, tmp_path):
     # linked against the package's libfewstep (not a build tree's)
     ldd = subprocess.run(["ldd", b / "minimal"], capture_output=True, text=True).stdout if shutil.which("ldd") else ""
     assert not ldd or str(Path(prefix) / "lib/libfewstep.so") in ldd, ldd
+
+
+_LOAD = """
+import ctypes, sys
+lib = ctypes.CDLL(sys.argv[1])
+lib.fewstep_last_error.restype = ctypes.c_char_p
+lib.fewstep_engine_load.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
+h = ctypes.c_void_p()
+rc = lib.fewstep_engine_load(sys.argv[2].encode(), None, ctypes.byref(h))
+print(rc, (lib.fewstep_last_error() or b"").decode())
+"""
+
+
+def test_libfewstep_finds_the_onnxruntime_package_beside_it(engine, tmp_path):
+    """The lookup itself, also in a development checkout: libfewstep copied into a site-packages-like tree
+    (sp/fewstep/lib/) loads an engine with no ORT hint when sp/onnxruntime/capi/ holds the library, fails to
+    find ORT when it does not, and FEWSTEP_ORT_LIBRARY still overrides. One process per case: a process
+    keeps the first ONNX Runtime it loads."""
+    import onnxruntime
+
+    src = Path(PREFIX) / "lib/libfewstep.so" if PREFIX else ROOT / "build/dev/libfewstep.so"
+    if not src.exists():
+        pytest.skip("no libfewstep.so built (make dev)")
+    sp = tmp_path / "sp"
+    (sp / "fewstep/lib").mkdir(parents=True)
+    shutil.copy(src, sp / "fewstep/lib/libfewstep.so")
+    lib = str(sp / "fewstep/lib/libfewstep.so")
+
+    def load(env):
+        r = subprocess.run([sys.executable, "-c", _LOAD, lib, engine], env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        code, msg = r.stdout.split(" ", 1)
+        return int(code), msg
+
+    code, msg = load(_env())
+    assert code == 7 and "cannot load ONNX Runtime (libonnxruntime.so)" in msg, msg  # no sibling package yet
+    (sp / "onnxruntime").symlink_to(Path(onnxruntime.__file__).parent, target_is_directory=True)
+    assert load(_env())[0] == 0
+    code, msg = load({**_env(), "FEWSTEP_ORT_LIBRARY": "/nonexistent/libonnxruntime.so"})
+    assert code == 7 and "/nonexistent/libonnxruntime.so" in msg, msg
