@@ -193,6 +193,22 @@ def test_verify_fp32(digits_engine):
     assert "max rel err" in r.line() and r.line().endswith("ok")
 
 
+def test_verify_fails_an_engine_off_by_one_percent(digits_engine, tmp_path):
+    """verify's derived float32 bound is not vacuous: the engine checked against its plan with the last row's
+    coefficients ×1.01 (the sample moves by 1 %, ≈ 30× the bound) fails."""
+    plan, path, _ = digits_engine
+    last = plan.rows[-1]
+    off = plan.replace(rows=plan.rows[:-1] + (Row(**{**last.__dict__, "c": last.c * 1.01,
+                                                     "q": tuple(q * 1.01 for q in last.q)}),))
+    m = onnx.load(path)
+    for p in m.metadata_props:
+        if p.key == "fewstep.plan":
+            p.value = off.to_json()
+    onnx.save(m, str(tmp_path / "off.onnx"))
+    r = verify(tmp_path / "off.onnx", threads=1)
+    assert not r.passed and r.max_rel_err > 10 * r.tolerance and r.line().endswith("FAILED")
+
+
 def test_stochastic_plan_noise_input_gmm(gmm, tmp_path):
     plan = build("ddpm", 3, gmm.denoiser.sigma_min, gmm.denoiser.sigma_max)
     assert len(plan.stochastic_rows) >= 1
