@@ -187,7 +187,7 @@ def test_guidance_is_per_sample(digits, digits_engine):
 def test_verify_fp32(digits_engine):
     _, path, _ = digits_engine
     r = verify(path, threads=1)
-    # verify's own tolerance is its derived worst case for this engine (2·A·g_w·R·2⁻²⁴, export/verify.py); the
+    # verify's own tolerance is its derived worst case for this engine (2·g_w·R·2⁻²⁴, export/verify.py); the
     # 1e-4 here is this file's bound for float32 UNet engines (see the comment above _initializers)
     assert r.passed and r.max_rel_err <= 1e-4 and r.tolerance == engine_tolerance(path) < 1e-3
     assert "max rel err" in r.line() and r.line().endswith("ok")
@@ -195,7 +195,7 @@ def test_verify_fp32(digits_engine):
 
 def test_verify_fails_an_engine_off_by_one_percent(digits_engine, tmp_path):
     """verify's derived float32 bound is not vacuous: the engine checked against its plan with the last row's
-    coefficients ×1.01 (the sample moves by 1 %, ≈ 30× the bound) fails."""
+    coefficients ×1.01 (the sample moves by 1 %, ≈ 90× the bound) fails."""
     plan, path, _ = digits_engine
     last = plan.rows[-1]
     off = plan.replace(rows=plan.rows[:-1] + (Row(**{**last.__dict__, "c": last.c * 1.01,
@@ -293,7 +293,7 @@ def test_fp16_runs_in_fp16_within_tolerance(digits, tmp_path):
     conv_w = [i for i in _initializers(m) if i.data_type == onnx.TensorProto.FLOAT16]
     assert len(conv_w) > 20  # the weights really are float16
     r = verify(path, threads=1)
-    assert r.tolerance == engine_tolerance(path) and r.passed  # λ·A·g_w·√R·2⁻¹¹ (export/verify.py): 8e-2 here
+    assert r.tolerance == engine_tolerance(path) and r.passed  # λ·g_w·√R·2⁻¹¹ (export/verify.py): 8e-2 here
     # The teacher's longest path rounds R ≈ 70 times (25 convs, 17 GroupNorms + SiLUs, 8 residual adds); the last
     # pass's D is the output (the σ = 80 pass is damped by σ). Independent roundings grow as √R·u: float16
     # (u = 2⁻¹¹) 4e-3, and the bar 1e-2 is 2.4× that (verify's own bound counts R on the graph). The floor:
@@ -315,7 +315,7 @@ def test_bf16_exports_at_opset_22_and_verifies(tmp_path):
     assert max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) == 22
     assert sum(i.data_type == onnx.TensorProto.BFLOAT16 for i in _initializers(m)) > 20  # real bf16 weights
     r = verify(path, batch=2)
-    assert r.compute_dtype == "bfloat16" and r.tolerance == engine_tolerance(path) and r.passed  # λ·A·g_w·√R·2⁻⁸
+    assert r.compute_dtype == "bfloat16" and r.tolerance == engine_tolerance(path) and r.passed  # λ·g_w·√R·2⁻⁸
     assert 1e-3 < r.max_rel_err <= 0.1
 
 
