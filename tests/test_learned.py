@@ -152,6 +152,21 @@ def test_reference_is_cached_on_disk(gmm, cache_dir, monkeypatch):
     assert len(list((cache_dir / "reference").glob("*.npy"))) == n
 
 
+def test_history_bound_and_budget(gmm):
+    """11 evaluations with every history entry free (K = 10) and every free coefficient moved: the rows read at
+    most 10 past entries and stay a valid Plan; a 1 ms budget stops after the first step and says so."""
+    den = gmm.denoiser
+    params = learned._Params(build("ddim", 11, den.sigma_min, den.sigma_max), 10)
+    with torch.no_grad():
+        params.delta.normal_(generator=torch.Generator().manual_seed(0))
+        params.theta.add_(0.3)
+    plan = params.plan("moved", {})
+    _valid(plan)
+    assert plan.history == MAX_HISTORY
+    short = fit_learned(gmm, "ddim", 3, LearnConfig(budget=1e-3), init_method="dode", batch=16, heldout=8)
+    assert short.provenance["out_of_budget"] and short.provenance["steps"] == 1
+
+
 def test_bad_config_is_named():
     for kw, match in ((dict(loss="l1"), "--loss"), (dict(optimizer="sgd"), "--optimizer"), (dict(reg=-1.0), "--reg"),
                       (dict(rounds=-1), "--rounds"), (dict(history=11), "--history"), (dict(budget=0.0), "--budget")):
