@@ -237,7 +237,8 @@ def test_cli_fit_learned(tmp_path, capsys):
     rc = _cli("--model", "gmm", "--solver", "ddim", "--nfe", "3", "--method", "learned", "--init", str(out),
               "--rounds", "1", "--coef-steps", "2", "--grid-steps", "0", "--batch", "40", "--heldout", "20",
               "--out", str(tmp_path / "q.json"), "--quiet")
-    assert rc == 0 and Plan.load(tmp_path / "q.json").provenance["init_method"] == "file"
+    pv = Plan.load(tmp_path / "q.json").provenance
+    assert rc == 0 and pv["init_method"] == "given" and pv["init_plan_method"] == "learned"
 
 
 @pytest.mark.parametrize("args,match", [
@@ -246,13 +247,17 @@ def test_cli_fit_learned(tmp_path, capsys):
     (["--heldout", "0"], "--heldout"),
     (["--init-method", "nope"], "unknown method"),
     (["--nfe", "4", "--init", "PLAN"], "expected 4 NFE"),  # later flags win in argparse: --nfe 4 overrides 3
+    (["--init", "FOREIGN"], "another teacher"),
 ])
 def test_cli_errors_one_line(tmp_path, capsys, args, match):
     plan = tmp_path / "p3.json"
     build("ddim", 3, 0.002, 80.0).save(plan)
+    foreign = build("ddim", 3, 0.002, 80.0)
+    foreign.replace(provenance={"teacher_hash": "sha256:" + "0" * 64}).save(tmp_path / "f3.json")
     base = ["--model", "gmm", "--solver", "ddim", "--nfe", "3", "--method", "learned",
             "--out", str(tmp_path / "o.json")]
-    assert _cli(*base, *[str(plan) if a == "PLAN" else a for a in args]) == 2
+    files = {"PLAN": str(plan), "FOREIGN": str(tmp_path / "f3.json")}
+    assert _cli(*base, *[files.get(a, a) for a in args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert match in err[-1] and err[-1].startswith("fewstep"), err
     assert not (tmp_path / "o.json").exists()

@@ -417,6 +417,10 @@ def fit_learned(teacher, solver: str, nfe: int, cfg: LearnConfig = LearnConfig()
                            f"NFE from σ {base.sigma_init:g}")
         if init.stochastic_rows:
             raise FitError(f"--init plan {init.name!r} is stochastic; learning needs a deterministic plan")
+        want = init.provenance.get("teacher_hash")
+        if want is not None and want != teacher.content_hash:
+            raise FitError(f"--init plan {init.name!r} was fitted for another teacher ({want[:19]}…), "
+                           f"not {teacher.name}")
         init = with_guidance(init, guidance)
     total = batch + heldout
     full = make_batch(teacher, total, seed, cls, guidance)
@@ -431,14 +435,15 @@ def fit_learned(teacher, solver: str, nfe: int, cfg: LearnConfig = LearnConfig()
                    schedule=schedule, progress=progress, cache=cache, **fit_kw)
         init_source = init_method
     else:
-        init_source = "file"
+        init_source = "given"
     init_seconds = time.perf_counter() - t_init
     plan, info = learn(init, den, train, ref, held, held_ref, cfg, say=say, seed=seed)
     fit_err = rms(run(plan, den, train), ref)
     prov = dict(init.provenance)
     prov.update({
         "fitted": True, "method": "learned", "init_method": init_source, "init_seconds": round(init_seconds, 3),
-        "init_fit_seconds": init.provenance.get("fit_seconds"), "base_solver": fam, "teacher": teacher.name,
+        "init_fit_seconds": init.provenance.get("fit_seconds"), "init_plan_method": init.provenance.get("method"),
+        "base_solver": fam, "teacher": teacher.name,
         "teacher_hash": teacher.content_hash, "batch": batch, "heldout": heldout, "seed": seed,
         "guidance": guidance, "class": cls, "fewstep_version": fewstep.__version__,
         "fit_rmse": fit_err, "fit_rmse_base": rms(run(base, den, train), ref),
