@@ -250,7 +250,7 @@ def test_every_guidance_variant_runs_everywhere(variants, native, tmp_path):
         assert _cli("run", path, "--seed", seed, "--batch", b, "--threads", 1, *extra, "--out", out) == 0, name
         want = e.sample(seed, b, labels=labels, guidance=None if ws[0] is None else np.ones(b, np.float32))
         np.testing.assert_array_equal(np.load(out), want)
-        p = subprocess.run([str(native / "fewstep-run"), path, "--seed", str(seed), "--batch", str(b), "--threads",
+        p = subprocess.run([str(native / "fewstep-run"), path, "--seed", str(seed), "--n", str(b), "--threads",
                             "1", *extra, "--out", str(tmp_path / f"{name}_native.npy")], env=_env(),
                            capture_output=True, text=True)
         assert p.returncode == 0, (name, p.stderr)
@@ -477,7 +477,7 @@ def _env():
 
 def test_native_cli(engines, native, tmp_path):
     exe = str(native / "fewstep-run")
-    run = [exe, engines["ddpm"], "--seed", "9", "--batch", "5", "--class", "2", "--guidance", "1.5", "--threads", "1"]
+    run = [exe, engines["ddpm"], "--seed", "9", "--n", "5", "--class", "2", "--guidance", "1.5", "--threads", "1"]
     p = subprocess.run([*run, "--out", tmp_path / "x.npy", "--bench", "20"], env=_env(), capture_output=True,
                        text=True)
     assert p.returncode == 0, p.stderr
@@ -490,22 +490,23 @@ def test_native_cli(engines, native, tmp_path):
     # --noise
     z = np.random.default_rng(2).standard_normal((3, 2)).astype(np.float32)
     np.save(tmp_path / "z.npy", z)
-    p = subprocess.run([exe, engines["ddpm"], "--noise", tmp_path / "z.npy", "--batch", "3", "--class", "4",
+    p = subprocess.run([exe, engines["ddpm"], "--noise", tmp_path / "z.npy", "--n", "3", "--class", "4",
                         "--out", tmp_path / "y.npy"], env=_env(), capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), e.sample(0, 3, labels=np.full(3, 4), z=z))
     # errors: usage 2, engine 1, never a crash
-    for args, rc in [(["--class", "12"], 2), (["--batch", "x"], 2), (["--noise", tmp_path / "x.npy"], 2)]:
+    np.save(tmp_path / "wrong.npy", np.zeros((2, 3), np.float32))  # not N × sample_shape (2,)
+    for args, rc in [(["--class", "12"], 2), (["--n", "x"], 2), (["--noise", tmp_path / "wrong.npy"], 2)]:
         q = subprocess.run([exe, engines["ddpm"], *map(str, args), "--out", tmp_path / "e.npy"], env=_env(),
                            capture_output=True, text=True)
         assert q.returncode == rc and q.stderr.startswith("fewstep-run: error:"), q.stderr
     q = subprocess.run([exe, engines["tiny"], "--ort-library", "/nonexistent/libonnxruntime.so", "--out",
                         tmp_path / "e.npy"], capture_output=True, text=True)
-    assert q.returncode == 1 and "cannot load ONNX Runtime" in q.stderr
+    assert q.returncode == 2 and "cannot load ONNX Runtime" in q.stderr  # bad input: exit 2, as `fewstep`
     for name in ("garbage", "nometa", "truncated"):
         q = subprocess.run([exe, engines[name], "--out", tmp_path / "e.npy"], env=_env(), capture_output=True,
                            text=True)
-        assert q.returncode == 1 and "fewstep-run: error:" in q.stderr
+        assert q.returncode == 2 and "fewstep-run: error:" in q.stderr
 
 
 def test_install_find_package_and_minimal_c(engines, native, tmp_path):
@@ -536,9 +537,29 @@ def test_install_find_package_and_minimal_c(engines, native, tmp_path):
                            capture_output=True, text=True)
         assert p.returncode == 2 and "must be" in p.stderr and not (tmp_path / "bad.npy").exists(), (seed, batch)
     # the installed fewstep-run finds libfewstep through its RPATH
-    p = subprocess.run([prefix / "bin/fewstep-run", engines["tiny"], "--batch", "2", "--out", tmp_path / "i.npy"],
+    p = subprocess.run([prefix / "bin/fewstep-run", engines["tiny"], "--n", "2", "--out", tmp_path / "i.npy"],
                        env=_env(), capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+def test_native_cli_vocabulary(engines, native, tmp_path):
+    """--version, --class none, the old --batch with its deprecation line, a line on success."""
+    exe = str(native / "fewstep-run")
+    p = subprocess.run([exe, "--version"], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip() == f"fewstep-run {_C.version()}"
+    p = subprocess.run([exe, engines["ddpm"], "--seed", "3", "--batch", "4", "--class", "none", "--out",
+                        tmp_path / "u.npy"], env=_env(), capture_output=True, text=True)
+    assert p.returncode == 0 and p.stderr == "fewstep-run: warning: --batch is deprecated; use --n\n", p.stderr
+    assert p.stdout.startswith("4 samples at NFE 6 in ") and p.stdout.rstrip().endswith("u.npy")
+    e = _C.Engine(engines["ddpm"], threads=1)
+    null = e.info["null_label"]
+    np.testing.assert_array_equal(np.load(tmp_path / "u.npy"), e.sample(3, 4, labels=np.full(4, null)))
+    p = subprocess.run([exe, engines["ddpm"], "--seed", "18446744073709551615", "--out", tmp_path / "w.npy"],
+                       env=_env(), capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr  # 2^64 - 1 is a seed; -1 is not
+    p = subprocess.run([exe, engines["ddpm"], "--seed", "-1", "--out", tmp_path / "w.npy"], env=_env(),
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "--seed" in p.stderr
 
 
 def test_native_cli_hostile(engines, native, gmm, tmp_path):
@@ -554,9 +575,9 @@ def test_native_cli_hostile(engines, native, gmm, tmp_path):
                 guidance_input=False)
     out = tmp_path / "o"
     out.mkdir()
-    cases = [([tmp_path / "blow.onnx", "--batch", "2", "--out", out / "x.npy"], 3, "NaN or inf"),
-             ([engines["tiny"], "--batch", "2", "--out", out], 1, "cannot write"),
-             ([engines["tiny"], "--batch", "2", "--threads", "100000", "--out", out / "y.npy"], 1, "threads")]
+    cases = [([tmp_path / "blow.onnx", "--n", "2", "--out", out / "x.npy"], 3, "NaN or inf"),
+             ([engines["tiny"], "--n", "2", "--out", out], 2, "cannot write"),
+             ([engines["tiny"], "--n", "2", "--threads", "100000", "--out", out / "y.npy"], 2, "threads")]
     for args, rc, match in cases:
         p = subprocess.run([exe, *map(str, args)], env=_env(), capture_output=True, text=True)
         assert p.returncode == rc and p.stderr.count("\n") == 1 and match in p.stderr, (args, p.stderr)

@@ -81,7 +81,7 @@ def test_bad_metadata_is_refused_at_load_everywhere(eng, tmp_path):
         if i % 3:
             continue  # the CLI goes through the same loader: a third of the variants end to end is enough
         out = tmp_path / "x.npy"
-        p = subprocess.run([sys.executable, "-m", "fewstep", "run", path, "--seed", "0", "--batch", "2", "--out", out],
+        p = subprocess.run([sys.executable, "-m", "fewstep", "run", path, "--seed", "0", "--n", "2", "--out", out],
                            capture_output=True, text=True, cwd="/")
         assert p.returncode == 2 and p.stderr.count("\n") == 1 and match in p.stderr, (name, p.stderr)
         assert not out.exists()
@@ -93,7 +93,7 @@ def test_non_finite_result_has_its_own_error(eng, tmp_path):
     with pytest.raises(NonFiniteError, match="NaN or inf"):
         e.sample(0, 2)
     out = tmp_path / "x.npy"
-    p = subprocess.run([sys.executable, "-m", "fewstep", "run", eng["blowup"], "--seed", "0", "--batch", "2",
+    p = subprocess.run([sys.executable, "-m", "fewstep", "run", eng["blowup"], "--seed", "0", "--n", "2",
                         "--out", out], capture_output=True, text=True, cwd="/")
     assert p.returncode == 3 and p.stderr.count("\n") == 1 and "NaN or inf" in p.stderr, p.stderr
     assert not out.exists()
@@ -152,16 +152,16 @@ def test_hostile_run_arguments(eng, tmp_path, capsys, case):
     from fewstep.cli import main
 
     good = str(eng["good"])
-    args = {"directory": [str(tmp_path), "--batch", "2"],
-            "huge batch": [good, "--batch", str(2**40)],
-            "not ORT": [good, "--batch", "2", "--ort-library", "/etc/passwd"],
-            "threads": [good, "--batch", "2", "--threads", "100000"],
+    args = {"directory": [str(tmp_path), "--n", "2"],
+            "huge batch": [good, "--n", str(2**40)],
+            "not ORT": [good, "--n", "2", "--ort-library", "/etc/passwd"],
+            "threads": [good, "--n", "2", "--threads", "100000"],
             "text noise": [good, "--noise", str(tmp_path / "z.npy")]}.get(case)
     if case == "fifo":
         os.mkfifo(tmp_path / "fifo")
-        args = [str(tmp_path / "fifo"), "--batch", "2"]
+        args = [str(tmp_path / "fifo"), "--n", "2"]
     if case == "data-shaped output":
-        args = [str(_data_shaped_engine(tmp_path / "twice.onnx")), "--batch", "3"]
+        args = [str(_data_shaped_engine(tmp_path / "twice.onnx")), "--n", "3"]
     (tmp_path / "z.npy").write_text("hello")
     out = tmp_path / "out.npy"
     capsys.readouterr()

@@ -67,16 +67,16 @@ def test_fewstep_run_on_path_finds_ort_itself(engine, tmp_path):
     exe = shutil.which("fewstep-run", path=str(BIN))
     assert exe, "the fewstep-run console script is not in the venv"
     want = _C.Engine(engine, threads=1).sample(5, 4, labels=np.zeros(4, np.int64))
-    r = subprocess.run(["fewstep-run", engine, "--seed", "5", "--batch", "4", "--class", "0", "--threads", "1",
+    r = subprocess.run(["fewstep-run", engine, "--seed", "5", "--n", "4", "--class", "0", "--threads", "1",
                         "--out", tmp_path / "x.npy"], env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), want)
-    # the console script keeps the native exit codes and stdio: 2 usage, 1 engine / ONNX Runtime
-    r = subprocess.run(["fewstep-run", engine, "--batch", "x"], env=_env(), capture_output=True, text=True)
+    # the console script keeps the native exit codes and stdio: 2 bad input (usage, engine, ONNX Runtime library)
+    r = subprocess.run(["fewstep-run", engine, "--n", "x"], env=_env(), capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("fewstep-run: error:") and not r.stdout, r.stderr
     r = subprocess.run(["fewstep-run", engine, "--ort-library", "/nonexistent/libonnxruntime.so", "--out",
                         tmp_path / "e.npy"], env=_env(), capture_output=True, text=True)
-    assert r.returncode == 1 and "cannot load ONNX Runtime" in r.stderr and not (tmp_path / "e.npy").exists()
+    assert r.returncode == 2 and "cannot load ONNX Runtime" in r.stderr and not (tmp_path / "e.npy").exists()
 
 
 @wheel_only

@@ -1,8 +1,9 @@
 // fewstep-run: sample an exported engine from the command line. Uses only the public C++ wrapper.
-//   fewstep-run ENGINE --seed S --batch N [--class C] [--guidance W] [--noise Z.npy] --out X.npy
+//   fewstep-run ENGINE --seed S --n N [--class C|none] [--guidance W] [--noise Z.npy] --out X.npy
 //               [--threads T] [--provider cpu|cuda|tensorrt] [--device D] [--cuda-graph]
 //               [--cache-dir DIR] [--ort-library PATH] [--bench N]
-// Exit codes: 0 ok, 2 usage or input error, 1 engine / runtime error.
+// Exit codes, as `fewstep`: 0 ok; 2 bad input (arguments, files, the engine, the ONNX Runtime library or
+// provider); 3 the result is not finite (nothing written); 1 an internal error (a bug).
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -11,6 +12,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -27,13 +29,16 @@ struct Usage : std::runtime_error {
 };
 
 const char* kHelp =
-    "usage: fewstep-run ENGINE [--seed S] [--batch N] [--class C] [--guidance W] [--noise Z.npy] [--out X.npy]\n"
+    "usage: fewstep-run ENGINE [--seed S] [--n N] [--class C|none] [--guidance W] [--noise Z.npy] [--out X.npy]\n"
     "                   [--threads T] [--provider cpu|cuda|tensorrt] [--device D] [--cuda-graph]\n"
     "                   [--cache-dir DIR] [--ort-library PATH] [--bench N]\n"
-    "Samples N images from an exported fewstep engine with Philox seed S (default 0, batch 1).\n"
-    "Without --class a class-conditional engine draws classes 0,1,2,... in turn (like `fewstep sample`).\n"
+    "Samples N images from an exported fewstep engine with Philox seed S (default 0; N: the noise file's, else 1).\n"
+    "Without --class a class-conditional engine draws classes 0,1,2,... in turn (like `fewstep sample`);\n"
+    "--class none samples unconditionally (the null label). --version prints the library version.\n"
+    "Exit codes: 0 ok, 2 bad input, 3 the result is not finite (nothing written), 1 internal error.\n"
     "--bench N: time N more runs after one warm-up and print p50/p90/p99 latency and samples/s.\n"
-    "ONNX Runtime: --ort-library, else $FEWSTEP_ORT_LIBRARY, else libonnxruntime.so on the search path.\n";
+    "ONNX Runtime: --ort-library, else $FEWSTEP_ORT_LIBRARY, else the onnxruntime package beside libfewstep,\n"
+    "else libonnxruntime.so on the search path.\n";
 
 long long parse_int(const std::string& s, const char* what) {
   char* end = nullptr;
@@ -138,10 +143,23 @@ double percentile(std::vector<double> v, double q) {
   return v[lo] + (pos - double(lo)) * (v[hi] - v[lo]);
 }
 
+// A seed: decimal digits only, < 2^64 (strtoll would refuse the upper half, strtoull take "-1").
+uint64_t parse_seed(const std::string& s) {
+  uint64_t v = 0;
+  if (s.empty()) throw Usage("--seed must be an integer in [0, 2^64), got ''");
+  for (char ch : s) {
+    if (ch < '0' || ch > '9' || v > (UINT64_MAX - uint64_t(ch - '0')) / 10)
+      throw Usage("--seed must be an integer in [0, 2^64), got '" + s + "'");
+    v = v * 10 + uint64_t(ch - '0');
+  }
+  return v;
+}
+
 int run(int argc, char** argv) {
   std::string engine_path, out_path, noise_path;
-  long long seed = 0, batch = 1, bench = 0;
-  bool has_class = false, has_guidance = false;
+  uint64_t seed = 0;
+  long long batch = 0, bench = 0;  // batch 0: the noise file's N, else 1
+  bool has_class = false, has_guidance = false, null_class = false;
   long long cls = 0;
   double guidance = 1.0;
   fewstep::EngineOptions opt;
@@ -154,9 +172,20 @@ int run(int argc, char** argv) {
     if (a == "-h" || a == "--help") {
       std::fputs(kHelp, stdout);
       return 0;
-    } else if (a == "--seed") seed = parse_int(next(), "--seed");
-    else if (a == "--batch") batch = parse_int(next(), "--batch");
-    else if (a == "--class") has_class = true, cls = parse_int(next(), "--class");
+    } else if (a == "--version") {
+      std::printf("fewstep-run %s\n", fewstep_version());
+      return 0;
+    } else if (a == "--seed") seed = parse_seed(next());
+    else if (a == "--n") batch = parse_int(next(), "--n");
+    else if (a == "--batch") {  // the old spelling of --n
+      std::fputs("fewstep-run: warning: --batch is deprecated; use --n\n", stderr);
+      batch = parse_int(next(), "--n");
+    } else if (a == "--class") {
+      const std::string c = next();
+      has_class = true;
+      if (c == "none") null_class = true;
+      else cls = parse_int(c, "--class");
+    }
     else if (a == "--guidance") has_guidance = true, guidance = parse_float(next(), "--guidance");
     else if (a == "--noise") noise_path = next();
     else if (a == "--out") out_path = next();
@@ -181,7 +210,6 @@ int run(int argc, char** argv) {
     else throw Usage("unexpected argument " + a);
   }
   if (engine_path.empty()) throw Usage("no ENGINE given");
-  if (seed < 0) throw Usage("--seed must be >= 0");
   if (bench < 0) throw Usage("--bench must be >= 0");
   if (out_path.empty() && bench == 0) throw Usage("give --out X.npy (or --bench N)");
 
@@ -191,17 +219,22 @@ int run(int argc, char** argv) {
   if (!noise_path.empty()) {
     std::vector<long long> shape;
     z = read_npy(noise_path, shape);
+    if (batch == 0 && !shape.empty()) batch = shape[0];
     std::vector<long long> want{batch};
     want.insert(want.end(), info.sample_shape, info.sample_shape + info.ndim);
-    if (shape != want) throw Usage(noise_path + ": expected a float32 array of shape N x sample shape with N = --batch");
+    if (shape != want) throw Usage(noise_path + ": expected a float32 array of shape N x sample shape with N = --n");
     for (float v : z)
       if (!std::isfinite(v)) throw Usage(noise_path + ": contains NaN or inf");
   }
-  if (batch < 1) throw Usage("--batch must be >= 1");
+  if (batch == 0) batch = 1;
+  if (batch < 1) throw Usage("--n must be >= 1");
   std::vector<int64_t> labels;
   if (has_class) {
     if (!info.num_classes) throw Usage("--class given but this engine is not class-conditional");
-    if (cls < 0 || cls >= info.num_classes)
+    if (null_class && info.null_label < 0)
+      throw Usage("--class none: this engine has no null label (no unconditional sampling)");
+    if (null_class) cls = info.null_label;
+    else if (cls < 0 || cls >= info.num_classes)
       throw Usage("--class must be in 0.." + std::to_string(info.num_classes - 1) + ", got " + std::to_string(cls));
     labels.assign(size_t(batch), cls);
   } else if (info.num_classes) {
@@ -213,14 +246,17 @@ int run(int argc, char** argv) {
   const size_t n = size_t(batch) * size_t(info.per_sample);
   std::vector<float> out(n);
   const auto once = [&] {
-    engine.sample(uint64_t(seed), batch, labels.empty() ? nullptr : labels.data(), g.empty() ? nullptr : g.data(),
+    engine.sample(seed, batch, labels.empty() ? nullptr : labels.data(), g.empty() ? nullptr : g.data(),
                   out.data(), out.size(), z.empty() ? nullptr : z.data());
   };
+  const auto t0 = std::chrono::steady_clock::now();
   once();
+  const double first_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   if (!out_path.empty()) {
     std::vector<long long> shape{batch};
     shape.insert(shape.end(), info.sample_shape, info.sample_shape + info.ndim);
     write_npy(out_path, shape, out.data(), n);
+    std::printf("%lld samples at NFE %d in %.2f ms -> %s\n", batch, info.nfe, first_ms, out_path.c_str());
   }
   if (bench > 0) {
     std::vector<double> ms;
@@ -249,7 +285,8 @@ int main(int argc, char** argv) {
     return 2;
   } catch (const fewstep::Error& e) {
     std::fprintf(stderr, "fewstep-run: error: %s\n", e.what());
-    return e.status() == FEWSTEP_ERR_NONFINITE ? 3 : 1;  // 3: the result was not finite, nothing written
+    if (e.status() == FEWSTEP_ERR_NONFINITE) return 3;  // the result was not finite: nothing written
+    return e.status() == FEWSTEP_ERR_INTERNAL ? 1 : 2;  // everything else is about the input or its setup
   } catch (const std::exception& e) {
     std::fprintf(stderr, "fewstep-run: error: %s\n", e.what());
     return 1;
