@@ -59,7 +59,7 @@ dev: $(STAMP)
 	  -DSKBUILD_PROJECT_VERSION=$$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml) \
 	  -DPython_EXECUTABLE=$(abspath $(VPY)) -Dpybind11_DIR=$$($(VPY) -m pybind11 --cmakedir) >/dev/null
 	cmake --build build/dev
-	cp build/dev/_C*.so fewstep/
+	install -m 755 build/dev/_C*.so fewstep/  # unlink + create: running processes keep the old file
 	$(PIP) uninstall -y -q fewstep || true
 	echo $(CURDIR) > $$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/fewstep_dev.pth
 
