@@ -11,7 +11,7 @@ and a 2B-row one, the caller picking. This measures what the branch costs:
 all four through ``fewstep._C.Engine``, in interleaved rounds with an idle gap before every call
 (``fewstep.runtime.run_cli.interleaved``), medians; digits, DPM-Solver++(2M), NFE 4.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/guidance_branch.py [--batch 16 64] [--threads 1] [--repeats 30]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/guidance_branch.py [--batch 1 16 64] [--threads 1] [--repeats 20]
 """
 
 from __future__ import annotations
@@ -97,9 +97,9 @@ def markdown(r: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--gap-ms", type=float, default=20.0, help="idle ms before every call (then until quiet)")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()
