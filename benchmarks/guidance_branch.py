@@ -82,7 +82,7 @@ def markdown(r: dict) -> str:
            f"Load average at the end {m['load_average'][0]:.2f}.",
            "", f"File sizes: branch engine {r['file_bytes']['branch'] / 1e6:.2f} MB, B-row engine "
            f"{r['file_bytes']['b_rows'] / 1e6:.2f} MB, 2B-row engine {r['file_bytes']['cfg_rows'] / 1e6:.2f} MB "
-           "(the weights are stored once in the branch engine; each branch adds its nodes).", "",
+           "(each branch of the `If` holds its own copy of the weights).", "",
            "| batch | W=1 branch | W=1 B-row engine | ratio | W=2 branch | W=2 2B-row engine | ratio | "
            "equal outputs |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
     for x in r["rows"]:

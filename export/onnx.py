@@ -501,8 +501,8 @@ def branch_on_unit_guidance(onnx, full, unit):
     the network's weights are stored twice. With the weights in the outer graph, shared by both branches,
     ONNX Runtime 1.31 ran each branch 1.45–1.74× slower than the same trace as a graph of its own, and with
     other kernels (outputs not bit-equal) — measured 2026-12-01 on the shared 2-core box, digits NFE 4,
-    batch 16, one thread. With local copies a branch is bit-equal to its own engine and as fast
-    (benchmarks/results/latency_guidance_branch_t1.md).
+    batch 16, one thread. With local copies a branch is bit-equal to its own engine and as fast at batch 16
+    and 64; at batch 1 the `If` adds a fixed 2–5 ms per call (benchmarks/results/latency_guidance_branch_t1.md).
     """
     from onnx import TensorProto, helper
 
