@@ -273,3 +273,17 @@ def test_cli_bad_arguments(tmp_path, capsys):
         p = run(capsys, "distill", "dmd2", "--out", out, *args, ok=False)
         assert p.returncode == 2 and msg in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
         assert not out.exists()
+
+
+# --- the shipped bundle ---------------------------------------------------------------------------------
+def test_shipped_digits_dmd2_out_of_the_box(tmp_path, capsys):
+    assert bundle_steps("digits-dmd2") == [1, 4]
+    for n in (1, 4):
+        t = load("digits-dmd2", steps=n)
+        assert isinstance(t.denoiser, GuidedDenoiser) and t.plans["deterministic"].nfe == n
+        p = run(capsys, "sample", "--model", "digits-dmd2", "--nfe", n, "--class", 7, "--n", 10,
+                "--out", tmp_path / f"s{n}")
+        assert f"dmd2-{n}" in p.stdout and (tmp_path / f"s{n}" / "grid.png").exists()
+    # Quality of the shipped artifact (not a timing): the 1-step generator draws the requested class.
+    res = json.loads(run(capsys, "eval", "--model", "digits-dmd2", "--nfe", 1, "--n", 60, "--json").stdout)
+    assert res["nfe"] == 1 and res["class_accuracy"] >= 0.9, res

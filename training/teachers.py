@@ -1,7 +1,8 @@
 """Resolve a `--model` argument to a denoiser and what the CLI needs to know about it.
 
 `gmm` is the exact mixture (GMM.default), `digits` the shipped class-conditional UNet,
-`digits-guided` the shipped distilled students (guidance as an input, 1/2/4/8 steps); a PATH
+`digits-guided` the shipped distilled students (guidance as an input, 1/2/4/8 steps), `digits-dmd2`
+the shipped DMD2 generators (1 and 4 steps, W = 1); a PATH
 is a digits-architecture checkpoint written by `fewstep teacher train digits` or `fewstep distill`
 (a directory or its .safetensors file), a distilled bundle (a directory with students.json)
 or a diffusers model directory.
@@ -23,7 +24,8 @@ from torch import nn
 from ..runtime.plan import Plan
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
-SHIPPED_BUNDLES = {"digits-guided": os.path.join(WEIGHTS_DIR, "digits_guided")}
+SHIPPED_BUNDLES = {"digits-guided": os.path.join(WEIGHTS_DIR, "digits_guided"),
+                   "digits-dmd2": os.path.join(WEIGHTS_DIR, "digits_dmd2")}
 
 
 class ModelError(ValueError):
@@ -80,8 +82,8 @@ def _load(model: str, steps: int | None) -> Teacher:
     if not os.path.exists(model):
         if os.sep in model or model.endswith(".safetensors"):
             raise ModelError(f"model file not found: {model}")
-        raise ModelError(f"unknown model {model!r}: use 'digits', 'digits-guided', 'gmm' or a path to a "
-                         f"checkpoint")
+        raise ModelError(f"unknown model {model!r}: use 'digits', 'digits-guided', 'digits-dmd2', 'gmm' or a path "
+                         f"to a checkpoint")
     if os.path.isdir(model):
         if os.path.exists(os.path.join(model, "students.json")):
             return _bundle(model, steps, model)
