@@ -35,7 +35,7 @@ ORT_LIB = _C.find_ort_library()
 # Engine vs executor, max |Δ| / max |ref| (derived in tests/test_export.py): float32 UNet engines differ by
 # ≤ passes·(1 + 2w)·R·2⁻²⁴ (R ≈ 70 roundings a pass; 8.4e-6 for the 2-pass W-conditioned student, whose W is
 # an input, not a CFG combination); GMM graphs compute in float64 and differ by one float32 ulp (1.2e-7).
-TOL = 1e-4  # verify's float32 export tolerance, above both
+TOL = 1e-4  # above both (verify's own float32 bound, 2·g_w·R·2⁻²⁴ per engine, is 7e-5 to 1.5e-4 on digits engines)
 
 
 def _rel(a, b):
