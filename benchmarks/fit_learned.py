@@ -198,8 +198,8 @@ def summary(out: str) -> int:
     if dist:
         src = f"distill_digits ({dist['n']})"
         fd0 = next(r["fd_digits"] for r in dist["rows"] if r.get("kind") == "teacher" and r.get("guidance") == 1.0)
-        for r in dist["rows"]:
-            if r.get("kind") == "student" and r.get("guidance") == 1.0:
+        for r in dist["rows"]:  # the students, and the solvers on the teacher measured beside them
+            if r.get("guidance") == 1.0 and r["sequential_calls"] <= 10:
                 add(r["sequential_calls"], r["what"], r["rmse_vs_reference"], r["fd_digits"], fd0, src)
     lines = ["# Digits: the best sampler at each number of sequential network calls", "",
              "Across the fitted plans (`fit_learned_digits.json`, `fit_digits_grid.json`) and the distilled students "
@@ -218,7 +218,7 @@ def summary(out: str) -> int:
         cs = cands[calls]
         br = min(cs, key=lambda c: c[1])
         bf = min(cs, key=lambda c: c[3])
-        st = [c for c in cs if c[4].startswith("distill")]
+        st = [c for c in cs if c[0].startswith("student")]
         bs = min(st, key=lambda c: c[1]) if st else None
         stud = f"{bs[0]}: {bs[1]:.4f}, {bs[2]:.2f} ({bs[3]:+.2f})" if bs else "none at this count"
         lines.append(f"| {calls} | {br[0]} | {br[1]:.4f} | {br[2]:.2f} ({br[3]:+.2f}) | {br[4]} | {bf[0]} | "
