@@ -251,42 +251,19 @@ def cmd_teacher_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Sample the shipped digits teacher with a classic solver at a few NFE, score each."""
-    import numpy as np
+    """The product on the shipped digits teacher: base solver, fitted solver, 1-step student, C++ engine."""
+    from .demo import run
 
-    from .runtime.solvers import build
-    from .training.evaluate import REFERENCE_STEPS, make_inputs, quality, reference, run_plan
-    from .training.teachers import load
-
-    teacher = load("digits")
-    den = teacher.denoiser
-    _prepare_out_dir(args.out)
-    nfes = [int(v) for v in args.nfe.split(",")]
-    print(f"fewstep {fewstep.__version__} demo: digits teacher ({teacher.content_hash[:19]}…), solver {args.solver}, "
-          f"{args.n} samples, classes drawn evenly, seed {args.seed}")
-    inputs0 = None
-    ref = None
-    rows = []
-    for nfe in nfes:
-        plan = build(args.solver, nfe, den.sigma_min, den.sigma_max)
-        inputs = make_inputs(teacher, plan, args.n, args.seed)
-        if ref is None:
-            inputs0 = inputs
-            print(f"  reference ODE solve ({4 * REFERENCE_STEPS['digits']} NFE) ...", flush=True)
-            ref = reference(teacher, inputs0, plan.sigma_init)
-        x = run_plan(teacher, plan, inputs)
-        q = quality(teacher, x, inputs, ref)
-        rows.append(x[:20].numpy())
-        print(f"  NFE {nfe:2d}: fd_digits {q['fd_digits']:7.3f}  class_accuracy {q['class_accuracy']:.3f}  "
-              f"rmse_vs_reference {q['rmse_vs_reference']:.4f}", flush=True)
-    qr = quality(teacher, ref, inputs0, None)
-    print(f"  reference ODE solve: fd_digits {qr['fd_digits']:7.3f}  "
-          f"class_accuracy {qr['class_accuracy']:.3f}")
-    rows.append(ref[:20].numpy())
-    grid = os.path.join(args.out, "grid.png")
-    save_grid(grid, np.concatenate(rows), ncol=20)
-    print(f"  grid: {grid} (one row per NFE {nfes}, then the reference; columns are classes 0..9 twice)")
+    check_out_dir(args.out)
+    if args.n < COLS_DEMO:
+        raise UserError(f"--n must be ≥ {COLS_DEMO} (one sample per class in the picture), got {args.n}")
+    if args.nfe < 1:
+        raise UserError(f"--nfe must be ≥ 1, got {args.nfe}")
+    run(args.out, solver=args.solver, nfe=args.nfe, n=args.n, seed=args.seed)
     return 0
+
+
+COLS_DEMO = 10
 
 
 def cmd_solvers(args) -> int:
@@ -335,10 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--quiet", action="store_true")
     tt.set_defaults(fn=cmd_teacher_train)
 
-    d = sub.add_parser("demo", help="the main job on the shipped digits teacher")
-    d.add_argument("--out", default="demo_out")
+    d = sub.add_parser("demo", help="the main job on the shipped digits teacher: base vs fitted solver vs the "
+                                    "1-step student, and the fitted sampler as a C++ engine")
+    d.add_argument("--out", default="demo_out", help="directory for demo.png")
     d.add_argument("--solver", default="dpmpp-2m")
-    d.add_argument("--nfe", default="2,4,6,8,10")
+    d.add_argument("--nfe", type=int, default=4)
     d.add_argument("--n", type=int, default=500)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=cmd_demo)
