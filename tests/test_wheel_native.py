@@ -58,7 +58,8 @@ def test_layout_and_prefix_one_liners():
         assert (p / f).is_file(), f
     assert os.access(p / "bin/fewstep-run", os.X_OK)
     for cmd in ([sys.executable, "-m", "fewstep", "--cmake-prefix-path"], [BIN / "fewstep", "--cmake-prefix-path"]):
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        # cwd "/": from the checkout's root, `-m fewstep` would import the source folder, not the wheel
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd="/")
         assert r.returncode == 0 and r.stdout == f"{PREFIX}\n" and not r.stderr, (cmd, r.stderr)
 
 
