@@ -336,7 +336,10 @@ def test_ctrl_c_leaves_nothing_behind(tmp_path):
     # digits timesteps + D-ODE at 6 NFE: tens of seconds even on an idle box (the GMM's finished in 2 s, before
     # the signal); a 100-sample teacher solve runs between the first progress line and the fit's end
     p = subprocess.Popen([sys.executable, "-m", "fewstep", "fit", "--model", "digits", "--solver", "dpmpp-2m", "--nfe",
-                          "6", "--method", "timesteps+dode", "--out", out], stderr=subprocess.PIPE, text=True, cwd="/")
+                          "6", "--method", "timesteps+dode", "--out", out], stderr=subprocess.PIPE, text=True, cwd="/",
+                         # a shell's background job (e.g. a CI runner) ignores SIGINT, and the child would inherit
+                         # that: give it the default disposition, as a terminal's foreground job has
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = p.stderr.readline()  # the fit has started: imports are done, main() is running
     assert first.startswith("fewstep fit: "), first
     time.sleep(0.2)
