@@ -63,22 +63,22 @@ dev: $(STAMP)
 	$(PIP) uninstall -y -q fewstep || true
 	echo $(CURDIR) > $$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/fewstep_dev.pth
 
-# Rebuild the shipped distilled students (training/weights/digits_guided/): stage 1 (guided), then
+# Rebuild the shipped distilled students (runtime/weights/digits_guided/): stage 1 (guided), then
 # progressive halvings 64 → 32 → 16 → 8 → 4 → 2 → 1, then copy the artifacts without training state.
 # Resumable: rerun after an interruption. ~25 min on 2 cores (benchmarks/results/distill_digits.md).
 STUDENTS_RUN ?= out/digits_guided
 students: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/fewstep distill guided --out $(STUDENTS_RUN)/guided
 	OMP_NUM_THREADS=1 $(VENV)/bin/fewstep distill progressive --student $(STUDENTS_RUN)/guided --out $(STUDENTS_RUN)
-	$(VENV)/bin/fewstep distill ship $(STUDENTS_RUN) training/weights/digits_guided
+	$(VENV)/bin/fewstep distill ship $(STUDENTS_RUN) runtime/weights/digits_guided
 
-# Rebuild the shipped DMD2 students (training/weights/digits_dmd2/): a 1-step generator, then a 4-step one
+# Rebuild the shipped DMD2 students (runtime/weights/digits_dmd2/): a 1-step generator, then a 4-step one
 # started from its networks (W = 1), then copy the sampling artifacts without training state. Resumable:
 # rerun after an interruption. Training wall time: benchmarks/results/dmd2_digits.md.
 DMD2_RUN ?= out/digits_dmd2
 dmd2: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/fewstep distill dmd2 --out $(DMD2_RUN)
-	$(VENV)/bin/fewstep distill ship $(DMD2_RUN) training/weights/digits_dmd2
+	$(VENV)/bin/fewstep distill ship $(DMD2_RUN) runtime/weights/digits_dmd2
 
 # AddressSanitizer / LeakSanitizer over 1,000 load/sample/free cycles of the C API (also part of `make test`).
 asan: install

@@ -36,12 +36,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # 2 shared cores: intra-op threads only contend at these sizes
 
+    from fewstep.runtime.models import bundle_steps, load
     from fewstep.runtime.plan import atomic_write_text
+    from fewstep.runtime.reference import reference
+    from fewstep.runtime.sampling import make_inputs, run_plan
     from fewstep.runtime.solvers import build
     from fewstep.training.digits import _cpu_name
-    from fewstep.training.evaluate import make_inputs, quality, reference, run_plan
+    from fewstep.training.evaluate import quality
     from fewstep.training.fit import fit
-    from fewstep.training.teachers import bundle_steps, load
 
     teacher = load("digits")
     den = teacher.denoiser
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
 
 
 def _bundle_dir(model: str) -> str:
-    from fewstep.training.teachers import SHIPPED_BUNDLES
+    from fewstep.runtime.models import SHIPPED_BUNDLES
 
     return SHIPPED_BUNDLES.get(model, model)
 

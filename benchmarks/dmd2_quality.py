@@ -38,13 +38,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # 2 shared cores: intra-op threads only contend at these sizes
 
+    from fewstep.runtime.models import SHIPPED_BUNDLES, bundle_steps, load
     from fewstep.runtime.plan import atomic_write_text
+    from fewstep.runtime.sampling import make_inputs, run_plan
     from fewstep.runtime.solvers import build
     from fewstep.training import dmd2
     from fewstep.training.digits import _cpu_name
-    from fewstep.training.evaluate import make_inputs, quality, run_plan
+    from fewstep.training.evaluate import quality
     from fewstep.training.fit import fit
-    from fewstep.training.teachers import SHIPPED_BUNDLES, bundle_steps, load
 
     teacher = load("digits")
     den = teacher.denoiser

@@ -30,10 +30,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()
+    from fewstep.runtime.models import load
     from fewstep.runtime.plan import atomic_write_text
     from fewstep.runtime.run_cli import _markdown, latency
     from fewstep.runtime.solvers import build
-    from fewstep.training.teachers import load
 
     den = load("digits").denoiser
     plan = build("dpmpp-2m", 4, den.sigma_min, den.sigma_max)

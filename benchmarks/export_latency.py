@@ -62,7 +62,7 @@ def machine() -> dict:
 
 def models(quick: bool):
     from fewstep.runtime.diffusers_adapter import from_diffusers
-    from fewstep.training.teachers import load
+    from fewstep.runtime.models import load
 
     t = load("digits")
     yield "digits", t.denoiser, t.shape, t.num_classes, t.content_hash, 2.0, (30 if not quick else 5)

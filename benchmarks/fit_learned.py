@@ -53,12 +53,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
 
     import fewstep
+    from fewstep.runtime.models import load
     from fewstep.runtime.plan import atomic_write_text
+    from fewstep.runtime.sampling import make_inputs, run_plan
     from fewstep.runtime.solvers import build
-    from fewstep.training.evaluate import make_inputs, quality, run_plan
+    from fewstep.training.evaluate import quality
     from fewstep.training.fit import fit, make_batch
     from fewstep.training.learned import LearnConfig, cached_reference, fit_learned
-    from fewstep.training.teachers import load
 
     sys.path.insert(0, HERE)
     from fit_quality import _machine

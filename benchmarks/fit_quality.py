@@ -40,11 +40,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)  # 2 shared cores: intra-op threads only contend at these sizes
 
     import fewstep
+    from fewstep.runtime.models import load
     from fewstep.runtime.plan import atomic_write_text
+    from fewstep.runtime.reference import reference
+    from fewstep.runtime.sampling import make_inputs, run_plan
     from fewstep.runtime.solvers import SolverError, build
-    from fewstep.training.evaluate import make_inputs, quality, reference, run_plan
+    from fewstep.training.evaluate import quality
     from fewstep.training.fit import FitError, fit
-    from fewstep.training.teachers import load
 
     teacher = load(args.model)
     den = teacher.denoiser

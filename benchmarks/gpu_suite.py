@@ -195,7 +195,7 @@ def _update_case(dev, dtype, mb, k, noise, reps, use_kernel, compiled) -> dict:
 
 def load_model(name, dev):
     if name == "digits":
-        from fewstep.training.digits import load_teacher
+        from fewstep.runtime.digits_net import load_teacher
 
         return load_teacher().to(dev).eval(), (1, 8, 8), "labels"
     sys.path.insert(0, HERE)

@@ -33,9 +33,9 @@ def bench(batches, threads: int, repeats: int, gap_ms: float) -> dict:
 
     from fewstep import _C
     from fewstep.export.onnx import export_onnx
+    from fewstep.runtime.models import load
     from fewstep.runtime.run_cli import _median_us, interleaved, machine
     from fewstep.runtime.solvers import build
-    from fewstep.training.teachers import load
 
     torch.set_num_threads(threads)
     t = load("digits")

@@ -38,11 +38,11 @@ def main(argv=None) -> int:
 
     import fewstep
     from fewstep.runtime import sample
+    from fewstep.runtime.models import load
     from fewstep.runtime.plan import PlanError, atomic_write_text
     from fewstep.runtime.solvers import build
     from fewstep.training import dode, iia
     from fewstep.training.fit import compile_plan, fit, make_batch
-    from fewstep.training.teachers import load
 
     teacher = load("gmm")
     den = teacher.denoiser

@@ -43,9 +43,9 @@ def idle_spin(plan, batch: int, threads: int, repeats: int = 9) -> dict:
 
     from fewstep.export.onnx import example_inputs, export_onnx
     from fewstep.runtime import sample
+    from fewstep.runtime.models import load
     from fewstep.runtime.run import load_engine
     from fewstep.runtime.run_cli import machine
-    from fewstep.training.teachers import load
 
     torch.set_num_threads(threads)
     t = load("digits")
@@ -100,10 +100,10 @@ def main() -> int:
     ap.add_argument("--harness", action="store_true", help="also run the harness under each setting")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()
+    from fewstep.runtime.models import load
     from fewstep.runtime.plan import atomic_write_text
     from fewstep.runtime.run_cli import latency
     from fewstep.runtime.solvers import build
-    from fewstep.training.teachers import load
 
     den = load("digits").denoiser
     plan = build("dpmpp-2m", 4, den.sigma_min, den.sigma_max)

@@ -586,7 +586,7 @@ def export_teacher(model: str, plan: Plan | None, path, **kw) -> ExportResult:
 
 
 def load_teacher(model: str, steps: int | None = None):
-    from ..training.teachers import ModelError, load
+    from ..runtime.models import ModelError, load
 
     try:
         return load(model, steps=steps)

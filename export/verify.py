@@ -158,7 +158,7 @@ def require_ort():
 def resolve_model(meta: dict, model: str | None):
     """The teacher the engine was exported from: `model` if given, else found by the recorded content hash
     among the shipped teachers (digits, gmm)."""
-    from ..training.teachers import bundle_steps
+    from ..runtime.models import bundle_steps
     from .onnx import load_teacher
 
     want = meta.get("fewstep.teacher_hash", "")

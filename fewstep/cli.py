@@ -37,10 +37,10 @@ class Parser(argparse.ArgumentParser):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .errors import FewstepError
     from .runtime.executor import InputError
+    from .runtime.models import ModelError
     from .runtime.plan import PlanError
     from .runtime.schedules import ScheduleError
     from .runtime.solvers import SolverError
-    from .training.teachers import ModelError
 
     return (UserError, FewstepError, PlanError, SolverError, ScheduleError, InputError, ModelError, FileNotFoundError,
             NotADirectoryError, PermissionError, IsADirectoryError)
@@ -74,7 +74,7 @@ def _add_model_plan(p: argparse.ArgumentParser, out: bool = True) -> None:
 
 
 def _load_teacher(args):
-    from .training.teachers import load
+    from .runtime.models import load
 
     return load(args.model, steps=student_steps(args))
 
@@ -124,7 +124,7 @@ def _read_noise(path: str):
 
 
 def _inputs(args, teacher, plan):
-    from .training.evaluate import make_inputs
+    from .runtime.sampling import make_inputs
 
     z = _read_noise(args.noise) if args.noise else None
     return make_inputs(teacher, plan, _count(args, z), args.seed, args.cls, z)
@@ -196,12 +196,12 @@ NONFINITE_HINT = ("nothing was written. A plan coefficient or --guidance far out
 
 def cmd_sample(args) -> int:
     from .errors import check_finite
-    from .training.evaluate import run_plan
+    from .runtime.sampling import run_plan
 
     teacher = _load_teacher(args)
     plan = _resolve_plan(args, teacher)
     inputs = _inputs(args, teacher, plan)
-    from .training.evaluate import check_guidance
+    from .runtime.sampling import check_guidance
 
     check_guidance(teacher, args.guidance, inputs.labels)
     check_out_dir(args.out)

@@ -64,7 +64,7 @@ def picture(path: str, rows: list[tuple[str, np.ndarray]], scale: int = 4) -> No
 
 
 def _student():
-    from .training.teachers import SHIPPED_BUNDLES, load
+    from .runtime.models import SHIPPED_BUNDLES, load
 
     for name in ("digits-dmd2", "digits-guided"):
         if os.path.exists(os.path.join(SHIPPED_BUNDLES.get(name, ""), "students.json")):
@@ -76,12 +76,14 @@ def run(out_dir: str, solver: str = "dpmpp-2m", nfe: int = 4, n: int = 500, seed
         say=print) -> list[dict]:
     from .export.onnx import export_onnx
     from .runtime.executor import sample
+    from .runtime.models import load
+    from .runtime.reference import REFERENCE_STEPS, reference
     from .runtime.run import load_engine
     from .runtime.run import sample as engine_sample
+    from .runtime.sampling import make_inputs, run_plan
     from .runtime.solvers import build
-    from .training.evaluate import REFERENCE_STEPS, make_inputs, quality, reference, run_plan
+    from .training.evaluate import quality
     from .training.fit import fit
-    from .training.teachers import load
 
     t_start = time.perf_counter()
     teacher = load("digits")

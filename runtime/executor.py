@@ -24,19 +24,13 @@ def sample(
     cond=None,
     guidance: float | None = None,
     noise: torch.Tensor | Sequence[torch.Tensor] | None = None,
-    fast: bool = False,
 ) -> torch.Tensor:
     """Run ``plan`` from the standard-normal ``z`` ([B, ...]).
 
     ``noise`` holds one standard-normal slice per stochastic row (``plan.stochastic_rows``),
     shaped ``[S, B, ...]``. ``guidance`` is used by rows whose own ``guidance`` is None.
-    ``fast=True`` runs the fused-update executor (one Triton kernel per evaluation on CUDA
-    tensors; its torch reference elsewhere), tested against this function.
+    The fused-update executor (``runtime.fast.sample``) is tested against this function.
     """
-    if fast:
-        from .fast import sample as _fast_sample
-
-        return _fast_sample(plan, denoiser, z, cond, guidance, noise=noise)
     stochastic = plan.stochastic_rows
     if stochastic:
         if noise is None:

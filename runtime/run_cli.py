@@ -171,8 +171,8 @@ def latency(model: str, plan, batch: int = 1, repeats: int = 30, threads: int = 
 
     from .. import _C
     from ..export.onnx import example_inputs, export_onnx
-    from ..training.teachers import load
     from .executor import sample as py_sample
+    from .models import load
     from .run import load_engine
 
     teacher = load(model)
@@ -288,7 +288,7 @@ def cmd_bench_latency(args) -> int:
     from ..errors import FewstepError
     from ..runtime.plan import Plan, atomic_write_bytes
     from ..runtime.solvers import build
-    from ..training.teachers import load
+    from .models import load
 
     if args.plan and (args.solver or args.nfe is not None):
         raise FewstepError("give either --plan FILE or --solver NAME --nfe N, not both")

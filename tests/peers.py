@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fewstep.runtime.denoisers import VPEpsDenoiser
-from fewstep.training.gmm import GMM
+from fewstep.runtime.gmm import GMM
 
 F64_U = 2.0**-53  # unit roundoff of float64
 F32_U = 2.0**-24  # unit roundoff of float32

@@ -12,8 +12,8 @@ import torch
 import fewstep
 from fewstep.runtime import noise as fnoise
 from fewstep.runtime import sample
+from fewstep.runtime.gmm import GMM
 from fewstep.runtime.solvers import build
-from fewstep.training.gmm import GMM
 
 
 def run(*args, ok=True):

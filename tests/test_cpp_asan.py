@@ -19,8 +19,8 @@ CYCLES = int(os.environ.get("FEWSTEP_ASAN_CYCLES", "1000"))
 @pytest.mark.slow
 def test_asan_lsan_cycles(tmp_path):
     from fewstep.export.onnx import export_onnx
+    from fewstep.runtime.models import load
     from fewstep.runtime.solvers import build
-    from fewstep.training.teachers import load
 
     cmake = _cmake()
     g = load("gmm")

@@ -27,8 +27,8 @@ from fewstep import _C  # noqa: E402
 from fewstep.export.onnx import export_onnx  # noqa: E402
 from fewstep.runtime import noise as fnoise  # noqa: E402
 from fewstep.runtime import sample as py_sample  # noqa: E402
+from fewstep.runtime.models import load  # noqa: E402
 from fewstep.runtime.solvers import build  # noqa: E402
-from fewstep.training.teachers import load  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ORT_LIB = _C.find_ort_library()

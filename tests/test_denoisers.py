@@ -25,7 +25,7 @@ from fewstep.runtime.denoisers import (
     VPVDenoiser,
     VPX0Denoiser,
 )
-from fewstep.training.gmm import GMM
+from fewstep.runtime.gmm import GMM
 
 F64 = torch.float64
 F64_U = 2.0**-53  # unit roundoff of float64

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
+from fewstep.runtime import digits_net, sample
 from fewstep.runtime import noise as fnoise
-from fewstep.runtime import sample
+from fewstep.runtime.digits_net import load_teacher
+from fewstep.runtime.models import ModelError, bundle_steps, load
 from fewstep.runtime.solvers import build
 from fewstep.training import guided, progressive
-from fewstep.training.digits import load_teacher
-from fewstep.training.teachers import ModelError, bundle_steps, load
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -84,7 +84,7 @@ def test_guided_target_is_cfg_with_per_sample_w():
 
 def test_trained_student_uses_w_and_matches_executor(bundle):
     s = load(str(bundle)).denoiser
-    assert isinstance(s, guided.GuidedDenoiser)
+    assert isinstance(s, digits_net.GuidedDenoiser)
     x = torch.randn(4, 1, 8, 8) * 2
     sigma = torch.full((4,), 2.0)
     labels = torch.tensor([1, 2, 3, 4])
@@ -162,7 +162,7 @@ def _pd_loss(student, cfg, teacher=None):
     teacher = teacher or student
     g2 = torch.tensor(progressive.grid(2, 0.002, 80.0), dtype=torch.float64)
     gen = torch.Generator().manual_seed(123)
-    from fewstep.training.digits import load_digits_split
+    from fewstep.training.data import load_digits_split
 
     x0, y = load_digits_split()[2][:64], load_digits_split()[3][:64]
     w = 1 + 4 * torch.rand(64, generator=gen)
@@ -171,7 +171,7 @@ def _pd_loss(student, cfg, teacher=None):
     with torch.no_grad():
         z_mid = progressive._ddim(teacher, None, z_t, st, g2[1].expand(64), y, w)
         z_s = progressive._ddim(teacher, None, z_mid, g2[1].expand(64), g2[2].expand(64), y, w)
-        d = guided._student_call(student, student.model, z_t, st.float(), y, w)
+        d = guided.student_call(student, student.model, z_t, st.float(), y, w)
     return float(((d - z_s) ** 2).mean())
 
 
@@ -257,7 +257,7 @@ def test_cli_bad_arguments(tmp_path):
 
 
 def test_progressive_refuses_a_plain_teacher(tmp_path):
-    p = run("distill", "progressive", "--student", os.path.join(os.path.dirname(guided.__file__), "weights"),
+    p = run("distill", "progressive", "--student", digits_net.WEIGHTS_DIR,
             "--out", tmp_path / "p", ok=False)
     assert p.returncode == 2 and "guidance-conditioned student" in p.stderr
 
@@ -300,7 +300,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
     st = json.loads((tmp_path / "ddp" / "train_state.json").read_text())
     assert st["record"]["world_size"] == 2
     s = load(str(tmp_path / "ddp")).denoiser
-    assert isinstance(s, guided.GuidedDenoiser)
+    assert isinstance(s, digits_net.GuidedDenoiser)
 
 
 # --- the shipped students -------------------------------------------------------------------------
@@ -308,7 +308,7 @@ def test_shipped_digits_guided_out_of_the_box(tmp_path):
     assert {1, 2, 4, 8} <= set(bundle_steps("digits-guided"))
     for n in (1, 2, 4, 8):
         t = load("digits-guided", steps=n)
-        assert isinstance(t.denoiser, guided.GuidedDenoiser) and t.plans["deterministic"].nfe == n
+        assert isinstance(t.denoiser, digits_net.GuidedDenoiser) and t.plans["deterministic"].nfe == n
     p = run("sample", "--model", "digits-guided", "--nfe", 1, "--guidance", 3, "--class", 7, "--n", 10,
             "--out", tmp_path / "s")
     assert "NFE 1" in p.stdout and (tmp_path / "s" / "grid.png").exists()

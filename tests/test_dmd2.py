@@ -18,11 +18,11 @@ from torch.nn import functional as F
 from fewstep.runtime import noise as fnoise
 from fewstep.runtime import sample
 from fewstep.runtime.denoisers import EDMDenoiser
+from fewstep.runtime.digits_net import GuidedDenoiser
+from fewstep.runtime.gmm import GMM
+from fewstep.runtime.models import bundle_steps, load
 from fewstep.runtime.solvers import build
 from fewstep.training import dmd2, metrics
-from fewstep.training.gmm import GMM
-from fewstep.training.guided import GuidedDenoiser
-from fewstep.training.teachers import bundle_steps, load
 
 WIDTH = 64  # the 2-D test networks' hidden width
 

@@ -15,12 +15,12 @@ import torch
 
 from fewstep.cli import main
 from fewstep.runtime.executor import sample
+from fewstep.runtime.gmm import GMM
+from fewstep.runtime.models import Model, load
 from fewstep.runtime.plan import MAX_HISTORY, Plan
 from fewstep.runtime.solvers import SolverError, build
 from fewstep.training import dode, iia, timesteps
 from fewstep.training.fit import FAMILIES, Batch, FitError, fit, run, scaled, subdivide, to_plan
-from fewstep.training.gmm import GMM
-from fewstep.training.teachers import Teacher, load
 
 M, S, ST = 0.7, 0.5, 80.0  # Gaussian data N(M, S²) per dimension; σ_T
 
@@ -331,7 +331,7 @@ def test_bad_arguments_raise_clear_errors(gmm):
         fit(gmm, "ddpm", 2, "dode")
     with pytest.raises(FitError, match="two-evaluation"):
         fit(gmm, "ddim", 3, "iia-edm")
-    assert isinstance(gmm, Teacher)
+    assert isinstance(gmm, Model)
 
 
 @pytest.mark.parametrize("argv,msg", [

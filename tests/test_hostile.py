@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fewstep.cli import main
+from fewstep.runtime.models import WEIGHTS_DIR
 from fewstep.runtime.solvers import build
-from fewstep.training.teachers import WEIGHTS_DIR
 
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -20,8 +20,8 @@ pytest.importorskip("onnxruntime")
 from fewstep import _C  # noqa: E402
 from fewstep.errors import NonFiniteError  # noqa: E402
 from fewstep.export.onnx import export_onnx  # noqa: E402
+from fewstep.runtime.models import load  # noqa: E402
 from fewstep.runtime.solvers import build  # noqa: E402
-from fewstep.training.teachers import load  # noqa: E402
 
 
 def _meta(path: Path, key: str) -> str:

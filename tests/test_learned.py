@@ -16,13 +16,14 @@ import torch
 
 from fewstep.runtime import fast
 from fewstep.runtime.executor import sample
+from fewstep.runtime.models import load
 from fewstep.runtime.plan import MAX_HISTORY, Plan
+from fewstep.runtime.reference import reference
+from fewstep.runtime.sampling import make_inputs, run_plan
 from fewstep.runtime.solvers import build
 from fewstep.training import learned, metrics
-from fewstep.training.evaluate import make_inputs, reference, run_plan
 from fewstep.training.fit import FAMILIES, Batch, FitError, fit, rms, run
 from fewstep.training.learned import LearnConfig, fit_learned, learn
-from fewstep.training.teachers import load
 
 
 @pytest.fixture(scope="module")

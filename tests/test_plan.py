@@ -9,11 +9,11 @@ import torch
 
 from fewstep.runtime import Plan, PlanError, Row, sample
 from fewstep.runtime.executor import InputError
+from fewstep.runtime.gmm import GMM
 from fewstep.runtime.plan import MAX_HISTORY
 from fewstep.runtime.schedules import edm
 from fewstep.runtime.solvers import build
 from fewstep.runtime.solvers.trace import Trace
-from fewstep.training.gmm import GMM
 
 
 def manual(plan: Plan, den, z, noise=None):

@@ -17,12 +17,13 @@ import torch
 from peers import F32_U, F64_U, linear_alphas_cumprod, rounding_bound, vp_gmm
 
 from fewstep.runtime import sample, schedules
+from fewstep.runtime.gmm import GMM
+from fewstep.runtime.reference import reference_endpoint
 from fewstep.runtime.solvers import SolverError, build, dpmpp
 from fewstep.runtime.solvers.ddim import ddim
 from fewstep.runtime.solvers.ddpm import ddpm
 from fewstep.runtime.solvers.dpmpp import dpmpp_2m, dpmpp_3m
 from fewstep.runtime.solvers.heun import heun
-from fewstep.training.gmm import GMM, reference_endpoint
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 

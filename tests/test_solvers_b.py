@@ -13,9 +13,10 @@ import torch
 from peers import F64_U, linear_alphas_cumprod, rounding_bound, vp_gmm
 
 from fewstep.runtime import Plan, sample
+from fewstep.runtime.gmm import GMM
+from fewstep.runtime.reference import reference_endpoint
 from fewstep.runtime.schedules import edm, logsnr_uniform
 from fewstep.runtime.solvers import SolverError, build, get
-from fewstep.training.gmm import GMM, reference_endpoint
 
 NAMES = ["ipndm", "plms", "deis-2", "deis-3", "unipc"]
 

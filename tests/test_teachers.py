@@ -10,20 +10,21 @@ import numpy as np
 import pytest
 import torch
 
-from fewstep.training import digits, metrics
+from fewstep.runtime import digits_net
+from fewstep.training import data, digits, metrics
 from fewstep.training.classifier import load_classifier
 
-# sha256 of training/weights/digits_teacher.safetensors as shipped: plans fitted on the teacher
+# sha256 of runtime/weights/digits_teacher.safetensors as shipped: plans fitted on the teacher
 # record it, so changing the weights must be a deliberate act that updates this line.
 SHIPPED_TEACHER_HASH = "sha256:14248850c782cc0031a68518b637fa0b01bf6da96585637e60d683dde27770cd"
 
-TINY = digits.TrainConfig(unet=digits.UNetConfig(channels=(8, 16), blocks=1, emb_dim=16, fourier_dim=8, groups=4),
+TINY = digits.TrainConfig(unet=digits_net.UNetConfig(channels=(8, 16), blocks=1, emb_dim=16, fourier_dim=8, groups=4),
                           batch=8, warmup=2, ema_halflife=2)
 
 
 @pytest.fixture(scope="module")
 def split():
-    return digits.load_digits_split()
+    return data.load_digits_split()
 
 
 def test_split_is_fixed_and_stratified(split):
@@ -32,16 +33,16 @@ def test_split_is_fixed_and_stratified(split):
     assert x_tr.dtype == torch.float32 and y_te.dtype == torch.long
     assert torch.bincount(y_te).tolist() == [30] * 10
     assert float(x_tr.min()) == -1.0 and float(x_tr.max()) == 1.0
-    assert torch.equal(digits.load_digits_split()[2], x_te)
+    assert torch.equal(data.load_digits_split()[2], x_te)
 
 
 def test_shipped_teacher_loads_and_hash_is_stable():
-    den = digits.load_teacher()
-    meta = json.load(open(os.path.join(digits.WEIGHTS_DIR, "digits_teacher.json")))
+    den = digits_net.load_teacher()
+    meta = json.load(open(os.path.join(digits_net.WEIGHTS_DIR, "digits_teacher.json")))
     assert den.sigma_data == meta["sigma_data"] and den.null_label == 10
-    assert os.path.getsize(os.path.join(digits.WEIGHTS_DIR, digits.TEACHER_FILE)) < 2_000_000
-    h = digits.teacher_hash()
-    assert h == digits.teacher_hash(digits.WEIGHTS_DIR) == SHIPPED_TEACHER_HASH
+    assert os.path.getsize(os.path.join(digits_net.WEIGHTS_DIR, digits_net.TEACHER_FILE)) < 2_000_000
+    h = digits_net.teacher_hash()
+    assert h == digits_net.teacher_hash(digits_net.WEIGHTS_DIR) == SHIPPED_TEACHER_HASH
     x = torch.zeros(3, 1, 8, 8)
     out = den(x, torch.full((3,), 1.0), torch.tensor([0, 5, 10]))
     assert out.shape == x.shape and torch.isfinite(out).all()
@@ -49,7 +50,7 @@ def test_shipped_teacher_loads_and_hash_is_stable():
 
 def test_missing_weights_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        digits.load_teacher(str(tmp_path / "nope.safetensors"))
+        digits_net.load_teacher(str(tmp_path / "nope.safetensors"))
 
 
 def _weights(path):
@@ -82,7 +83,7 @@ def test_shipped_classifier_accuracy(split):
     _, _, x_te, y_te = split
     acc = metrics.class_accuracy(x_te, y_te)
     assert acc >= 0.95  # 0.990 (3 of 300 wrong): the bar allows 15 before it fails
-    meta = json.load(open(os.path.join(digits.WEIGHTS_DIR, "digits_classifier.json")))
+    meta = json.load(open(os.path.join(digits_net.WEIGHTS_DIR, "digits_classifier.json")))
     # The accuracy is a count out of 300, equal to the recorded one on any machine because no argmax can
     # flip: the smallest top-2 logit gap (0.11) is > 1000× the logits' float32 rounding error, read here
     # against a float64 copy (6e-6; the worst-case bound Σ fan-in·2⁻²⁴·|logit| ≈ 1e-3 is also below it).
@@ -148,7 +149,7 @@ def test_rmse():
 
 
 def test_shipped_teacher_samples_are_the_requested_digits(split):
-    den = digits.load_teacher()
+    den = digits_net.load_teacher()
     x, labels = digits.sample_teacher(den, 200, nfe=15, seed=1)
     assert torch.isfinite(x).all() and x.shape == (200, 1, 8, 8)
     acc = metrics.class_accuracy(x, labels)

@@ -38,8 +38,8 @@ def _env():
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     from fewstep.export.onnx import export_onnx
+    from fewstep.runtime.models import load
     from fewstep.runtime.solvers import build
-    from fewstep.training.teachers import load
 
     g = load("gmm")
     path = tmp_path_factory.mktemp("wheel") / "tiny.onnx"

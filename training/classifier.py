@@ -1,11 +1,11 @@
 """The digits classifier behind FD-digits and class accuracy: a small CNN on the teacher's train split.
 
-Input: [B, 1, 8, 8] images scaled to [−1, 1] (as ``digits.load_digits_split``). ``features(x)`` is
+Input: [B, 1, 8, 8] images scaled to [−1, 1] (as ``data.load_digits_split``). ``features(x)`` is
 the 64-d penultimate layer (post-ReLU) used for the Fréchet distance. Trained on noise-free
 data with mild augmentation (±1-pixel shifts, small Gaussian noise) so that slightly imperfect
 samples are still read the way a person would.
 
-Reproduce the shipped weights (training/weights/digits_classifier.*)::
+Reproduce the shipped weights (runtime/weights/digits_classifier.*)::
 
     python -m fewstep.training.classifier
 """
@@ -22,8 +22,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..runtime.digits_net import WEIGHTS_DIR
 from ..runtime.plan import atomic_write_bytes, atomic_write_text
-from .digits import WEIGHTS_DIR, load_digits_split
+from .data import load_digits_split
 
 CLASSIFIER_FILE = "digits_classifier.safetensors"
 

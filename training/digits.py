@@ -1,8 +1,6 @@
 """The digits teacher: a small class-conditional UNet on scikit-learn's 8×8 handwritten digits.
 
-Data: ``sklearn.datasets.load_digits`` (1,797 real images, values 0..16, 10 classes; ships
-inside scikit-learn), scaled to [−1, 1] by x/8 − 1, split by a fixed stratified permutation
-(seed 0): 30 images per class held out (300 test), the other 1,497 train.
+Data: ``training/data.py`` (scikit-learn's digits, a fixed stratified split).
 
 Model: EDM preconditioning (Karras et al. 2022) around a two-level UNet (8×8 → 4×4, GroupNorm +
 SiLU residual blocks, scale/shift conditioning on a sinusoidal embedding of t = ¼ ln σ plus a
@@ -10,7 +8,7 @@ class embedding with 11 entries: the digits 0..9 and the null label 10 for class
 guidance). Training: the EDM loss (ln σ ~ N(−1.2, 1.2²), weight (σ² + σd²)/(σ·σd)²), Adam with
 warm-up, label dropout 0.1, an EMA of the weights for sampling.
 
-Reproduce the shipped weights (training/weights/digits_teacher.*)::
+Reproduce the shipped weights (runtime/weights/digits_teacher.*)::
 
     OMP_NUM_THREADS=1 python -m fewstep.training.digits   # trains in out/digits_teacher, copies the result
 
@@ -19,177 +17,32 @@ Reproduce the shipped weights (training/weights/digits_teacher.*)::
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..runtime.denoisers import EDMDenoiser
+from ..runtime.digits_net import (
+    NULL_LABEL,
+    NUM_CLASSES,
+    TEACHER_FILE,
+    WEIGHTS_DIR,
+    DigitsUNet,
+    UNetConfig,
+    _resolve,
+    load_teacher,
+    make_denoiser,
+    teacher_hash,
+)
 from ..runtime.plan import atomic_write_bytes, atomic_write_text
+from .data import SPLIT_SEED, TEST_PER_CLASS, load_digits_split, measure_sigma_data
 
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
-TEACHER_FILE = "digits_teacher.safetensors"
 STATE_FILE = "train_state.safetensors"  # full training state (model, EMA, Adam) for resuming
-NUM_CLASSES = 10
-NULL_LABEL = 10
-SPLIT_SEED = 0
-TEST_PER_CLASS = 30
-
-
-# --- data ------------------------------------------------------------------------------------
-def load_digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_train [1497,1,8,8], y_train, x_test [300,1,8,8], y_test): float32 in [−1, 1], long labels.
-
-    Stratified: a seed-0 permutation of each class's indices, its first 30 held out.
-    """
-    return tuple(t.clone() for t in _split())
-
-
-@functools.lru_cache(maxsize=1)
-def _split():
-    # cached: sklearn parses its CSV on every call (1–3 s on the shared machine)
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = d.images.astype(np.float32) / 8.0 - 1.0
-    y = d.target.astype(np.int64)
-    rng = np.random.default_rng(SPLIT_SEED)
-    test = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:TEST_PER_CLASS] for c in range(NUM_CLASSES)])
-    test = np.sort(test)
-    train = np.setdiff1d(np.arange(len(y)), test)
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
-    return t(x[train, None]), t(y[train]), t(x[test, None]), t(y[test])
-
-
-def measure_sigma_data(x: torch.Tensor) -> float:
-    """RMS of the data: EDM's c_skip/c_out derivation uses E[x0²] (its σd assumes zero mean;
-    these digits have mean −0.39, so the plain std, 0.75, would understate it)."""
-    return float(x.double().pow(2).mean().sqrt())
-
-
-# --- the network -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class UNetConfig:
-    # Sized for minutes of training on 2 CPU cores and < 2 MB of float32 weights (412k parameters).
-    channels: tuple[int, ...] = (32, 48)  # per resolution level: 8×8, 4×4
-    blocks: int = 1  # residual blocks per level on the way down (one more on the way up)
-    emb_dim: int = 64
-    fourier_dim: int = 32
-    groups: int = 8
-    num_classes: int = NUM_CLASSES  # + 1 embedding row: the null label
-
-    @classmethod
-    def from_dict(cls, d: dict) -> UNetConfig:
-        d = dict(d)
-        d["channels"] = tuple(d["channels"])
-        return cls(**d)
-
-
-class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, 2 * cout)  # scale and shift of the second norm
-        self.norm2 = nn.GroupNorm(groups, cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
-        nn.init.zeros_(self.conv2.bias)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
-    def forward(self, x, emb):
-        h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
-        h = self.conv2(F.silu(h))
-        return (self.skip(x) + h) / math.sqrt(2)
-
-
-class DigitsUNet(nn.Module):
-    """``model(x_in, t, cond)``: x_in [B,1,8,8] (already c_in-scaled), t [B] (¼ ln σ), cond [B] long."""
-
-    def __init__(self, cfg: UNetConfig = UNetConfig()):
-        super().__init__()
-        self.cfg = cfg
-        ch, e = cfg.channels, cfg.emb_dim
-        # Log-spaced frequencies cover t = ¼ ln σ ∈ [−1.6, 1.1] (σ from 0.002 to 80) and beyond.
-        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(100.0), cfg.fourier_dim // 2)),
-                             persistent=False)
-        self.t_mlp = nn.Sequential(nn.Linear(cfg.fourier_dim, e), nn.SiLU(), nn.Linear(e, e))
-        self.label = nn.Embedding(cfg.num_classes + 1, e)
-        self.stem = nn.Conv2d(1, ch[0], 3, padding=1)
-        self.down = nn.ModuleList()
-        skips = [ch[0]]
-        c = ch[0]
-        for i, co in enumerate(ch):
-            level = nn.ModuleList()
-            for _ in range(cfg.blocks):
-                level.append(ResBlock(c, co, e, cfg.groups))
-                c = co
-                skips.append(c)
-            if i < len(ch) - 1:
-                level.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
-                skips.append(c)
-            self.down.append(level)
-        self.mid = nn.ModuleList([ResBlock(c, c, e, cfg.groups), ResBlock(c, c, e, cfg.groups)])
-        self.up = nn.ModuleList()
-        for i, co in reversed(list(enumerate(ch))):
-            level = nn.ModuleList()
-            for _ in range(cfg.blocks + 1):
-                level.append(ResBlock(c + skips.pop(), co, e, cfg.groups))
-                c = co
-            if i > 0:
-                level.append(nn.Conv2d(c, c, 3, padding=1))  # after a nearest-neighbour ×2
-            self.up.append(level)
-        self.out_norm = nn.GroupNorm(cfg.groups, c)
-        self.out = nn.Conv2d(c, 1, 3, padding=1)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
-
-    def extra_embedding(self, x, extra):
-        raise TypeError("DigitsUNet takes no extra conditioning (a guidance-conditioned student does)")
-
-    def forward(self, x, t, cond, extra=None):
-        # The sinusoidal embedding runs in float32 whatever the network's dtype (fp16/bf16 phases
-        # are too coarse, and ONNX opset 17 has no bf16 Cos/Sin); only its output is cast.
-        t = t.to(torch.float32).reshape(-1)
-        if t.shape[0] == 1 and x.shape[0] > 1:
-            t = t.expand(x.shape[0])
-        arg = t[:, None] * self.freqs[None].to(torch.float32)
-        emb = self.t_mlp(torch.cat([arg.cos(), arg.sin()], dim=1).to(x.dtype))
-        if cond is None:
-            cond = torch.full((x.shape[0],), self.cfg.num_classes, dtype=torch.long, device=x.device)
-        emb = emb + self.label(cond)
-        if extra is not None:
-            emb = emb + self.extra_embedding(x, extra)
-        emb = F.silu(emb)
-        h = self.stem(x)
-        hs = [h]
-        for level in self.down:
-            for m in level:
-                h = m(h, emb) if isinstance(m, ResBlock) else m(h)
-                hs.append(h)
-        for m in self.mid:
-            h = m(h, emb)
-        for level in self.up:
-            for m in level:
-                if isinstance(m, ResBlock):
-                    h = m(torch.cat([h, hs.pop()], dim=1), emb)
-                else:
-                    h = m(F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return self.out(F.silu(self.out_norm(h)))
-
-
-def make_denoiser(model: nn.Module, sigma_data: float) -> EDMDenoiser:
-    return EDMDenoiser(model, sigma_data=sigma_data, sigma_min=0.002, sigma_max=80.0, null_label=NULL_LABEL)
 
 
 # --- training --------------------------------------------------------------------------------
@@ -361,75 +214,6 @@ def _save_safetensors(path: str, tensors: dict) -> None:
     atomic_write_bytes(path, save({k: v.detach().contiguous() for k, v in tensors.items()}))
 
 
-# --- loading ---------------------------------------------------------------------------------
-def _resolve(path: str | None) -> str:
-    if path is None:
-        path = os.path.join(WEIGHTS_DIR, TEACHER_FILE)
-    if os.path.isdir(path):
-        student = os.path.join(path, "student.safetensors")
-        path = student if os.path.exists(student) else os.path.join(path, TEACHER_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"digits teacher weights not found: {path}")
-    return path
-
-
-def load_checked(make, path: str) -> nn.Module:
-    """``make()`` with the weights at ``path``, every tensor's name and shape checked against the file's
-    header on the meta device first: a config that does not match its weights (or asks for a huge
-    network) fails in one line before anything is allocated."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from ..runtime.files import check_regular
-
-    check_regular(path, "weights file")
-    with safe_open(path, framework="pt") as f:
-        have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    with torch.device("meta"):
-        want = {k: tuple(v.shape) for k, v in make().state_dict().items()}
-    for k in want:
-        if k not in have:
-            raise ValueError(f"{path}: tensor {k} missing ({len(have)} tensors in the file, {len(want)} expected)")
-        if have[k] != want[k]:
-            raise ValueError(f"{path}: tensor {k} has shape {list(have[k])}, the config says {list(want[k])}")
-    extra = sorted(set(have) - set(want))
-    if extra:
-        raise ValueError(f"{path}: tensor {extra[0]} is not part of this network ({len(extra)} unexpected)")
-    model = make()
-    model.load_state_dict(load_file(path))
-    return model
-
-
-def read_meta(path: str) -> dict:
-    """The JSON beside a .safetensors checkpoint (its config, format and provenance)."""
-    from ..runtime.files import load_json
-
-    meta = load_json(path[: -len(".safetensors")] + ".json", "checkpoint config", 1 << 20)
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path[: -len('.safetensors')]}.json: expected a JSON object")
-    return meta
-
-
-def load_teacher(path: str | None = None) -> EDMDenoiser:
-    """The digits teacher as an ``EDMDenoiser`` (eval mode, float32). None = the shipped weights."""
-    path = _resolve(path)
-    meta = read_meta(path)
-    if str(meta.get("format", "")).startswith("fewstep.digits-student/"):  # a distilled student: same loader path
-        from .guided import load_student
-
-        return load_student(path, meta)
-    model = load_checked(lambda: DigitsUNet(UNetConfig.from_dict(meta["config"])), path)
-    model.eval().requires_grad_(False)
-    den = make_denoiser(model, meta["sigma_data"])
-    return den.eval()
-
-
-def teacher_hash(path: str | None = None) -> str:
-    """sha256 of the weights file's bytes: the teacher id recorded in fitted plans."""
-    with open(_resolve(path), "rb") as f:
-        return "sha256:" + hashlib.sha256(f.read()).hexdigest()
-
-
 # --- quality ---------------------------------------------------------------------------------
 def sample_teacher(den, n: int, nfe: int = 35, seed: int = 0, guidance: float | None = None, batch: int = 500):
     """n samples with EDM Heun at ``nfe``; labels i mod 10 (classes evenly drawn); z from a seeded torch generator."""
@@ -493,7 +277,7 @@ def teacher_quality(n: int = 1000, nfe: int = 35, seed: int = 0, guidances=(1.0,
 
 def main(argv=None) -> None:
     """Reproduce the shipped teacher: train in ``out/digits_teacher`` (resumable), copy the EMA weights
-    and their JSON into training/weights/ (the training state, 4× larger, stays behind)."""
+    and their JSON into runtime/weights/ (the training state, 4× larger, stays behind)."""
     import shutil
     import sys
 

@@ -21,7 +21,7 @@ parameters only (a surrogate whose gradient is exactly that gradient, all-reduce
 processes), so the other networks' Adam states are untouched that step. Which phase a step is comes
 from the step index (recovered from the loop's per-step seed), so a resumed run is the same run.
 
-The shipped artifacts are students like the progressive ones (``guided.FORMAT``, a W-conditioned
+The shipped artifacts are students like the progressive ones (``digits_net.STUDENT_FORMAT``, a W-conditioned
 UNet whose W input is pinned by its Plans to the training W): ``dmd2_plan(K)`` — K rows
 ``x ← D(x; σ_k) + σ_{k+1}·ε`` (c = 0, q0 = 1, g = σ_{k+1}; the last row g = 0).
 """
@@ -39,9 +39,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..runtime.digits_net import STUDENT_FILE, STUDENT_FORMAT
 from ..runtime.plan import Plan, Row, atomic_write_text
 from . import trainer
-from .guided import FORMAT, STUDENT_FILE, DistillError, _info, student_from_teacher, write_student
+from .guided import DistillError, run_info, student_from_teacher, write_student
 from .progressive import INDEX, INDEX_FORMAT, grid, sigma_of_t
 
 NETS_FILE = "dmd2_nets.safetensors"  # the final G + μ_fake + head: a later (multi-step) stage starts from it
@@ -297,7 +298,8 @@ def digits_problem(teacher, guidance: float = 1.0) -> tuple[Problem, Callable]:
     """The digits DMD2 problem around an ``EDMDenoiser`` teacher; returns (problem, nets factory)."""
     import copy
 
-    from .digits import NULL_LABEL, load_digits_split, make_denoiser
+    from ..runtime.digits_net import NULL_LABEL, make_denoiser
+    from .data import load_digits_split
 
     x_train, y_train, _, _ = load_digits_split()
     sd = teacher.sigma_data
@@ -350,7 +352,7 @@ def train_digits(out_dir: str, cfg: DMD2Config, teacher: str | None = None, init
                  seed: int = 0, progress: bool = True, resume: bool = True) -> str:
     """Train a K-step digits generator in ``out_dir`` (from the teacher, or from ``init``: an earlier run's
     ``dmd2_nets.safetensors``); writes student.safetensors + .json, plan.json; returns the student's path."""
-    from .digits import NULL_LABEL, load_teacher, teacher_hash
+    from ..runtime.digits_net import NULL_LABEL, load_teacher, teacher_hash
 
     check_config(cfg)
     tden = load_teacher(teacher)
@@ -374,11 +376,11 @@ def train_digits(out_dir: str, cfg: DMD2Config, teacher: str | None = None, init
         state.update({f"fake.{k}": v for k, v in model.fake.state_dict().items()})
         state.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
         trainer.save_safetensors(os.path.join(out_dir, NETS_FILE), state)
-        meta = {"format": FORMAT, "kind": "dmd2", "steps_per_sample": cfg.steps,
+        meta = {"format": STUDENT_FORMAT, "kind": "dmd2", "steps_per_sample": cfg.steps,
                 "config": trainer.jsonable(final.g.cfg.__dict__), "w_fourier": len(final.g.w_freqs) * 2,
                 "sigma_data": tden.sigma_data, "sigma_min": tden.sigma_min, "sigma_max": tden.sigma_max,
                 "null_label": NULL_LABEL, "guidance_range": [cfg.guidance, cfg.guidance], "teacher_hash": t_hash,
-                "init_hash": init_hash, "seed": seed, "train": asdict(cfg), "losses": info["losses"], **_info(info)}
+                "init_hash": init_hash, "seed": seed, "train": asdict(cfg), "losses": info["losses"], **run_info(info)}
         write_student(path, final.g, meta)
         prov = {"teacher_hash": teacher_hash(path), "distilled_from": t_hash, "sample_shape": [1, 8, 8],
                 "iters": cfg.iters, "batch": cfg.batch, "train_seconds": info["wall_seconds"], "seed": seed}
@@ -403,7 +405,7 @@ def train_bundle(out_dir: str, base: DMD2Config, steps: list[int], iters: list[i
     first from the teacher), in ``out_dir/steps_K``; the teacher is copied to ``out_dir/teacher`` (the
     bundle's stage-1 model: what a classic solver samples, and the eval reference). Finished students are
     kept on a rerun, an interrupted one resumes. Returns the index (students.json)."""
-    from .digits import _resolve, teacher_hash
+    from ..runtime.digits_net import _resolve, teacher_hash
 
     check_bundle(base, steps, iters)
     src = _resolve(teacher)

@@ -364,8 +364,8 @@ def _check_int(v, name: str, lo: int = 1):
 
 def make_batch(teacher, n: int, seed: int, cls: int | None, guidance: float | None) -> Batch:
     """Fitting inputs as `fewstep eval` draws them: Philox z, classes evenly (digits) or ``cls``."""
+    from ..runtime.sampling import check_guidance, make_inputs
     from ..runtime.solvers import build
-    from .evaluate import check_guidance, make_inputs
 
     den = teacher.denoiser
     plan0 = build("ddim", 1, den.sigma_min, den.sigma_max)
@@ -376,8 +376,7 @@ def make_batch(teacher, n: int, seed: int, cls: int | None, guidance: float | No
 
 def reference_target(teacher, batch: Batch, sigma_max: float) -> torch.Tensor:
     """The high-accuracy ODE endpoint from the batch's z (the same solve `fewstep eval` scores against)."""
-    from .evaluate import REFERENCE_STEPS
-    from .gmm import reference_endpoint
+    from ..runtime.reference import REFERENCE_STEPS, reference_endpoint
 
     den = teacher.denoiser
     with torch.no_grad():
@@ -392,7 +391,7 @@ def fit(teacher, solver: str, nfe: int, method: str, batch: int | None = None, f
         cache: dict | None = None, joint_evals: int | None = None) -> Plan:
     """Fit ``solver`` at ``nfe`` evaluations on ``teacher`` with ``method`` and return the Plan.
 
-    ``teacher``: a ``training.teachers.Teacher`` or a ``--model`` string. ``method``: one of
+    ``teacher``: a ``runtime.models.Model`` or a ``--model`` string. ``method``: one of
     ``METHODS`` or ``timesteps+<coefficient method>`` (timesteps are learned for the plain solver,
     coefficients fitted on that grid, then both refined jointly: ``joint_evals`` coefficient fits,
     default 2·NFE + 8). ``timestep_evals`` caps the Nelder–Mead objective
@@ -403,11 +402,11 @@ def fit(teacher, solver: str, nfe: int, method: str, batch: int | None = None, f
     """
     import fewstep
 
+    from ..runtime.models import Model, load
     from ..runtime.solvers import build, get
     from . import dode, iia, timesteps
-    from .teachers import Teacher, load
 
-    if not isinstance(teacher, Teacher):
+    if not isinstance(teacher, Model):
         teacher = load(teacher)
     want_ts, coef = parse_method(method)
     nfe = _check_int(nfe, "NFE")

@@ -59,9 +59,9 @@ def _learned_args(p) -> None:
 
 
 def _cmd_fit_learned(args, say) -> int:
+    from ..runtime.models import load
     from .fit import FitError, parse_method
     from .learned import LearnConfig, fit_learned
-    from .teachers import load
 
     cfg = LearnConfig(loss=args.loss, slack=args.slack, reg=args.reg, rounds=args.rounds, coef_steps=args.coef_steps,
                       grid_steps=args.grid_steps, optimizer=args.optimizer, minibatch=args.minibatch,
@@ -99,9 +99,9 @@ def cmd_fit(args) -> int:
     import torch
 
     from ..runtime.files import check_writable_file
+    from ..runtime.models import load
     from .fit import FitError, fit, parse_method
     from .learned import METHODS as LEARNED
-    from .teachers import load
 
     if args.method in LEARNED:
         if args.nfe < 1:

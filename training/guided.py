@@ -26,61 +26,14 @@ from torch import nn
 
 from ..errors import FewstepError
 from ..runtime.denoisers import EDMDenoiser
+from ..runtime.digits_net import NULL_LABEL, STUDENT_FILE, STUDENT_FORMAT, GuidedDenoiser, GuidedUNet
 from ..runtime.plan import atomic_write_text
 from . import trainer
-from .digits import NULL_LABEL, DigitsUNet, UNetConfig, load_digits_split
-
-STUDENT_FILE = "student.safetensors"
-FORMAT = "fewstep.digits-student/1"
+from .data import load_digits_split
 
 
 class DistillError(FewstepError):
     pass
-
-
-class GuidedUNet(DigitsUNet):
-    """The digits UNet plus an embedding of the guidance scale W, added to the time + class embedding."""
-
-    def __init__(self, cfg: UNetConfig | None = None, w_fourier: int = 16):
-        cfg = cfg or UNetConfig()
-        super().__init__(cfg)
-        # W of interest lies in [1, 5]; periods from ~0.6 to ~60 resolve it without aliasing over [0, 10].
-        self.register_buffer("w_freqs", torch.exp(torch.linspace(math.log(0.1), math.log(10.0), w_fourier // 2)),
-                             persistent=False)
-        self.w_mlp = nn.Sequential(nn.Linear(w_fourier, cfg.emb_dim), nn.SiLU(), nn.Linear(cfg.emb_dim, cfg.emb_dim))
-        nn.init.zeros_(self.w_mlp[2].weight)  # starts as the teacher: the W embedding adds nothing
-        nn.init.zeros_(self.w_mlp[2].bias)
-
-    def extra_embedding(self, x, w):
-        # float32 phases whatever the network dtype, as for t
-        w = w.to(torch.float32).reshape(-1)
-        if w.shape[0] == 1 and x.shape[0] > 1:
-            w = w.expand(x.shape[0])
-        arg = w[:, None] * self.w_freqs[None].to(torch.float32)
-        return self.w_mlp(torch.cat([arg.cos(), arg.sin()], dim=1).to(x.dtype))
-
-
-class GuidedDenoiser(EDMDenoiser):
-    """EDM preconditioning around a W-conditioned network: guidance is an input, one evaluation per call.
-
-    ``takes_guidance`` tells the executor's callers (the exporter) to pass W to the model rather than
-    run classifier-free guidance's two batches. W = 1 (or no guidance) is the plain conditional model.
-    """
-
-    takes_guidance = True
-
-    def forward(self, x, sigma, cond=None, guidance=None):
-        return self._denoise(x, sigma, (cond, guidance))
-
-    def run_model(self, x_in, t, cond):
-        labels, w = cond if isinstance(cond, tuple) else (cond, None)
-        if labels is None:
-            labels = torch.full((x_in.shape[0],), NULL_LABEL, dtype=torch.long, device=x_in.device)
-        if w is None:
-            w = 1.0
-        if not isinstance(w, torch.Tensor):
-            w = torch.tensor(float(w), dtype=torch.float32, device=x_in.device)
-        return self.model(x_in, t, labels, w.reshape(-1).expand(x_in.shape[0]) if w.numel() == 1 else w.reshape(-1))
 
 
 @dataclass(frozen=True)
@@ -135,7 +88,7 @@ def train_guided(out_dir: str, teacher: str | None = None, config: GuidedConfig 
                  progress: bool = True, resume: bool = True) -> str:
     """Distil the guided digits teacher (None = the shipped one, or a checkpoint path) into a W-conditioned
     student in ``out_dir``; returns the path of ``student.safetensors`` (its JSON beside it)."""
-    from .digits import load_teacher, teacher_hash
+    from ..runtime.digits_net import load_teacher, teacher_hash
 
     cfg = config or GuidedConfig()
     if not cfg.w_min <= cfg.w_max:
@@ -158,7 +111,7 @@ def train_guided(out_dir: str, teacher: str | None = None, config: GuidedConfig 
         x = x0 + torch.randn(x0.shape, generator=gen) * sigma.reshape(-1, 1, 1, 1)
         with torch.no_grad():
             target = guided_target(tden, x, sigma, labels, w)
-        d = _student_call(student, net, x, sigma, labels, w)
+        d = student_call(student, net, x, sigma, labels, w)
         lam = (sigma**2 + sd**2) / (sigma * sd) ** 2
         return (lam.reshape(-1, 1, 1, 1) * (d - target) ** 2).mean()
 
@@ -167,15 +120,15 @@ def train_guided(out_dir: str, teacher: str | None = None, config: GuidedConfig 
                               progress, resume)
     path = os.path.join(out_dir, STUDENT_FILE)
     if info["rank"] == 0:
-        meta = {"format": FORMAT, "kind": "guided", "config": trainer.jsonable(student.model.cfg.__dict__),
+        meta = {"format": STUDENT_FORMAT, "kind": "guided", "config": trainer.jsonable(student.model.cfg.__dict__),
                 "w_fourier": cfg.w_fourier, "sigma_data": sd, "sigma_min": tden.sigma_min,
                 "sigma_max": tden.sigma_max, "null_label": NULL_LABEL, "guidance_range": [cfg.w_min, cfg.w_max],
-                "teacher_hash": t_hash, "seed": seed, "train": asdict(cfg), **_info(info)}
+                "teacher_hash": t_hash, "seed": seed, "train": asdict(cfg), **run_info(info)}
         write_student(path, final, meta)
     return path
 
 
-def _student_call(student: GuidedDenoiser, net: nn.Module, x, sigma, labels, w):
+def student_call(student: GuidedDenoiser, net: nn.Module, x, sigma, labels, w):
     """The student's denoiser with ``net`` (the model, or its DDP wrapper) as the network."""
     sig = sigma.to(torch.float64).reshape(-1, 1, 1, 1)
     c_skip, c_out, c_in = (s.to(x.dtype) for s in student.get_scalings(sig))
@@ -183,7 +136,7 @@ def _student_call(student: GuidedDenoiser, net: nn.Module, x, sigma, labels, w):
     return c_skip * x + c_out * f
 
 
-def _info(info: dict) -> dict:
+def run_info(info: dict) -> dict:
     return {"steps": info["steps"], "loss": info["loss"], "wall_seconds": info["wall_seconds"],
             "world_size": info["world_size"], "threads": info["threads"], "torch": torch.__version__}
 
@@ -191,18 +144,3 @@ def _info(info: dict) -> dict:
 def write_student(path: str, model: nn.Module, meta: dict) -> None:
     trainer.save_safetensors(path, {k: v.contiguous() for k, v in model.state_dict().items()})
     atomic_write_text(path[: -len(".safetensors")] + ".json", json.dumps(meta, indent=1) + "\n")
-
-
-def load_student(path: str, meta: dict | None = None) -> GuidedDenoiser:
-    """A student written by ``train_guided`` or ``progressive`` (eval mode, float32)."""
-    from .digits import load_checked, read_meta
-
-    if meta is None:
-        meta = read_meta(path)
-    if meta.get("format") != FORMAT:
-        raise DistillError(f"{path}: not a fewstep digits student (format {meta.get('format')!r})")
-    model = load_checked(lambda: GuidedUNet(UNetConfig.from_dict(meta["config"]), meta["w_fourier"]), path)
-    model.eval().requires_grad_(False)
-    den = GuidedDenoiser(model, sigma_data=meta["sigma_data"], sigma_min=meta["sigma_min"],
-                         sigma_max=meta["sigma_max"], null_label=meta["null_label"])
-    return den.eval()

@@ -96,7 +96,7 @@ def cache_dir() -> str:
 
 
 def reference_key(teacher, n: int, seed: int, cls, guidance, sigma_init: float) -> str:
-    from .evaluate import REFERENCE_STEPS
+    from ..runtime.reference import REFERENCE_STEPS
 
     fields = {"v": REFERENCE_CACHE_VERSION, "teacher": teacher.content_hash, "n": n, "seed": seed, "class": cls,
               "guidance": guidance, "sigma_init": float(sigma_init).hex(),
@@ -393,11 +393,11 @@ def fit_learned(teacher, solver: str, nfe: int, cfg: LearnConfig = LearnConfig()
     ``fit_kw`` goes to ``fit.fit`` for the closed-form stage (e.g. ``timestep_evals``)."""
     import fewstep
 
+    from ..runtime.models import Model, load
     from ..runtime.solvers import build, get
     from .fit import _check_int, fit, with_guidance
-    from .teachers import Teacher, load
 
-    if not isinstance(teacher, Teacher):
+    if not isinstance(teacher, Model):
         teacher = load(teacher)
     cfg = cfg.check()
     nfe = _check_int(nfe, "NFE")

@@ -27,10 +27,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..runtime.digits_net import NULL_LABEL, STUDENT_FILE, STUDENT_FORMAT, GuidedDenoiser
 from ..runtime.plan import Plan, Row, atomic_write_text
 from . import trainer
-from .digits import NULL_LABEL, load_digits_split
-from .guided import FORMAT, STUDENT_FILE, DistillError, GuidedDenoiser, _info, _student_call, write_student
+from .data import load_digits_split
+from .guided import DistillError, run_info, student_call, write_student
 
 RHO = 7.0
 INDEX = "students.json"
@@ -103,7 +104,7 @@ def check_config(cfg: ProgressiveConfig) -> None:
 
 
 def _ddim(den, net, x, sigma, sigma_to, labels, w):
-    d = _student_call(den, den.model if net is None else net, x, sigma, labels, w)
+    d = student_call(den, den.model if net is None else net, x, sigma, labels, w)
     r = (sigma_to / sigma).reshape(-1, 1, 1, 1).to(x.dtype)
     return d + r * (x - d)
 
@@ -133,7 +134,7 @@ def halve(teacher: GuidedDenoiser, n: int, out_dir: str, cfg: ProgressiveConfig,
             z_s = _ddim(teacher, None, z_mid, s_mid, s_s, labels, w)
             r = (s_s / s_t).reshape(-1, 1, 1, 1).float()
             target = (z_s - r * z_t) / (1 - r)
-        d = _student_call(student, net, z_t, s_t.float(), labels, w)
+        d = student_call(student, net, z_t, s_t.float(), labels, w)
         snr = (1.0 / s_t**2).clamp(min=1.0).reshape(-1, 1, 1, 1).float()
         return (snr * (d - target) ** 2).mean()
 
@@ -144,13 +145,13 @@ def halve(teacher: GuidedDenoiser, n: int, out_dir: str, cfg: ProgressiveConfig,
                               progress, resume)
     path = os.path.join(out_dir, STUDENT_FILE)
     if info["rank"] == 0:
-        meta = {"format": FORMAT, "kind": "progressive", "steps_per_sample": n,
+        meta = {"format": STUDENT_FORMAT, "kind": "progressive", "steps_per_sample": n,
                 "config": trainer.jsonable(student.model.cfg.__dict__), "w_fourier": len(student.model.w_freqs) * 2,
                 "sigma_data": teacher.sigma_data, "sigma_min": smin, "sigma_max": smax, "null_label": NULL_LABEL,
                 "guidance_range": [cfg.w_min, cfg.w_max], "teacher_hash": teacher_hash, "teacher_steps": 2 * n,
-                "seed": seed, "train": asdict(cfg), **_info(info)}
+                "seed": seed, "train": asdict(cfg), **run_info(info)}
         write_student(path, final, meta)
-        from .digits import teacher_hash as file_hash
+        from ..runtime.digits_net import teacher_hash as file_hash
 
         prov = {"teacher_hash": file_hash(path), "distilled_from": teacher_hash, "sample_shape": [1, 8, 8],
                 "iters": cfg.iters, "batch": cfg.batch, "train_seconds": info["wall_seconds"], "seed": seed}
@@ -165,7 +166,7 @@ def train_progressive(out_dir: str, student: str, config: ProgressiveConfig | No
     """Halve from ``config.from_steps`` to ``config.to_steps``, starting from the stage-1 student at
     ``student`` (a ``student.safetensors`` or its directory). Finished halvings are kept and skipped on
     a rerun; an interrupted one resumes from its checkpoint. Returns the bundle index (students.json)."""
-    from .digits import _resolve, load_teacher, teacher_hash
+    from ..runtime.digits_net import _resolve, load_teacher, teacher_hash
 
     cfg = config or ProgressiveConfig()
     check_config(cfg)

@@ -17,10 +17,12 @@ import torch
 
 import fewstep
 
+from ..runtime.models import load
 from ..runtime.plan import atomic_write_bytes, atomic_write_text
+from ..runtime.reference import reference
+from ..runtime.sampling import make_inputs, run_plan
 from ..runtime.solvers import SolverError, build, solvers
-from .evaluate import make_inputs, quality, reference, run_plan
-from .teachers import load
+from .evaluate import quality
 
 
 def run(model: str, out_dir: str, n: int = 1000, nfes=(2, 3, 4, 5, 6, 8, 10), seed: int = 0,
@@ -64,7 +66,7 @@ def run(model: str, out_dir: str, n: int = 1000, nfes=(2, 3, 4, 5, 6, 8, 10), se
 
 
 def _ref_steps(teacher) -> int:
-    from .evaluate import REFERENCE_STEPS
+    from ..runtime.reference import REFERENCE_STEPS
 
     return REFERENCE_STEPS[teacher.kind]
 

@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from ..runtime.denoisers import Denoiser
+from .denoisers import Denoiser
 
 
 class GMM(Denoiser):
@@ -102,50 +102,3 @@ class GMM(Denoiser):
         labels = torch.as_tensor(labels).long()
         noise = torch.randn(n, self.dim, generator=g, dtype=torch.float64)
         return self.means[labels] + self.stds[labels] * noise
-
-
-def reference_solve(denoiser, x: torch.Tensor, sigma_from: float, sigma_to: float, steps: int = 2000,
-                    cond=None, guidance=None) -> torch.Tensor:
-    """High-accuracy probability-flow ODE solve from σ_from down to σ_to > 0.
-
-    Classic RK4 in s = ln σ on dx/ds = x − D(x, e^s), state in float64 (the network sees
-    x in the dtype it was given, so pass float64 for the exact GMM); with 2000 steps over
-    ln(80/0.002) the step is 0.0053 and the error ~1e-10, far below any few-step solver's.
-    """
-    if sigma_to <= 0:
-        raise ValueError("reference_solve: integrate to sigma_to > 0, then take D(x, sigma_to)")
-    net_dtype = x.dtype  # the network runs in its own dtype; the state is integrated in float64
-    x = x.to(torch.float64)
-    s0, s1 = math.log(sigma_from), math.log(sigma_to)
-    h = (s1 - s0) / steps
-    b = x.shape[0]
-
-    def f(xx, s):
-        sig = torch.full((b,), math.exp(s), dtype=torch.float64)
-        from ..runtime.executor import call_denoiser
-
-        return xx - call_denoiser(denoiser, xx.to(net_dtype), sig.to(net_dtype), cond, guidance).to(torch.float64)
-
-    s = s0
-    for _ in range(steps):
-        k1 = f(x, s)
-        k2 = f(x + 0.5 * h * k1, s + 0.5 * h)
-        k3 = f(x + 0.5 * h * k2, s + 0.5 * h)
-        k4 = f(x + h * k3, s + h)
-        x = x + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
-        s += h
-    return x
-
-
-def reference_endpoint(denoiser, z: torch.Tensor, sigma_max: float, sigma_min: float, steps: int = 2000,
-                       cond=None, guidance=None) -> torch.Tensor:
-    """The exact endpoint every σ-grid solver approximates: solve σ_max → σ_min, then D.
-
-    Solvers' grids end σ_min → 0 with x ← D(x; σ_min) (a step to σ = 0 is the denoiser
-    output for every method), so the reference takes the same last step.
-    """
-    from ..runtime.executor import call_denoiser
-
-    x = reference_solve(denoiser, sigma_max * z, sigma_max, sigma_min, steps, cond, guidance)
-    sig = torch.full((x.shape[0],), sigma_min, dtype=z.dtype)
-    return call_denoiser(denoiser, x.to(z.dtype), sig, cond, guidance).to(torch.float64)

@@ -1,4 +1,4 @@
-"""Resolve a `--model` argument to a denoiser and what the CLI needs to know about it.
+"""Resolve a `--model` argument to a ``Model``: its denoiser and what the CLI needs to know about it.
 
 `gmm` is the exact mixture (GMM.default), `digits` the shipped class-conditional UNet,
 `digits-guided` the shipped distilled students (guidance as an input, 1/2/4/8 steps), `digits-dmd2`
@@ -8,8 +8,10 @@ is a digits-architecture checkpoint written by `fewstep teacher train digits` or
 or a diffusers model directory.
 
 A bundle holds one W-conditioned student per step count, each with its own Plan: ``load(…,
-steps=N)`` picks the N-step student (``Teacher.plans``); without ``steps`` it is the stage-1
+steps=N)`` picks the N-step student (``Model.plans``); without ``steps`` it is the stage-1
 student, a denoiser any solver can sample.
+
+The runtime, the exporter and training all load models through ``load``.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..runtime.plan import Plan
+from .digits_net import WEIGHTS_DIR
+from .plan import Plan
 
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 SHIPPED_BUNDLES = {"digits-guided": os.path.join(WEIGHTS_DIR, "digits_guided"),
                    "digits-dmd2": os.path.join(WEIGHTS_DIR, "digits_dmd2")}
 
@@ -33,7 +35,7 @@ class ModelError(ValueError):
 
 
 @dataclass
-class Teacher:
+class Model:
     name: str
     denoiser: nn.Module
     shape: tuple[int, ...]  # one sample's shape
@@ -41,14 +43,14 @@ class Teacher:
     content_hash: str
     kind: str  # "digits" | "gmm" | "diffusers"
     plans: dict[str, Plan] | None = None  # a distilled student's own samplers: "deterministic", "stochastic"
-    reference_denoiser: nn.Module | None = None  # what eval's reference solve runs (None: this denoiser)
+    reference_denoiser: nn.Module | None = None  # what the reference solve runs (None: this denoiser)
 
     @property
     def is_image(self) -> bool:
         return len(self.shape) == 3
 
 
-def load(model: str, steps: int | None = None) -> Teacher:
+def load(model: str, steps: int | None = None) -> Model:
     """``steps``: for a distilled bundle, the student with that many steps (ignored by other models).
 
     Whatever is wrong with a user's model files (truncated or foreign safetensors, a config that does
@@ -56,7 +58,7 @@ def load(model: str, steps: int | None = None) -> Teacher:
     from safetensors import SafetensorError
 
     from ..errors import FewstepError
-    from ..runtime.files import one_line
+    from .files import one_line
 
     try:
         return _load(model, steps)
@@ -69,14 +71,14 @@ def load(model: str, steps: int | None = None) -> Teacher:
         raise ModelError(f"model {model}: cannot load it ({what})") from None
 
 
-def _load(model: str, steps: int | None) -> Teacher:
+def _load(model: str, steps: int | None) -> Model:
     if model in SHIPPED_BUNDLES:
         return _bundle(SHIPPED_BUNDLES[model], steps, model)
     if model == "gmm":
         from .gmm import GMM
 
         g = GMM.default()
-        return Teacher("gmm", g, g.shape, g.num_classes, g.content_hash(), "gmm")
+        return Model("gmm", g, g.shape, g.num_classes, g.content_hash(), "gmm")
     if model == "digits":
         return _digits(None)
     if not os.path.exists(model):
@@ -99,11 +101,11 @@ def _load(model: str, steps: int | None) -> Teacher:
     raise ModelError(f"{model}: not a model fewstep can load (expected a .safetensors checkpoint or a directory)")
 
 
-def _digits(path: str | None) -> Teacher:
-    from .digits import load_teacher, teacher_hash
+def _digits(path: str | None) -> Model:
+    from .digits_net import load_teacher, teacher_hash
 
     den = load_teacher(path)
-    return Teacher("digits" if path is None else path, den, (1, 8, 8), 10, teacher_hash(path), "digits")
+    return Model("digits" if path is None else path, den, (1, 8, 8), 10, teacher_hash(path), "digits")
 
 
 def bundle_steps(model: str) -> list[int]:
@@ -116,8 +118,8 @@ def bundle_steps(model: str) -> list[int]:
         return []
 
 
-def _bundle(path: str, steps: int | None, name: str) -> Teacher:
-    from ..runtime.files import load_json
+def _bundle(path: str, steps: int | None, name: str) -> Model:
+    from .files import load_json
 
     index_path = os.path.join(path, "students.json")
     if not os.path.exists(index_path):
@@ -163,7 +165,7 @@ def _bundle_file(root: str, rel, index_path: str, field: str) -> str:
 def _reference(stage1: str) -> nn.Module:
     """The model a student's reference solve runs: the original teacher when it is the shipped one (its
     hash is in the stage-1 student's JSON), else the stage-1 student (a denoiser of the same guided ODE)."""
-    from .digits import load_teacher, read_meta, teacher_hash
+    from .digits_net import load_teacher, read_meta, teacher_hash
 
     meta = read_meta(stage1)
     if meta.get("teacher_hash") == teacher_hash(None):
@@ -171,8 +173,8 @@ def _reference(stage1: str) -> nn.Module:
     return load_teacher(stage1)
 
 
-def _diffusers(path: str) -> Teacher:
-    from ..runtime.diffusers_adapter import load_diffusers
+def _diffusers(path: str) -> Model:
+    from .diffusers_adapter import load_diffusers
 
     den = load_diffusers(path)
     unet = den.model.unet
@@ -183,4 +185,4 @@ def _diffusers(path: str) -> Teacher:
         h.update(k.encode())
         h.update(v.detach().cpu().numpy().tobytes())
     ncls = getattr(cfg, "num_class_embeds", None)
-    return Teacher(path, den, (cfg.in_channels, size, size), ncls, "sha256:" + h.hexdigest(), "diffusers")
+    return Model(path, den, (cfg.in_channels, size, size), ncls, "sha256:" + h.hexdigest(), "diffusers")
