@@ -13,7 +13,8 @@ module loads (``cuModuleLoadData``), launches and computes what ``fused_update_r
     python -m fewstep.kernels.aot --plan plan.json --dtype fp16 --out build/fused [--target cuda:80 cuda:90]
 
 Generated launcher arguments (pointer = CUdeviceptr, 16-byte aligned; unused pointers may be any valid address):
-``x, d, d_c, h1..hK, eps, seed, h_out, x_out, u_out, u_out2, n (int64), noise_offset (int64)`` (K = MAX_HISTORY = 10)
+``x, d, d_c, h1..hK, eps, seed, h_out, x_out, u_out, u_out2, n, per_sample, first_sample, noise_stream`` (the
+last four int64; K = MAX_HISTORY = 10; the seed is a one-element int64 holding the uint64 seed's bits)
 — the order of ``_fused_update_kernel`` (``fused_update.kernel_source``); the grid is ``ceil(n / 1024)`` programs
 of 4 warps.
 """
@@ -53,7 +54,8 @@ def row_signature(coefs: RowCoefs, dtype: str = "fp32", cfg: bool = False, noise
     p, q, pn = coefs.p, coefs.q, coefs.p_next
     if coefs.g == 0.0:
         noise = 0
-    parts = [ptr] * (3 + MAX_HISTORY + 1) + ["*i64"] + [ptr] * 4 + ["i64", "i64"]  # x, d, d_c, h1..hK, eps; seed; outs
+    # x, d, d_c, h1..hK, eps; seed; the 4 outputs; n, per_sample, first_sample, noise_stream
+    parts = [ptr] * (3 + MAX_HISTORY + 1) + ["*i64"] + [ptr] * 4 + ["i64"] * 4
     consts = [coefs.a, *p, coefs.s, coefs.c, *q, coefs.g]
     parts += [_const(v) for v in consts]
     parts += [str(int(cfg)), _const(coefs.w), _const(coefs.skip), _const(coefs.scale), str(int(noise)),

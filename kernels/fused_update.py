@@ -17,21 +17,27 @@ nor a multiply and the kernel reads only the history entries the row uses (K = t
 one pointer per entry, most of them never dereferenced). Storage is fp32, fp16 or bf16;
 arithmetic is fp32; h_e, x' and u' are computed from the fp32 values (not from their rounded stores).
 
-Noise: with ``noise="philox"`` ε is drawn in-kernel by Triton's ``tl.randn(seed, offset + i)`` (Philox4x32,
-seed read from a one-element int64 tensor so a captured CUDA graph can be replayed with a new seed). That is
-NOT the Philox/Box–Muller stream of ``fewstep.runtime.noise`` which the exported graphs and the C++ runtime
-use: to reproduce those samples pass ε explicitly (``noise="tensor"``). ``kernel_randn`` draws the in-kernel
-stream into a tensor, which is how the tests compare the fused path with the reference exactly.
+Noise: with a seed, ε is drawn in-kernel from exactly the stream of ``fewstep.runtime.noise`` (Philox4x32-10
+keyed by the 64-bit seed, counter (n//4 mod 2^32, n//4 >> 32, first_sample + b, stream) for element n of batch
+row b, output word n % 4, Box–Muller in float64 rounded once to float32), so the fast executor, the reference
+executor fed ``noise.draw``, the exported graph and the C++ runtime see the same ε for one seed (DESIGN §5).
+The seed is read from a one-element int64 tensor (its uint64 bits) so a captured CUDA graph replays with a new
+seed. Under TRITON_INTERPRET the float64 ops are numpy's, as in runtime/noise.py: bit-identical. Compiled, log,
+sin and cos are libdevice's (≤ 2 float64 ulp; numpy's differ from glibc's by an ulp too), which moves the float32
+result by one ulp only when the float64 value lies within a few float64 ulps of a float32 rounding boundary
+(a fraction ≲ 2^-26 of values): identical in practice, not by construction, as between numpy and C++. Cost: one
+Philox block, an int64 division and float64 log, sqrt, sin and cos per element of a noisy row — cheap next to the
+memory traffic where float64 runs at half rate (A100, H100), not measured on GPUs where it runs at 1/64.
+``kernel_randn`` draws the in-kernel stream into a tensor.
 """
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from dataclasses import dataclass
 
 import torch
 
+from ..runtime.noise import NoiseError, _check_int
 from ..runtime.plan import MAX_HISTORY
 
 # 1024 elements per program, 4 warps (Triton's default): 8 elements per thread, i.e. one 128-bit access per tensor in
@@ -144,8 +150,8 @@ def kernel_source(k: int = MAX_HISTORY) -> str:
     Generated, not written out: Triton's AOT compiler (kernels/aot.py) takes flat signatures, so every history
     entry is its own pointer and constexpr (h1..hK, P1..PK, Q0..QK, PN1..PNK); writing the K-way unrolling out
     by hand would repeat one line per entry and drift. Argument order: x, d, d_c, h1..hK, eps, seed, h_out,
-    x_out, u_out, u_out2, n, noise_offset, then the constexprs A, P1..PK, S, C, Q0..QK, G, CFG, W, SKIP, SCALE,
-    NOISE, NEXT, AN, PN1..PNK, CIN, DUP_U, BLOCK.
+    x_out, u_out, u_out2, n, per_sample, first_sample, noise_stream, then the constexprs A, P1..PK, S, C, Q0..QK, G,
+    CFG, W, SKIP, SCALE, NOISE, NEXT, AN, PN1..PNK, CIN, DUP_U, BLOCK.
     """
     ks = range(1, k + 1)
 
@@ -160,7 +166,7 @@ def kernel_source(k: int = MAX_HISTORY) -> str:
         "def _fused_update_kernel(",
         f"    x_ptr, d_ptr, dc_ptr, {hp}eps_ptr, seed_ptr,",
         "    h_out_ptr, x_out_ptr, u_out_ptr, u_out2_ptr,",
-        "    n, noise_offset,",
+        "    n, per_sample, first_sample, noise_stream,  # the noise counter: see _philox_normal",
         f"    A: tl.constexpr, {pc}S: tl.constexpr, C: tl.constexpr, {qc}",
         "    G: tl.constexpr, CFG: tl.constexpr, W: tl.constexpr, SKIP: tl.constexpr, SCALE: tl.constexpr,",
         "    NOISE: tl.constexpr,  # 0: none, 1: in-kernel Philox, 2: read eps_ptr",
@@ -202,8 +208,7 @@ def kernel_source(k: int = MAX_HISTORY) -> str:
     src += acc("xn", [("Q0", "h")] + [(f"Q{i}", f"h{i}") for i in ks])
     src += [
         "    if NOISE == 1:",
-        "        seed = tl.load(seed_ptr)",
-        "        xn += G * tl.randn(seed, noise_offset + offs)",
+        "        xn += G * _philox_normal(seed_ptr, offs, per_sample, first_sample, noise_stream)",
         "    if NOISE == 2:",
         "        xn += G * tl.load(eps_ptr + offs, mask=mask).to(tl.float32)",
         "    tl.store(x_out_ptr + offs, xn.to(x_out_ptr.dtype.element_ty), mask=mask)",
@@ -223,25 +228,73 @@ def kernel_source(k: int = MAX_HISTORY) -> str:
     return "\n".join(src) + "\n"
 
 
-def _compile_source(src: str, name: str):
-    """A plain function from generated source, registered with linecache: triton.jit (and its interpreter) read
-    the source back through ``inspect.getsourcelines``."""
+# The in-kernel noise: runtime/noise.py's stream, element for element. Source text (not a module-level function) so it
+# is jitted in the same scope as the kernels that call it, once per mode (see kernels()). It calls only tl builtins:
+# triton.language's own @jit helpers (tl.randn, tl.zeros_like, ...) stay compiled-only when triton was imported with
+# TRITON_INTERPRET off, and the interpreter refuses to call them (tests/test_kernels.py imports triton that way).
+NOISE_SOURCE = """
+def _philox_normal(seed_ptr, offs, per_sample, first_sample, noise_stream):
+    # offs: int64 flat indices into a [batch, per_sample] tensor; row b is absolute sample first_sample + b.
+    b = offs // per_sample
+    m = offs - b * per_sample  # the element index n of runtime/noise.py, within its sample
+    blk = m // 4
+    # Counter (n//4 mod 2^32, n//4 >> 32, sample, stream); int64 → uint32 conversions keep the low 32 bits.
+    c0 = blk.to(tl.uint32)
+    c1 = (blk >> 32).to(tl.uint32)
+    c2 = (first_sample + b).to(tl.uint32)
+    c3 = (offs * 0 + noise_stream).to(tl.uint32)  # a tensor even when Triton specialises the value 1
+    seed = tl.load(seed_ptr).to(tl.uint64, bitcast=True)  # the uint64 seed's bits (seed_tensor)
+    k0 = seed.to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32)
+    # Philox4x32-10. The literals are uint32 (Triton types 2^31 ≤ v < 2^32 so): products wrap mod 2^32 (the low
+    # word) and umulhi gives the high word. Bumping the key after the last round as well is harmless (unused).
+    for _ in tl.static_range(10):
+        hi0 = tl.umulhi(c0, 0xD2511F53)
+        lo0 = c0 * 0xD2511F53
+        hi1 = tl.umulhi(c2, 0xCD9E8D57)
+        lo1 = c2 * 0xCD9E8D57
+        c0 = hi1 ^ c1 ^ k0
+        c1 = lo1
+        c2 = hi0 ^ c3 ^ k1
+        c3 = lo0
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    # Box–Muller on (w0, w1) → (n0, n1) and (w2, w3) → (n2, n3), float64 as in runtime/noise.py _randn, same
+    # operations in the same order (no add next to a multiply to contract into an FMA), rounded to float32 once.
+    word = m % 4
+    wa = tl.where(word < 2, c0, c2).to(tl.float64)
+    wb = tl.where(word < 2, c1, c3).to(tl.float64)
+    scale = tl.full([1], 2.0**-32, tl.float64)
+    two_pi = tl.full([1], 6.283185307179586, tl.float64)  # 2π as a float64: the compiler may type a bare literal fp32
+    u1 = (wa + 0.5) * scale  # exact: < 2^33 · 2^-32 with 33 significant bits
+    u2 = (wb + 0.5) * scale
+    r = tl.sqrt(-2.0 * tl.log(u1))
+    theta = two_pi * u2
+    z = tl.where(word % 2 == 0, r * tl.cos(theta), r * tl.sin(theta))
+    return z.to(tl.float32)
+
+
+# noise_stream, not stream: the AOT launchers' first parameter is the CUstream `stream`.
+def _randn_kernel(out_ptr, seed_ptr, n, per_sample, first_sample, noise_stream, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, _philox_normal(seed_ptr, offs, per_sample, first_sample, noise_stream), mask=offs < n)
+"""
+
+
+def _compile_source(src: str, tag: str) -> dict:
+    """The functions of generated source, registered with linecache: triton.jit (and its interpreter) read
+    the source back through ``inspect.getsourcelines``. Returns the scope they were defined in."""
     import linecache
 
-    filename = f"<fewstep generated {name}, K={MAX_HISTORY}>"
+    filename = f"<fewstep generated {tag}, K={MAX_HISTORY}>"
     linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
     scope = {"tl": tl, "triton": triton}
     exec(compile(src, filename, "exec"), scope)
-    fn = scope[name]
-    fn.__module__ = __name__
-    return fn
-
-
-def _randn_kernel(out_ptr, seed_ptr, n, noise_offset, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    seed = tl.load(seed_ptr)
-    tl.store(out_ptr + offs, tl.randn(seed, noise_offset + offs), mask=offs < n)
+    for fn in scope.values():
+        if callable(fn) and getattr(fn, "__code__", None) is not None and fn.__code__.co_filename == filename:
+            fn.__module__ = __name__
+    return scope
 
 
 _KERNELS: dict = {}
@@ -257,13 +310,17 @@ def kernels():
     """``(_fused_update_kernel, _randn_kernel)`` wrapped by ``triton.jit`` on first use.
 
     ``triton.jit`` decides at decoration time whether a function is compiled or interpreted
-    (TRITON_INTERPRET), so one pair is built per mode: a GPU test session can still run the CPU tests.
+    (TRITON_INTERPRET), so one pair is built per mode: a GPU test session can still run the CPU tests. The
+    helper ``_philox_normal`` is jitted in the kernels' own scope, in the same mode, before they are compiled
+    (a kernel resolves the names it calls through its globals when it is compiled or interpreted).
     """
     mode = _interpreting()
     if mode in _KERNELS:
         return _KERNELS[mode]
     _triton()
-    _KERNELS[mode] = (triton.jit(_compile_source(kernel_source(), "_fused_update_kernel")), triton.jit(_randn_kernel))
+    scope = _compile_source(NOISE_SOURCE + "\n\n" + kernel_source(), "fused update")
+    scope["_philox_normal"] = triton.jit(scope["_philox_normal"])
+    _KERNELS[mode] = (triton.jit(scope["_fused_update_kernel"]), triton.jit(scope["_randn_kernel"]))
     return _KERNELS[mode]
 
 
@@ -277,47 +334,6 @@ def _block(n: int) -> int:
     if _interpreting():
         return BLOCK_INTERPRET
     return BLOCK_GPU
-
-
-@contextlib.contextmanager
-def _launching():
-    """Under TRITON_INTERPRET, make ``tl.randn`` and its helpers callable by the interpreter for one launch.
-
-    ``triton.language.random`` wraps them with ``triton.jit`` when triton is imported; when that import happened
-    with the interpreter off (diffusers imports triton, for one) they stay compiled-only ``JITFunction``s, which
-    the interpreter refuses to call. They are swapped for interpreted wrappers of the same Python functions
-    during the launch and restored after, so compiled launches never see the swap.
-    """
-    if not _interpreting():
-        yield
-        return
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    lang = [sys.modules[m] for m in _TL_MODULES]
-    # The interpreter patches triton.language.core for a nested call and never restores it (triton 3.9,
-    # InterpretedFunction.__call__); a later compiled kernel would then trip over the patches. Snapshot them all.
-    before = [dict(vars(m)) for m in lang]
-    for mod in (lang[3], lang[0]):
-        for name, value in list(vars(mod).items()):
-            if isinstance(value, JITFunction) and getattr(value.fn, "__module__", "") == "triton.language.random":
-                setattr(mod, name, InterpretedFunction(value.fn))
-    try:
-        yield
-    finally:
-        # The interpreter also injects its own globals into the modules of the functions it rewrites (once, then
-        # caches the rewrite); a compiled kernel would resolve names through them. Remove both.
-        for mod, snap in zip(lang, before):
-            for name in set(vars(mod)) - set(snap):
-                delattr(mod, name)
-            for name, value in snap.items():
-                if vars(mod).get(name) is not value:
-                    setattr(mod, name, value)
-        for fn in [f for f in InterpretedFunction.rewritten_fn if getattr(f, "__module__", "") in _TL_MODULES]:
-            del InterpretedFunction.rewritten_fn[fn]
-
-
-_TL_MODULES = ("triton.language", "triton.language.core", "triton.language.math", "triton.language.random")
 
 
 def _check_device(t: torch.Tensor) -> None:
@@ -337,34 +353,51 @@ def _flat(t, name, like):
 
 
 def seed_tensor(seed: int, device) -> torch.Tensor:
-    """The one-element int64 seed the kernel reads (a tensor so a CUDA graph replays with a new value)."""
-    return torch.tensor([int(seed) & 0x7FFFFFFFFFFFFFFF], dtype=torch.int64, device=device)
+    """The one-element int64 tensor the kernel reads the seed from (a tensor so a CUDA graph replays with a new
+    value): the bits of ``seed`` in [0, 2^64) as runtime/noise.py keys Philox with it, stored two's complement."""
+    seed = _check_int("seed", seed, 0, 2**64)
+    return torch.tensor([seed - 2**64 if seed >= 2**63 else seed], dtype=torch.int64, device=device)
 
 
-def kernel_randn(seed, shape, noise_offset: int = 0, device="cuda", block: int | None = None) -> torch.Tensor:
-    """ε of the fused kernel's in-kernel stream: element i of a row is ``tl.randn(seed, noise_offset + i)``."""
+def _counter_args(batch: int, stream, first_sample) -> tuple[int, int]:
+    """``stream`` and ``first_sample`` checked as runtime/noise.py checks them (one NoiseError line)."""
+    stream = _check_int("stream", stream, 0, 2**32)
+    first_sample = _check_int("first_sample", first_sample, 0, 2**32)
+    if first_sample + batch > 2**32:
+        raise NoiseError(f"first_sample + batch must be ≤ 2^32 (sample indices are 32-bit), got {first_sample + batch}")
+    return stream, first_sample
+
+
+def kernel_randn(seed, batch: int, shape, stream: int = 0, first_sample: int = 0, device="cuda",
+                 block: int | None = None) -> torch.Tensor:
+    """The in-kernel stream drawn into a float32 [batch, *shape] tensor: ``runtime.noise.randn(seed, batch, shape,
+    stream, first_sample)`` computed by the kernel's own code (``seed``: an int or a ``seed_tensor``)."""
     triton, _ = _triton()
     _, rk = kernels()
+    batch = _check_int("batch", batch, 1, 2**32)
+    dims = (shape,) if isinstance(shape, int) else tuple(shape)
+    stream, first_sample = _counter_args(batch, stream, first_sample)
     seed_t = seed if isinstance(seed, torch.Tensor) else seed_tensor(seed, device)
     _check_device(seed_t)
-    out = torch.empty(shape, dtype=torch.float32, device=seed_t.device)
+    out = torch.empty((batch, *dims), dtype=torch.float32, device=seed_t.device)
     n = out.numel()
     blk = block or _block(n)
-    with _launching():
-        rk[(triton.cdiv(n, blk),)](out, seed_t, n, int(noise_offset), BLOCK=blk)
+    rk[(triton.cdiv(n, blk),)](out, seed_t, n, n // batch, first_sample, stream, BLOCK=blk)
     return out
 
 
 def fused_update(
-    x, hist, d, coefs: RowCoefs, d_c=None, *, eps=None, seed=None, noise_offset: int = 0,
+    x, hist, d, coefs: RowCoefs, d_c=None, *, eps=None, seed=None, stream: int = 1, first_sample: int = 0,
     h_out=None, x_out=None, u_out=None, u_out2=None, block: int | None = None,
 ):
     """One fused update (one kernel launch). Returns ``(h_out, x_out, u_out or None)``.
 
     Same meaning as ``fused_update_ref``. Noise when ``coefs.g ≠ 0``: ``eps`` (a tensor) is read from memory;
-    otherwise ``seed`` (an int or the one-element int64 tensor of ``seed_tensor``) draws it in-kernel from
-    Philox at ``noise_offset + i``. Outputs may alias inputs element-for-element (``x_out is x`` is fine: each
-    element is read before it is written by the same program). ``u_out2`` gets a second copy of u'.
+    otherwise ``seed`` (an int or the one-element int64 tensor of ``seed_tensor``) draws it in-kernel: x's
+    first dimension is the batch, and row b gets ``runtime.noise.randn(seed, 1, x.shape[1:], stream,
+    first_sample + b)`` (stream 1 + j for the j-th stochastic row of a plan). Outputs may alias inputs
+    element-for-element (``x_out is x`` is fine: each element is read before it is written by the same program).
+    ``u_out2`` gets a second copy of u'.
     """
     triton, _ = _triton()
     kern, _ = kernels()
@@ -387,6 +420,9 @@ def fused_update(
             noise = 2
         elif seed is not None:
             noise = 1
+            if x.dim() == 0:
+                raise ValueError("fused_update: in-kernel noise needs x with a batch dimension")
+            stream, first_sample = _counter_args(x.shape[0], stream, first_sample)
             if not isinstance(seed, torch.Tensor):
                 seed = seed_tensor(seed, x.device)
         else:
@@ -401,20 +437,20 @@ def fused_update(
     blk = block or _block(n)
     dummy = x  # pointers the specialisation never dereferences still need a tensor
     hp = [h if h is not None else dummy for h in hist]
-    with _launching():
-        kern[(triton.cdiv(n, blk),)](
-            x, d, d_c if d_c is not None else dummy, *hp,
-            eps if noise == 2 else dummy, seed if noise == 1 else _dummy_seed(x.device),
-            h_out, x_out, u_out if coefs.has_next else dummy, u_out2 if u_out2 is not None else dummy,
-            n, int(noise_offset),
-            A=coefs.a, **{f"P{k}": v for k, v in enumerate(coefs.p, 1)}, S=coefs.s, C=coefs.c,
-            **{f"Q{k}": v for k, v in enumerate(coefs.q)},
-            G=coefs.g, CFG=d_c is not None, W=coefs.w, SKIP=coefs.skip, SCALE=coefs.scale,
-            NOISE=noise, NEXT=coefs.has_next, AN=coefs.a_next,
-            **{f"PN{k}": v for k, v in enumerate(coefs.p_next, 1)}, CIN=coefs.c_in_next,
-            DUP_U=coefs.has_next and u_out2 is not None,
-            BLOCK=blk,
-        )
+    per_sample = n // x.shape[0] if noise == 1 else 1
+    kern[(triton.cdiv(n, blk),)](
+        x, d, d_c if d_c is not None else dummy, *hp,
+        eps if noise == 2 else dummy, seed if noise == 1 else _dummy_seed(x.device),
+        h_out, x_out, u_out if coefs.has_next else dummy, u_out2 if u_out2 is not None else dummy,
+        n, per_sample, first_sample if noise == 1 else 0, stream if noise == 1 else 0,
+        A=coefs.a, **{f"P{k}": v for k, v in enumerate(coefs.p, 1)}, S=coefs.s, C=coefs.c,
+        **{f"Q{k}": v for k, v in enumerate(coefs.q)},
+        G=coefs.g, CFG=d_c is not None, W=coefs.w, SKIP=coefs.skip, SCALE=coefs.scale,
+        NOISE=noise, NEXT=coefs.has_next, AN=coefs.a_next,
+        **{f"PN{k}": v for k, v in enumerate(coefs.p_next, 1)}, CIN=coefs.c_in_next,
+        DUP_U=coefs.has_next and u_out2 is not None,
+        BLOCK=blk,
+    )
     return h_out, x_out, (u_out if coefs.has_next else None)
 
 

@@ -15,9 +15,9 @@ How the network is called (``_Network.mode``):
 * ``"call"``: any other callable ``den(x, sigma, cond[, guidance])``: a black box that does its own CFG.
 
 Noise for stochastic rows (g ≠ 0): ``noise`` [S, B, ...] as in the reference executor (read from memory, so
-the result matches ``sample`` with the same noise), or ``seed``: drawn in the kernel (Triton Philox,
-``tl.randn(seed, s·N + i)`` for the s-th stochastic row; ``kernel_randn`` reproduces it) — not the stream of
-``runtime/noise.py``. Without the kernel, ``seed`` draws from a torch generator (a third stream).
+the result matches ``sample`` with the same noise), or ``seed``: the stream of ``runtime/noise.py`` (stream 1 + j
+for the j-th stochastic row, row b of the batch being sample ``first_sample + b``), drawn in the kernel or, without
+it, by ``noise.randn``: the same ε as ``sample(..., noise=noise.draw(seed, ...)[1])`` and the C++ runtime.
 """
 
 from __future__ import annotations
@@ -27,13 +27,15 @@ import torch
 from ..kernels.fused_update import fused_update, fused_update_ref, plan_coefs, seed_tensor
 from .denoisers import Denoiser, cat_cond
 from .executor import InputError
+from .noise import randn
 from .plan import Plan
 
 
 def sample(plan: Plan, denoiser, z: torch.Tensor, cond=None, guidance: float | None = None, noise=None,
-           seed: int | None = None, use_kernel: bool | None = None) -> torch.Tensor:
+           seed: int | None = None, use_kernel: bool | None = None, first_sample: int = 0) -> torch.Tensor:
     """Run ``plan`` like ``fewstep.runtime.sample``, with one fused update per evaluation."""
-    return FastSampler(plan, denoiser, z, cond, guidance, use_kernel=use_kernel).run(z, cond, noise=noise, seed=seed)
+    return FastSampler(plan, denoiser, z, cond, guidance, use_kernel=use_kernel).run(
+        z, cond, noise=noise, seed=seed, first_sample=first_sample)
 
 
 class _Network:
@@ -116,6 +118,7 @@ class FastSampler:
         self.ring = [torch.empty(self.shape, **kw) for _ in range(plan.history + 1)]
         self.u2 = torch.empty((2 * b,) + self.shape[1:], **kw)
         self.seed_buf = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.first_sample = 0  # of the batch being run (run() sets it; a CUDA graph captures 0)
 
     # -- inputs ---------------------------------------------------------------------------------------------------
     def _check(self, z, noise):
@@ -129,8 +132,9 @@ class FastSampler:
                 if tuple(n.shape) != self.shape:
                     raise InputError(f"noise[{i}]: expected shape {self.shape}, got {tuple(n.shape)}")
 
-    def run(self, z, cond=None, noise=None, seed: int | None = None) -> torch.Tensor:
-        """One batch, eagerly. Returns a new tensor (the state buffer's copy)."""
+    def run(self, z, cond=None, noise=None, seed: int | None = None, first_sample: int = 0) -> torch.Tensor:
+        """One batch, eagerly. Returns a new tensor (the state buffer's copy). With ``seed``, batch row b's ε is
+        that of absolute sample ``first_sample + b`` (runtime/noise.py)."""
         self._check(z, noise)
         if self.stochastic and noise is None and seed is None:
             raise InputError(f"plan {self.plan.name!r} has {len(self.stochastic)} stochastic row(s): "
@@ -138,11 +142,11 @@ class FastSampler:
         if noise is not None:
             noise = [n.to(self.dtype).contiguous() for n in noise]
         elif self.stochastic and not self.use_kernel:
-            g = torch.Generator(device=self.device).manual_seed(int(seed))
-            noise = [torch.randn(self.shape, generator=g, dtype=torch.float32, device=self.device).to(self.dtype)
-                     for _ in self.stochastic]
+            noise = [torch.from_numpy(randn(seed, self.shape[0], self.shape[1:], 1 + j, first_sample))
+                     .to(device=self.device, dtype=self.dtype) for j in range(len(self.stochastic))]
         if seed is not None:
             self.seed_buf.copy_(seed_tensor(seed, self.device))
+        self.first_sample = first_sample
         cond2 = self._cond2(cond)
         self._loop(z, cond, cond2, noise)
         return self.x.clone()
@@ -178,7 +182,8 @@ class FastSampler:
                 eps = noise[ns]
             next_cfg = e + 1 < len(plan.rows) and self.rows[e + 1]["cfg"]
             if self.use_kernel:
-                fused_update(x, hist, f_u, coefs, d_c=f_c, eps=eps, seed=self.seed_buf, noise_offset=ns * self.n,
+                fused_update(x, hist, f_u, coefs, d_c=f_c, eps=eps, seed=self.seed_buf, stream=1 + ns,
+                             first_sample=self.first_sample,
                              h_out=h_out, x_out=x, u_out=self.u2[:b], u_out2=self.u2[b:] if next_cfg else None)
             else:
                 h, xn, un = fused_update_ref(x, [hh if rd else None for hh, rd in zip(hist, coefs.reads())], f_u,
@@ -235,7 +240,7 @@ class CUDAGraphSampler:
             _copy_cond(self.cond, cond)
             if self.cond2 is not None:
                 _copy_cond(self.cond2, cat_cond(self.fs.net.den.null_cond(cond), cond))
-        self.fs.seed_buf.fill_(int(seed) & 0x7FFFFFFFFFFFFFFF)
+        self.fs.seed_buf.copy_(seed_tensor(seed, self.fs.device))
         self.graph.replay()
         return self.fs.x.clone()
 
