@@ -155,7 +155,8 @@ uint64_t parse_seed(const std::string& s) {
   return v;
 }
 
-int run(int argc, char** argv) {
+// What the command line asks for.
+struct Args {
   std::string engine_path, out_path, noise_path;
   uint64_t seed = 0;
   long long batch = 0, bench = 0;  // batch 0: the noise file's N, else 1
@@ -163,115 +164,142 @@ int run(int argc, char** argv) {
   long long cls = 0;
   double guidance = 1.0;
   fewstep::EngineOptions opt;
+};
+
+// Parse argv into `a`; false when --help or --version was answered (nothing more to do).
+bool parse_args(int argc, char** argv, Args& a) {
+  fewstep::EngineOptions& opt = a.opt;
   for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
+    const std::string arg = argv[i];
     const auto next = [&]() -> std::string {
-      if (i + 1 >= argc) throw Usage(a + " needs a value");
+      if (i + 1 >= argc) throw Usage(arg + " needs a value");
       return argv[++i];
     };
-    if (a == "-h" || a == "--help") {
+    if (arg == "-h" || arg == "--help") {
       std::fputs(kHelp, stdout);
-      return 0;
-    } else if (a == "--version") {
+      return false;
+    } else if (arg == "--version") {
       std::printf("fewstep-run %s\n", fewstep_version());
-      return 0;
-    } else if (a == "--seed") seed = parse_seed(next());
-    else if (a == "--n") batch = parse_int(next(), "--n");
-    else if (a == "--batch") {  // the old spelling of --n
+      return false;
+    } else if (arg == "--seed") a.seed = parse_seed(next());
+    else if (arg == "--n") a.batch = parse_int(next(), "--n");
+    else if (arg == "--batch") {  // the old spelling of --n
       std::fputs("fewstep-run: warning: --batch is deprecated; use --n\n", stderr);
-      batch = parse_int(next(), "--n");
-    } else if (a == "--class") {
+      a.batch = parse_int(next(), "--n");
+    } else if (arg == "--class") {
       const std::string c = next();
-      has_class = true;
-      if (c == "none") null_class = true;
-      else cls = parse_int(c, "--class");
+      a.has_class = true;
+      if (c == "none") a.null_class = true;
+      else a.cls = parse_int(c, "--class");
     }
-    else if (a == "--guidance") has_guidance = true, guidance = parse_float(next(), "--guidance");
-    else if (a == "--noise") noise_path = next();
-    else if (a == "--out") out_path = next();
-    else if (a == "--threads") {
+    else if (arg == "--guidance") a.has_guidance = true, a.guidance = parse_float(next(), "--guidance");
+    else if (arg == "--noise") a.noise_path = next();
+    else if (arg == "--out") a.out_path = next();
+    else if (arg == "--threads") {
       const long long t = parse_int(next(), "--threads");
       if (t < 0 || t > 1 << 20) throw Usage("--threads must be in [0, 2^20], got " + std::to_string(t));
       opt.intra_op_threads = int(t);
     }
-    else if (a == "--device") opt.device_id = int(parse_int(next(), "--device"));
-    else if (a == "--cuda-graph") opt.cuda_graph = true;
-    else if (a == "--cache-dir") opt.engine_cache_dir = next();
-    else if (a == "--ort-library") opt.ort_library = next();
-    else if (a == "--bench") bench = parse_int(next(), "--bench");
-    else if (a == "--provider") {
+    else if (arg == "--device") opt.device_id = int(parse_int(next(), "--device"));
+    else if (arg == "--cuda-graph") opt.cuda_graph = true;
+    else if (arg == "--cache-dir") opt.engine_cache_dir = next();
+    else if (arg == "--ort-library") opt.ort_library = next();
+    else if (arg == "--bench") a.bench = parse_int(next(), "--bench");
+    else if (arg == "--provider") {
       const std::string p = next();
       if (p == "cpu") opt.provider = FEWSTEP_PROVIDER_CPU;
       else if (p == "cuda") opt.provider = FEWSTEP_PROVIDER_CUDA;
       else if (p == "tensorrt") opt.provider = FEWSTEP_PROVIDER_TENSORRT;
       else throw Usage("--provider must be cpu, cuda or tensorrt, got '" + p + "'");
-    } else if (!a.empty() && a[0] == '-') throw Usage("unknown option " + a);
-    else if (engine_path.empty()) engine_path = a;
-    else throw Usage("unexpected argument " + a);
+    } else if (!arg.empty() && arg[0] == '-') throw Usage("unknown option " + arg);
+    else if (a.engine_path.empty()) a.engine_path = arg;
+    else throw Usage("unexpected argument " + arg);
   }
-  if (engine_path.empty()) throw Usage("no ENGINE given");
-  if (bench < 0) throw Usage("--bench must be >= 0");
-  if (out_path.empty() && bench == 0) throw Usage("give --out X.npy (or --bench N)");
+  if (a.engine_path.empty()) throw Usage("no ENGINE given");
+  if (a.bench < 0) throw Usage("--bench must be >= 0");
+  if (a.out_path.empty() && a.bench == 0) throw Usage("give --out X.npy (or --bench N)");
+  return true;
+}
 
-  const fewstep::Engine engine(engine_path, opt);
-  const fewstep_engine_info& info = engine.info();
-  std::vector<float> z;
-  if (!noise_path.empty()) {
-    std::vector<long long> shape;
-    z = read_npy(noise_path, shape);
-    if (batch == 0 && !shape.empty()) batch = shape[0];
-    std::vector<long long> want{batch};
-    want.insert(want.end(), info.sample_shape, info.sample_shape + info.ndim);
-    if (shape != want) throw Usage(noise_path + ": expected a float32 array of shape N x sample shape with N = --n");
-    for (float v : z)
-      if (!std::isfinite(v)) throw Usage(noise_path + ": contains NaN or inf");
-  }
-  if (batch == 0) batch = 1;
-  if (batch < 1) throw Usage("--n must be >= 1");
+// The starting noise from --noise: N x sample shape, finite; N sets the batch when --n did not.
+std::vector<float> read_noise(const std::string& path, const fewstep_engine_info& info, long long& batch) {
+  std::vector<long long> shape;
+  std::vector<float> z = read_npy(path, shape);
+  if (batch == 0 && !shape.empty()) batch = shape[0];
+  std::vector<long long> want{batch};
+  want.insert(want.end(), info.sample_shape, info.sample_shape + info.ndim);
+  if (shape != want) throw Usage(path + ": expected a float32 array of shape N x sample shape with N = --n");
+  for (float v : z)
+    if (!std::isfinite(v)) throw Usage(path + ": contains NaN or inf");
+  return z;
+}
+
+// One label per sample: --class C (or the null label for --class none); without --class a class-conditional
+// engine draws classes 0,1,2,... in turn; empty for an unconditional engine.
+std::vector<int64_t> class_labels(const Args& a, const fewstep_engine_info& info, long long batch) {
   std::vector<int64_t> labels;
-  if (has_class) {
+  if (a.has_class) {
     if (!info.num_classes) throw Usage("--class given but this engine is not class-conditional");
-    if (null_class && info.null_label < 0)
+    if (a.null_class && info.null_label < 0)
       throw Usage("--class none: this engine has no null label (no unconditional sampling)");
-    if (null_class) cls = info.null_label;
+    long long cls = a.cls;
+    if (a.null_class) cls = info.null_label;
     else if (cls < 0 || cls >= info.num_classes)
       throw Usage("--class must be in 0.." + std::to_string(info.num_classes - 1) + ", got " + std::to_string(cls));
     labels.assign(size_t(batch), cls);
   } else if (info.num_classes) {
     for (long long i = 0; i < batch; ++i) labels.push_back(i % info.num_classes);  // classes drawn evenly
   }
+  return labels;
+}
+
+// --bench: time `runs` more calls of `once` (after the caller's warm-up) and print the latency percentiles.
+template <class F>
+void bench(const F& once, long long runs, long long batch, int nfe) {
+  std::vector<double> ms;
+  for (long long r = 0; r < runs; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    once();
+    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  double total = 0;
+  for (double t : ms) total += t;
+  std::printf("fewstep-run bench: %lld runs, batch %lld, nfe %d\n", runs, batch, nfe);
+  std::printf("latency ms: p50 %.4f  p90 %.4f  p99 %.4f\n", percentile(ms, 0.5), percentile(ms, 0.9),
+              percentile(ms, 0.99));
+  std::printf("samples/s: %.1f\n", double(batch) * double(runs) / (total / 1000.0));
+}
+
+int run(int argc, char** argv) {
+  Args a;
+  if (!parse_args(argc, argv, a)) return 0;
+  const fewstep::Engine engine(a.engine_path, a.opt);
+  const fewstep_engine_info& info = engine.info();
+  long long batch = a.batch;
+  std::vector<float> z;
+  if (!a.noise_path.empty()) z = read_noise(a.noise_path, info, batch);
+  if (batch == 0) batch = 1;
+  if (batch < 1) throw Usage("--n must be >= 1");
+  const std::vector<int64_t> labels = class_labels(a, info, batch);
   std::vector<float> g;
-  if (has_guidance) g.assign(size_t(batch), float(guidance));
+  if (a.has_guidance) g.assign(size_t(batch), float(a.guidance));
 
   const size_t n = size_t(batch) * size_t(info.per_sample);
   std::vector<float> out(n);
   const auto once = [&] {
-    engine.sample(seed, batch, labels.empty() ? nullptr : labels.data(), g.empty() ? nullptr : g.data(),
+    engine.sample(a.seed, batch, labels.empty() ? nullptr : labels.data(), g.empty() ? nullptr : g.data(),
                   out.data(), out.size(), z.empty() ? nullptr : z.data());
   };
   const auto t0 = std::chrono::steady_clock::now();
   once();
   const double first_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-  if (!out_path.empty()) {
+  if (!a.out_path.empty()) {
     std::vector<long long> shape{batch};
     shape.insert(shape.end(), info.sample_shape, info.sample_shape + info.ndim);
-    write_npy(out_path, shape, out.data(), n);
-    std::printf("%lld samples at NFE %d in %.2f ms -> %s\n", batch, info.nfe, first_ms, out_path.c_str());
+    write_npy(a.out_path, shape, out.data(), n);
+    std::printf("%lld samples at NFE %d in %.2f ms -> %s\n", batch, info.nfe, first_ms, a.out_path.c_str());
   }
-  if (bench > 0) {
-    std::vector<double> ms;
-    for (long long r = 0; r < bench; ++r) {
-      const auto t0 = std::chrono::steady_clock::now();
-      once();
-      ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-    }
-    double total = 0;
-    for (double t : ms) total += t;
-    std::printf("fewstep-run bench: %lld runs, batch %lld, nfe %d\n", bench, batch, info.nfe);
-    std::printf("latency ms: p50 %.4f  p90 %.4f  p99 %.4f\n", percentile(ms, 0.5), percentile(ms, 0.9),
-                percentile(ms, 0.99));
-    std::printf("samples/s: %.1f\n", double(batch) * double(bench) / (total / 1000.0));
-  }
+  if (a.bench > 0) bench(once, a.bench, batch, info.nfe);
   return 0;
 }
 

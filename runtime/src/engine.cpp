@@ -289,32 +289,37 @@ void check_plan(const std::string& path, const std::string& text, const fewstep_
         std::to_string(info.n_stochastic));
 }
 
-// Parse the metadata and check it against the graph; fills e->info and the input list.
-void read_contract(fewstep_engine* e, const std::string& path, const std::vector<InputSpec>& inputs,
-                   const std::vector<InputSpec>& outputs) {
-  const auto meta = [&](const char* key) -> const std::string* {
-    const auto it = e->metadata.find(key);
-    return it == e->metadata.end() ? nullptr : &it->second;
-  };
-  const std::string* format = meta("fewstep.format");
+// The metadata entry `key`, or null when the engine has none.
+const std::string* meta(const fewstep_engine* e, const char* key) {
+  const auto it = e->metadata.find(key);
+  return it == e->metadata.end() ? nullptr : &it->second;
+}
+
+// fewstep.format and fewstep.kind say this is a sampler engine we can read; keeps the contract and plan
+// texts (handed to embedders as they are) and returns the parsed contract.
+Json read_header(fewstep_engine* e, const std::string& path) {
+  const std::string* format = meta(e, "fewstep.format");
   if (!format)
     throw Error(FEWSTEP_ERR_INVALID_ENGINE,
                 path + ": an ONNX model without fewstep metadata (no fewstep.format); export it with `fewstep export`");
   if (*format != "fewstep.engine/1")
     throw Error(FEWSTEP_ERR_INVALID_ENGINE, path + ": fewstep.format is \"" + *format +
                                                 "\"; this runtime reads fewstep.engine/1");
-  const std::string* kind = meta("fewstep.kind");
+  const std::string* kind = meta(e, "fewstep.kind");
   if (!kind || *kind != "sampler")
     throw Error(FEWSTEP_ERR_INVALID_ENGINE, path + ": fewstep.kind is " + (kind ? "\"" + *kind + "\"" : "missing") +
                                                 "; only sampler engines can be sampled (a step graph runs one evaluation)");
-  const std::string* contract = meta("fewstep.contract");
+  const std::string* contract = meta(e, "fewstep.contract");
   if (!contract) throw Error(FEWSTEP_ERR_INVALID_ENGINE, path + ": fewstep.contract metadata missing");
   e->contract_json = *contract;
-  if (const std::string* plan = meta("fewstep.plan")) e->plan_json = *plan;
-  const Json c = parse_json(*contract, (path + ": fewstep.contract").c_str());
+  if (const std::string* plan = meta(e, "fewstep.plan")) e->plan_json = *plan;
+  Json c = parse_json(*contract, (path + ": fewstep.contract").c_str());
   if (!c.is_object()) bad_contract(path, "not a JSON object");
+  return c;
+}
 
-  fewstep_engine_info& info = e->info;
+// sample_shape: 1..FEWSTEP_MAX_DIMS positive sizes whose product (per_sample) stays below 2^40.
+void parse_sample_shape(const Json& c, const std::string& path, fewstep_engine_info& info) {
   const Json* shape = member(c, "sample_shape");
   if (!shape || !shape->is_array() || shape->empty() || shape->size() > FEWSTEP_MAX_DIMS)
     bad_contract(path, "sample_shape must be a list of 1.." + std::to_string(FEWSTEP_MAX_DIMS) + " sizes");
@@ -325,6 +330,11 @@ void read_contract(fewstep_engine* e, const std::string& path, const std::vector
     if (info.per_sample > (int64_t(1) << 40) / info.sample_shape[d]) bad_contract(path, "sample_shape too large");
     info.per_sample *= info.sample_shape[d];
   }
+}
+
+// The contract's other fields; an optional field that is present must be well-formed.
+void parse_contract_fields(const Json& c, const std::string& path, fewstep_engine* e) {
+  fewstep_engine_info& info = e->info;
   info.nfe = int32_t(json_int(member(c, "nfe"), path, "nfe", 0, 1 << 20));
   info.n_stochastic = int32_t(json_int(member(c, "n_stochastic"), path, "n_stochastic", 0, 1 << 20));
   const Json* nc = member(c, "num_classes");
@@ -343,40 +353,47 @@ void read_contract(fewstep_engine* e, const std::string& path, const std::vector
   if (cd && dtype != "float32" && dtype != "float16" && dtype != "bfloat16")
     bad_contract(path, "compute_dtype must be \"float32\", \"float16\" or \"bfloat16\"");
   e->compute_dtype = cd ? dtype : "float32";
-  if (!e->plan_json.empty()) check_plan(path, e->plan_json, info);
+}
 
-  // The graph must be what the contract says: these checks turn a mismatched file into a
-  // clear load error instead of a failure (or worse, a silent misuse) at sample time.
-  const auto find = [&](const std::vector<InputSpec>& v, const char* name) -> const InputSpec* {
-    for (const auto& s : v)
-      if (s.name == name) return &s;
-    return nullptr;
-  };
-  const auto expect = [&](const InputSpec* s, const char* name, ONNXTensorElementDataType type, size_t lead) {
-    if (!s) bad_contract(path, std::string("the graph has no input/output '") + name + "'");
-    if (s->type != type) bad_contract(path, std::string("'") + name + "' has the wrong dtype");
-    const size_t want = lead + (std::strcmp(name, "class_labels") && std::strcmp(name, "guidance") ? size_t(info.ndim) : 0);
-    if (s->dims.size() != want) bad_contract(path, std::string("'") + name + "' has rank " + std::to_string(s->dims.size()) +
-                                                       ", expected " + std::to_string(want));
-    for (size_t d = lead; d < want; ++d)
-      if (s->dims[d] >= 0 && s->dims[d] != info.sample_shape[d - lead])
-        bad_contract(path, std::string("'") + name + "' shape does not match sample_shape");
-  };
-  const InputSpec* z = find(inputs, "z");
-  expect(z, "z", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 1);
+const InputSpec* find_spec(const std::vector<InputSpec>& v, const char* name) {
+  for (const auto& s : v)
+    if (s.name == name) return &s;
+  return nullptr;
+}
+
+// The graph tensor `name` exists with dtype `type` and shape [lead dims..., *sample_shape] (class_labels and
+// guidance: the lead dims only); a dynamic dimension matches any size.
+void expect_tensor(const std::string& path, const fewstep_engine_info& info, const InputSpec* s, const char* name,
+                   ONNXTensorElementDataType type, size_t lead) {
+  if (!s) bad_contract(path, std::string("the graph has no input/output '") + name + "'");
+  if (s->type != type) bad_contract(path, std::string("'") + name + "' has the wrong dtype");
+  const size_t want = lead + (std::strcmp(name, "class_labels") && std::strcmp(name, "guidance") ? size_t(info.ndim) : 0);
+  if (s->dims.size() != want) bad_contract(path, std::string("'") + name + "' has rank " + std::to_string(s->dims.size()) +
+                                                     ", expected " + std::to_string(want));
+  for (size_t d = lead; d < want; ++d)
+    if (s->dims[d] >= 0 && s->dims[d] != info.sample_shape[d - lead])
+      bad_contract(path, std::string("'") + name + "' shape does not match sample_shape");
+}
+
+// The graph's inputs must be exactly the ones the contract implies, in the order we pass them:
+// z [noise] [class_labels] [guidance]. Fills input_names, the has_* flags and fixed_batch.
+void bind_inputs(fewstep_engine* e, const std::string& path, const std::vector<InputSpec>& inputs) {
+  fewstep_engine_info& info = e->info;
+  const InputSpec* z = find_spec(inputs, "z");
+  expect_tensor(path, info, z, "z", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 1);
   info.fixed_batch = z->dims[0] > 0 ? z->dims[0] : 0;
   e->input_names.push_back("z");
   size_t expected_inputs = 1;
   if (info.n_stochastic > 0) {
-    const InputSpec* nz = find(inputs, "noise");
-    expect(nz, "noise", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 2);
+    const InputSpec* nz = find_spec(inputs, "noise");
+    expect_tensor(path, info, nz, "noise", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 2);
     if (nz->dims[0] >= 0 && nz->dims[0] != info.n_stochastic) bad_contract(path, "'noise' has the wrong number of rows");
     e->has_noise = true;
     e->input_names.push_back("noise");
     ++expected_inputs;
   }
   if (info.num_classes > 0) {
-    expect(find(inputs, "class_labels"), "class_labels", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, 1);
+    expect_tensor(path, info, find_spec(inputs, "class_labels"), "class_labels", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, 1);
     e->has_labels = true;
     e->input_names.push_back("class_labels");
     ++expected_inputs;
@@ -384,10 +401,10 @@ void read_contract(fewstep_engine* e, const std::string& path, const std::vector
   if (info.guidance_input) {
     // Exporters before issue 19 listed a guidance input for plans that fix W on every row, whose graph reads
     // none (ONNX drops an unread input): name the fix rather than only the mismatch.
-    if (!find(inputs, "guidance"))
+    if (!find_spec(inputs, "guidance"))
       bad_contract(path, "the contract lists a 'guidance' input the graph does not have (a plan that fixes W on "
                          "every row, exported by an older fewstep: export it again)");
-    expect(find(inputs, "guidance"), "guidance", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 1);
+    expect_tensor(path, info, find_spec(inputs, "guidance"), "guidance", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 1);
     e->has_guidance = true;
     e->input_names.push_back("guidance");
     ++expected_inputs;
@@ -395,8 +412,20 @@ void read_contract(fewstep_engine* e, const std::string& path, const std::vector
   if (inputs.size() != expected_inputs)
     bad_contract(path, "the graph has " + std::to_string(inputs.size()) + " inputs, the contract names " +
                            std::to_string(expected_inputs));
-  expect(find(outputs, "sample"), "sample", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 1);
-  if (info.null_label >= 0 && info.num_classes > 0 && info.null_label < info.num_classes)
+}
+
+// Parse the metadata and check it against the graph; fills e->info and the input list.
+void read_contract(fewstep_engine* e, const std::string& path, const std::vector<InputSpec>& inputs,
+                   const std::vector<InputSpec>& outputs) {
+  const Json c = read_header(e, path);
+  parse_sample_shape(c, path, e->info);
+  parse_contract_fields(c, path, e);
+  if (!e->plan_json.empty()) check_plan(path, e->plan_json, e->info);
+  // The graph must be what the contract says: these checks turn a mismatched file into a
+  // clear load error instead of a failure (or worse, a silent misuse) at sample time.
+  bind_inputs(e, path, inputs);
+  expect_tensor(path, e->info, find_spec(outputs, "sample"), "sample", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 1);
+  if (e->info.null_label >= 0 && e->info.num_classes > 0 && e->info.null_label < e->info.num_classes)
     bad_contract(path, "null_label must not be one of the classes 0..num_classes-1");
 }
 
@@ -475,10 +504,8 @@ fewstep_engine* load(const char* path_c, const fewstep_engine_params& p) {
   return e.release();
 }
 
-// One run: wrap the caller's / our buffers as tensors (no copies) and let ORT write `out` directly.
-void run(fewstep_engine* e, uint64_t seed, int64_t batch, const float* z_in, const int64_t* labels_in,
-         const float* guidance_in, float* out, size_t out_len) {
-  const fewstep_engine_info& info = e->info;
+// The batch and the output buffer against the engine; returns the number of values one run reads and writes.
+size_t checked_size(const fewstep_engine_info& info, int64_t batch, const float* out, size_t out_len) {
   if (batch < 1) throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "batch must be >= 1, got " + std::to_string(batch));
   if (batch > (int64_t(1) << 32))
     throw Error(FEWSTEP_ERR_OUT_OF_RANGE, "batch must be <= 2^32 (sample indices are 32-bit)");
@@ -494,25 +521,38 @@ void run(fewstep_engine* e, uint64_t seed, int64_t batch, const float* z_in, con
   if (out_len < n)
     throw Error(FEWSTEP_ERR_BUFFER_TOO_SMALL, "out has room for " + std::to_string(out_len) + " floats, the batch needs " +
                                                   std::to_string(n));
+  return n;
+}
+
+// The class labels the graph reads: the caller's, each a class or the null label, or all null labels
+// (filled into `own`) when none are given; null for an unconditional engine.
+const int64_t* checked_labels(const fewstep_engine* e, int64_t batch, const int64_t* labels_in,
+                              std::vector<int64_t>& own) {
+  const fewstep_engine_info& info = e->info;
   if (labels_in && !e->has_labels)
     throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "labels given, but this engine is not class-conditional");
-  std::vector<int64_t> labels;
-  if (e->has_labels) {
-    if (!labels_in) {
-      if (info.null_label < 0)
-        throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "this engine is class-conditional without a null label: pass labels");
-      labels.assign(size_t(batch), info.null_label);
-      labels_in = labels.data();
-    }
-    for (int64_t i = 0; i < batch; ++i) {
-      const int64_t l = labels_in[i];
-      if ((l < 0 || l >= info.num_classes) && l != info.null_label)
-        throw Error(FEWSTEP_ERR_OUT_OF_RANGE, "label " + std::to_string(l) + " of sample " + std::to_string(i) +
-                                                  " is not in 0.." + std::to_string(info.num_classes - 1) +
-                                                  (info.null_label >= 0 ? " or the null label " + std::to_string(info.null_label) : ""));
-    }
+  if (!e->has_labels) return labels_in;
+  if (!labels_in) {
+    if (info.null_label < 0)
+      throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "this engine is class-conditional without a null label: pass labels");
+    own.assign(size_t(batch), info.null_label);
+    labels_in = own.data();
   }
-  std::vector<float> guidance;
+  for (int64_t i = 0; i < batch; ++i) {
+    const int64_t l = labels_in[i];
+    if ((l < 0 || l >= info.num_classes) && l != info.null_label)
+      throw Error(FEWSTEP_ERR_OUT_OF_RANGE,
+                  "label " + std::to_string(l) + " of sample " + std::to_string(i) + " is not in 0.." +
+                      std::to_string(info.num_classes - 1) +
+                      (info.null_label >= 0 ? " or the null label " + std::to_string(info.null_label) : ""));
+  }
+  return labels_in;
+}
+
+// The per-sample guidance scales: the caller's (finite; an engine without a guidance input takes only
+// W = 1, which changes nothing), or W = 1 (filled into `own`) for an engine that reads them.
+const float* checked_guidance(const fewstep_engine* e, int64_t batch, const float* guidance_in,
+                              std::vector<float>& own) {
   if (guidance_in) {
     for (int64_t i = 0; i < batch; ++i) {
       if (!std::isfinite(guidance_in[i]))
@@ -524,28 +564,56 @@ void run(fewstep_engine* e, uint64_t seed, int64_t batch, const float* z_in, con
     }
   }
   if (e->has_guidance && !guidance_in) {
-    guidance.assign(size_t(batch), 1.0f);
-    guidance_in = guidance.data();
+    own.assign(size_t(batch), 1.0f);
+    guidance_in = own.data();
   }
+  return guidance_in;
+}
 
-  std::vector<float> z, noise;
+// The starting point z: the caller's (finite), or Philox stream 0 of `seed` (filled into `own`).
+const float* initial_z(const fewstep_engine_info& info, uint64_t seed, int64_t batch, size_t n, const float* z_in,
+                       std::vector<float>& own) {
   if (z_in)
     for (size_t i = 0; i < n; ++i)
       if (!std::isfinite(z_in[i]))
         throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "z holds NaN or inf (value " + std::to_string(i) + ")");
   if (!z_in) {
-    z.resize(n);
-    if (fewstep_randn(seed, 0, 0, batch, info.per_sample, z.data(), n) != FEWSTEP_OK)
+    own.resize(n);
+    if (fewstep_randn(seed, 0, 0, batch, info.per_sample, own.data(), n) != FEWSTEP_OK)
       throw Error(FEWSTEP_ERR_INTERNAL, "fewstep_randn failed for z");
-    z_in = z.data();
+    z_in = own.data();
   }
-  if (e->has_noise) {
-    noise.resize(n * size_t(info.n_stochastic));
-    for (int32_t j = 0; j < info.n_stochastic; ++j)
-      if (fewstep_randn(seed, uint64_t(1 + j), 0, batch, info.per_sample, noise.data() + n * size_t(j), n) != FEWSTEP_OK)
-        throw Error(FEWSTEP_ERR_INTERNAL, "fewstep_randn failed for the noise");
-  }
+  return z_in;
+}
 
+// The stochastic rows' noise, [n_stochastic, batch, *sample_shape]: row j is Philox stream 1 + j of `seed`.
+std::vector<float> step_noise(const fewstep_engine_info& info, uint64_t seed, int64_t batch, size_t n) {
+  std::vector<float> noise(n * size_t(info.n_stochastic));
+  for (int32_t j = 0; j < info.n_stochastic; ++j)
+    if (fewstep_randn(seed, uint64_t(1 + j), 0, batch, info.per_sample, noise.data() + n * size_t(j), n) != FEWSTEP_OK)
+      throw Error(FEWSTEP_ERR_INTERNAL, "fewstep_randn failed for the noise");
+  return noise;
+}
+
+// A pre-allocated output is written in place; if ORT had to give us a different buffer (a graph whose
+// output shape depends on the data), it must still hold exactly [batch, *sample_shape] before we copy.
+void check_output_shape(const OrtApi* api, const OrtValue* value, const std::vector<int64_t>& shape) {
+  Owned<OrtTensorTypeAndShapeInfo> ts(api->ReleaseTensorTypeAndShapeInfo);
+  check(api, api->GetTensorTypeAndShape(value, &ts.p), "reading the output shape");
+  size_t nd = 0;
+  check(api, api->GetDimensionsCount(ts.p, &nd), "reading the output rank");
+  std::vector<int64_t> got_dims(nd);
+  if (nd) check(api, api->GetDimensions(ts.p, got_dims.data(), nd), "reading the output shape");
+  if (got_dims != shape)
+    throw Error(FEWSTEP_ERR_INVALID_ENGINE, "the graph's output 'sample' does not have the shape [batch, *sample_shape] "
+                                            "the contract promises (an output whose shape depends on the data)");
+}
+
+// Wrap the prepared buffers as tensors (no copies), run the session and leave the result in `out`.
+// `noise`, `labels` and `guidance` are used only where the engine has that input.
+void run_session(fewstep_engine* e, int64_t batch, size_t n, const float* z, const std::vector<float>& noise,
+                 const int64_t* labels, const float* guidance, float* out) {
+  const fewstep_engine_info& info = e->info;
   const OrtApi* api = e->api;
   std::vector<int64_t> shape{batch}, nshape{info.n_stochastic, batch}, bshape{batch};
   shape.insert(shape.end(), info.sample_shape, info.sample_shape + info.ndim);
@@ -566,31 +634,33 @@ void run(fewstep_engine* e, uint64_t seed, int64_t batch, const float* z_in, con
     check(api, api->CreateTensorWithDataAsOrtValue(e->cpu, const_cast<void*>(data), bytes, dims.data(), dims.size(), t, v),
           "creating an input tensor");
   };
-  wrap(z_in, n * sizeof(float), shape, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &values[k++]);
+  wrap(z, n * sizeof(float), shape, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &values[k++]);
   if (e->has_noise) wrap(noise.data(), noise.size() * sizeof(float), nshape, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &values[k++]);
   if (e->has_labels)
-    wrap(labels_in, size_t(batch) * sizeof(int64_t), bshape, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, &values[k++]);
+    wrap(labels, size_t(batch) * sizeof(int64_t), bshape, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, &values[k++]);
   if (e->has_guidance)
-    wrap(guidance_in, size_t(batch) * sizeof(float), bshape, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &values[k++]);
+    wrap(guidance, size_t(batch) * sizeof(float), bshape, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &values[k++]);
   wrap(out, n * sizeof(float), shape, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &values[4]);
   check(api, api->Run(e->session, nullptr, e->input_names.data(), values, k, &e->output_name, 1, &values[4]),
         "ONNX Runtime run failed");
-  // A pre-allocated output is written in place; if ORT had to give us a different buffer (a graph whose
-  // output shape depends on the data), it must still hold exactly [batch, *sample_shape] before we copy.
-  {
-    Owned<OrtTensorTypeAndShapeInfo> ts(api->ReleaseTensorTypeAndShapeInfo);
-    check(api, api->GetTensorTypeAndShape(values[4], &ts.p), "reading the output shape");
-    size_t nd = 0;
-    check(api, api->GetDimensionsCount(ts.p, &nd), "reading the output rank");
-    std::vector<int64_t> got_dims(nd);
-    if (nd) check(api, api->GetDimensions(ts.p, got_dims.data(), nd), "reading the output shape");
-    if (got_dims != shape)
-      throw Error(FEWSTEP_ERR_INVALID_ENGINE, "the graph's output 'sample' does not have the shape [batch, *sample_shape] "
-                                              "the contract promises (an output whose shape depends on the data)");
-  }
+  check_output_shape(api, values[4], shape);
   void* got = nullptr;
   check(api, api->GetTensorMutableData(values[4], &got), "reading the output");
   if (got != out) std::memcpy(out, got, n * sizeof(float));
+}
+
+// One run: check the arguments, prepare the graph's inputs (the caller's buffers, or ours drawn from the
+// seed), run, and refuse a result that is not finite.
+void run(fewstep_engine* e, uint64_t seed, int64_t batch, const float* z_in, const int64_t* labels_in,
+         const float* guidance_in, float* out, size_t out_len) {
+  const size_t n = checked_size(e->info, batch, out, out_len);
+  std::vector<int64_t> own_labels;
+  const int64_t* labels = checked_labels(e, batch, labels_in, own_labels);
+  std::vector<float> own_guidance, own_z, noise;
+  const float* guidance = checked_guidance(e, batch, guidance_in, own_guidance);
+  const float* z = initial_z(e->info, seed, batch, n, z_in, own_z);
+  if (e->has_noise) noise = step_noise(e->info, seed, batch, n);
+  run_session(e, batch, n, z, noise, labels, guidance, out);
   size_t bad = 0;
   for (size_t i = 0; i < n; ++i) bad += !std::isfinite(out[i]);
   if (bad)
