@@ -8,7 +8,7 @@ LOCK    := requirements.lock
 PIP_VERSION       := 26.3
 PIP_TOOLS_VERSION := 7.6.2
 
-.PHONY: demo test install dev lint clean sysdeps asan students lock dmd2
+.PHONY: demo test install dev lint clean sysdeps asan students lock dmd2 cud
 
 # A fresh Debian machine may lack venv/ensurepip or a C++ compiler: install them (as root).
 sysdeps:
@@ -79,6 +79,14 @@ DMD2_RUN ?= out/digits_dmd2
 dmd2: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/fewstep distill dmd2 --out $(DMD2_RUN)
 	$(VENV)/bin/fewstep distill ship $(DMD2_RUN) runtime/weights/digits_dmd2
+
+# Rebuild the shipped catch-up distilled flow model (runtime/weights/digits_cud/): the flow model with RK2
+# alignment, its additional one-step training on its own 16-step samples, the Euler plans (1–16 steps), then
+# copy the sampling artifacts without training state. Resumable. Wall time: benchmarks/results/cud_digits.md.
+CUD_RUN ?= out/digits_cud
+cud: install
+	OMP_NUM_THREADS=1 $(VENV)/bin/fewstep distill catchup --out $(CUD_RUN)
+	$(VENV)/bin/fewstep distill ship $(CUD_RUN) runtime/weights/digits_cud
 
 # AddressSanitizer / LeakSanitizer over 1,000 load/sample/free cycles of the C API (also part of `make test`).
 asan: install

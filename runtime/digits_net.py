@@ -22,12 +22,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .denoisers import EDMDenoiser
+from .denoisers import GUIDANCE_INPUT, EDMDenoiser, FlowDenoiser
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 TEACHER_FILE = "digits_teacher.safetensors"
 STUDENT_FILE = "student.safetensors"
 STUDENT_FORMAT = "fewstep.digits-student/1"
+# A flow-velocity digits model (catch-up distillation, its flow-matching baseline): the same UNet predicting
+# v = z − x at x_t = t·z + (1 − t)·x, t ∈ [0, 1] as its time input, sampled through ``FlowDenoiser``.
+FLOW_FORMAT = "fewstep.digits-flow/1"
 NUM_CLASSES = 10
 NULL_LABEL = 10
 
@@ -173,15 +176,11 @@ class GuidedUNet(DigitsUNet):
 
 class GuidedDenoiser(EDMDenoiser):
     """EDM preconditioning around a W-conditioned network: guidance is an input, one evaluation per call.
+    W = 1 (or no guidance) is the plain conditional model."""
 
-    ``takes_guidance`` tells the executor's callers (the exporter) to pass W to the model rather than
-    run classifier-free guidance's two batches. W = 1 (or no guidance) is the plain conditional model.
-    """
-
-    takes_guidance = True
-
-    def forward(self, x, sigma, cond=None, guidance=None):
-        return self._denoise(x, sigma, (cond, guidance))
+    @property
+    def guidance_mode(self) -> str:
+        return GUIDANCE_INPUT
 
     def run_model(self, x_in, t, cond):
         labels, w = cond if isinstance(cond, tuple) else (cond, None)
@@ -249,6 +248,8 @@ def load_teacher(path: str | None = None) -> EDMDenoiser:
     meta = read_meta(path)
     if meta.get("format") == STUDENT_FORMAT:  # a distilled student: same loader path
         return load_student(path, meta)
+    if meta.get("format") == FLOW_FORMAT:
+        return load_flow(path, meta)
     model = load_checked(lambda: DigitsUNet(UNetConfig.from_dict(meta["config"])), path)
     model.eval().requires_grad_(False)
     den = make_denoiser(model, meta["sigma_data"])
@@ -272,3 +273,19 @@ def load_student(path: str, meta: dict | None = None) -> GuidedDenoiser:
     den = GuidedDenoiser(model, sigma_data=meta["sigma_data"], sigma_min=meta["sigma_min"],
                          sigma_max=meta["sigma_max"], null_label=meta["null_label"])
     return den.eval()
+
+
+def make_flow_denoiser(model: nn.Module, sigma_min: float = 0.002, sigma_max: float = 80.0) -> FlowDenoiser:
+    """A flow-velocity digits UNet as a denoiser: σ = t/(1 − t), D = x_t − t·v (the null label for CFG)."""
+    return FlowDenoiser(model, t_scale=1.0, sigma_min=sigma_min, sigma_max=sigma_max, null_cond_value=NULL_LABEL)
+
+
+def load_flow(path: str, meta: dict | None = None) -> FlowDenoiser:
+    """A flow-velocity digits model (``FLOW_FORMAT``, written by ``training.catchup``), eval mode, float32."""
+    if meta is None:
+        meta = read_meta(path)
+    if meta.get("format") != FLOW_FORMAT:
+        raise ValueError(f"{path}: not a fewstep digits flow model (format {meta.get('format')!r})")
+    model = load_checked(lambda: DigitsUNet(UNetConfig.from_dict(meta["config"])), path)
+    model.eval().requires_grad_(False)
+    return make_flow_denoiser(model, float(meta["sigma_min"]), float(meta["sigma_max"])).eval()

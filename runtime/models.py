@@ -2,7 +2,8 @@
 
 `gmm` is the exact mixture (GMM.default), `digits` the shipped class-conditional UNet,
 `digits-guided` the shipped distilled students (guidance as an input, 1/2/4/8 steps), `digits-dmd2`
-the shipped DMD2 generators (1 and 4 steps, W = 1); a PATH
+the shipped DMD2 generators (1 and 4 steps, W = 1), `digits-cud` the shipped catch-up distilled flow model
+(Euler at 1, 2, 4, 8, 16 steps); a PATH
 is a digits-architecture checkpoint written by `fewstep teacher train digits` or `fewstep distill`
 (a directory or its .safetensors file), a distilled bundle (a directory with students.json)
 or a diffusers model directory.
@@ -27,7 +28,8 @@ from .digits_net import WEIGHTS_DIR
 from .plan import Plan
 
 SHIPPED_BUNDLES = {"digits-guided": os.path.join(WEIGHTS_DIR, "digits_guided"),
-                   "digits-dmd2": os.path.join(WEIGHTS_DIR, "digits_dmd2")}
+                   "digits-dmd2": os.path.join(WEIGHTS_DIR, "digits_dmd2"),
+                   "digits-cud": os.path.join(WEIGHTS_DIR, "digits_cud")}
 
 
 class ModelError(ValueError):
@@ -84,8 +86,8 @@ def _load(model: str, steps: int | None) -> Model:
     if not os.path.exists(model):
         if os.sep in model or model.endswith(".safetensors"):
             raise ModelError(f"model file not found: {model}")
-        raise ModelError(f"unknown model {model!r}: use 'digits', 'digits-guided', 'digits-dmd2', 'gmm' or a path "
-                         f"to a checkpoint")
+        raise ModelError(f"unknown model {model!r}: use 'digits', 'digits-guided', 'digits-dmd2', 'digits-cud', "
+                         f"'gmm' or a path to a checkpoint")
     if os.path.isdir(model):
         if os.path.exists(os.path.join(model, "students.json")):
             return _bundle(model, steps, model)

@@ -1,4 +1,4 @@
-"""`fewstep distill guided|progressive|dmd2|ship`: distilled students from the command line.
+"""`fewstep distill guided|progressive|dmd2|catchup|ship`: distilled students from the command line.
 
 Both training commands resume: run the same command again after an interruption (even
 ``kill -9``) and it continues from the last checkpoint in ``--out``. Under
@@ -67,6 +67,26 @@ def register(sub, bench_sub) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(fn=cmd_dmd2)
+
+    from .catchup import CUDConfig
+
+    c0 = CUDConfig()
+    c = dsub.add_parser("catchup", help="catch-up distillation: a flow-velocity model for few Euler steps (no teacher)")
+    c.add_argument("--out", required=True, help="bundle directory: student.safetensors, onestep/, plans, students.json")
+    c.add_argument("--method", default=c0.method, help="cud | fm (the plain flow-matching baseline)")
+    c.add_argument("--heads", default=c0.heads, help="Runge–Kutta alignment heads: none | rk2 | rk3")
+    c.add_argument("--steps", type=int, default=c0.steps, help="training steps of the flow model")
+    c.add_argument("--extra-steps", type=int, default=c0.extra_steps,
+                   help="additional one-step training on the model's own 16-step samples (0 = none)")
+    c.add_argument("--traj-n", type=int, default=c0.traj_n, help="saved 16-step trajectories for it")
+    c.add_argument("--delta-max", type=float, default=c0.delta_max, help="catch-up step Δ ~ U(0, DELTA_MAX)")
+    c.add_argument("--batch", type=int, default=c0.batch)
+    c.add_argument("--lr", type=float, default=c0.lr)
+    c.add_argument("--extra-lr", type=float, default=c0.extra_lr)
+    c.add_argument("--ckpt-every", type=int, default=c0.ckpt_every)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(fn=cmd_catchup)
 
     s = dsub.add_parser("ship", help="copy a bundle's weights, JSON and plans (no training state) to DEST")
     s.add_argument("src")
@@ -160,6 +180,20 @@ def cmd_dmd2(args) -> int:
     return 0
 
 
+def cmd_catchup(args) -> int:
+    from .catchup import CUDConfig, check_config, train_bundle
+
+    cfg = CUDConfig(method=args.method, heads=args.heads, steps=args.steps, extra_steps=args.extra_steps,
+                    traj_n=args.traj_n, delta_max=args.delta_max, batch=args.batch, lr=args.lr,
+                    extra_lr=args.extra_lr, ckpt_every=args.ckpt_every)
+    check_config(cfg)
+    _threads()
+    index = train_bundle(args.out, cfg, args.seed, progress=not args.quiet)
+    print(f"{cfg.method} flow model, Euler plans for {', '.join(index['students'])} steps -> "
+          f"{os.path.join(args.out, 'students.json')}", file=sys.stderr)
+    return 0
+
+
 def cmd_ship(args) -> int:
     import json
 
@@ -172,6 +206,8 @@ def cmd_ship(args) -> int:
         method = None  # ship_bundle names the problem
     if method == "dmd2":
         from .dmd2 import ship_bundle
+    elif method == "catchup":
+        from .catchup import ship_bundle
     for f in ship_bundle(args.src, args.dest):
         print(f)
     return 0
