@@ -29,6 +29,9 @@ class Solver:
     stochastic: bool = False
     schedule: str = "edm"  # default σ schedule
     summary: str = ""
+    # `fewstep fit` (D-ODE, IIA, timesteps) can fit it: deterministic, one state update per σ-grid step. Not PLMS
+    # (n + 1 evaluations on n steps: its first step is evaluated twice) nor DDPM (stochastic).
+    fittable: bool = False
 
 
 def _same(nfe: int) -> int:
@@ -47,17 +50,19 @@ def _registry() -> dict[str, Solver]:
     from . import ddim, ddpm, deis, dpmpp, heun, ipndm, unipc
 
     solvers = [
-        Solver("ddim", ddim.ddim, _same, summary="DDIM = Euler in σ space (Song et al. 2021)"),
-        Solver("heun", heun.heun, _heun_steps, summary="EDM Heun (Karras et al. 2022), 2n−1 NFE"),
-        Solver("dpmpp-2m", dpmpp.dpmpp_2m, _same, summary="DPM-Solver++(2M) (Lu et al. 2022)"),
-        Solver("dpmpp-3m", dpmpp.dpmpp_3m, _same, summary="DPM-Solver++(3M) (Lu et al. 2022), as published: order 2"),
-        Solver("dpmpp-3m-taylor", dpmpp.dpmpp_3m_taylor, _same,
+        Solver("ddim", ddim.ddim, _same, fittable=True, summary="DDIM = Euler in σ space (Song et al. 2021)"),
+        Solver("heun", heun.heun, _heun_steps, fittable=True, summary="EDM Heun (Karras et al. 2022), 2n−1 NFE"),
+        Solver("dpmpp-2m", dpmpp.dpmpp_2m, _same, fittable=True, summary="DPM-Solver++(2M) (Lu et al. 2022)"),
+        Solver("dpmpp-3m", dpmpp.dpmpp_3m, _same, fittable=True,
+               summary="DPM-Solver++(3M) (Lu et al. 2022), as published: order 2"),
+        Solver("dpmpp-3m-taylor", dpmpp.dpmpp_3m_taylor, _same, fittable=True,
                summary="DPM-Solver++(3M) with the Taylor-consistent second difference: order 3"),
-        Solver("ipndm", ipndm.ipndm, _same, summary="iPNDM, 4th-order Adams–Bashforth on ε (Zhang & Chen 2022)"),
+        Solver("ipndm", ipndm.ipndm, _same, fittable=True,
+               summary="iPNDM, 4th-order Adams–Bashforth on ε (Zhang & Chen 2022)"),
         Solver("plms", ipndm.plms, ipndm.plms_steps, summary="PLMS as in diffusers' PNDMScheduler (skip_prk_steps)"),
-        Solver("deis-2", deis.deis_2, _same, summary="DEIS tAB order 2 (Zhang & Chen 2022)"),
-        Solver("deis-3", deis.deis_3, _same, summary="DEIS tAB order 3 (Zhang & Chen 2022)"),
-        Solver("unipc", unipc.unipc_bh2, _same, summary="UniPC bh2, order 2 (Zhao et al. 2023)"),
+        Solver("deis-2", deis.deis_2, _same, fittable=True, summary="DEIS tAB order 2 (Zhang & Chen 2022)"),
+        Solver("deis-3", deis.deis_3, _same, fittable=True, summary="DEIS tAB order 3 (Zhang & Chen 2022)"),
+        Solver("unipc", unipc.unipc_bh2, _same, fittable=True, summary="UniPC bh2, order 2 (Zhao et al. 2023)"),
         Solver("ddpm", ddpm.ddpm, _same, stochastic=True, summary="DDPM ancestral sampling (Ho et al. 2020)"),
     ]
     return {s.name: s for s in solvers}
@@ -103,6 +108,11 @@ def get(name: str) -> Solver:
         raise SolverError(f"unknown solver {name!r}; choose one of {', '.join(sorted(table))} "
                           f"(or a k-diffusion / diffusers name: `fewstep solvers`)")
     return table[key]
+
+
+def fittable() -> list[str]:
+    """The solvers `fewstep fit` accepts, in registry order."""
+    return [name for name, s in solvers().items() if s.fittable]
 
 
 def aliases_of(name: str) -> list[str]:
