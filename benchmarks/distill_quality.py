@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from fewstep.runtime.solvers import build
     from fewstep.training.digits import _cpu_name
     from fewstep.training.evaluate import quality
-    from fewstep.training.fit import fit
+    from fewstep.training.fit import FitConfig, fit
 
     teacher = load("digits")
     den = teacher.denoiser
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
                 base = build(fam, n, den.sigma_min, den.sigma_max)
                 cell(f"teacher {fam} {n} (base)", "base", teacher, base, w, n, ev)
                 t0 = time.perf_counter()
-                fitted = fit(teacher, fam, n, "dode", guidance=None if w == 1.0 else w, seed=0)
+                fitted = fit(teacher, FitConfig(fam, n, "dode", guidance=None if w == 1.0 else w, seed=0))
                 cell(f"teacher {fam} {n} + D-ODE", "fitted", teacher, fitted, w, n, ev, time.perf_counter() - t0)
 
     meta = json.loads(open(os.path.join(_bundle_dir(args.model), "students.json")).read())

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     from fewstep.training import dmd2
     from fewstep.training.digits import _cpu_name
     from fewstep.training.evaluate import quality
-    from fewstep.training.fit import fit
+    from fewstep.training.fit import FitConfig, fit
 
     teacher = load("digits")
     den = teacher.denoiser
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
                 base = build(fam, n, den.sigma_min, den.sigma_max)
                 cell(f"teacher {fam} {n} (base)", "base", teacher, base, n)
                 t0 = time.perf_counter()
-                fitted = fit(teacher, fam, n, "dode", seed=0)
+                fitted = fit(teacher, FitConfig(fam, n, "dode", seed=0))
                 cell(f"teacher {fam} {n} + D-ODE", "fitted", teacher, fitted, n, fit_s=time.perf_counter() - t0)
 
     spread = []

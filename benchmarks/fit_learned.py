@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     from fewstep.runtime.sampling import make_inputs, run_plan
     from fewstep.runtime.solvers import build
     from fewstep.training.evaluate import quality
-    from fewstep.training.fit import fit, make_batch
+    from fewstep.training.fit import FitConfig, fit
+    from fewstep.training.fitcore import make_batch
     from fewstep.training.learned import LearnConfig, cached_reference, fit_learned
 
     sys.path.insert(0, HERE)
@@ -98,7 +99,8 @@ def main(argv=None) -> int:
         if (solver, nfe) in done:
             continue
         base = build(solver, nfe, den.sigma_min, den.sigma_max)
-        cf, cf_w, cf_c = _timed(fit, teacher, solver, nfe, "timesteps+dode", timestep_evals=args.timestep_evals)
+        cf_cfg = FitConfig(solver, nfe, "timesteps+dode", timestep_evals=args.timestep_evals)
+        cf, cf_w, cf_c = _timed(fit, teacher, cf_cfg)
         plans = {"base": (base, 0.0, 0.0, {}), "closed-form": (cf, cf_w, cf_c, {})}
         for loss in ("l2", "ld3"):
             lp, w, c = _timed(fit_learned, teacher, solver, nfe, LearnConfig(loss=loss), init=cf)

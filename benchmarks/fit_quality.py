@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     from fewstep.runtime.sampling import make_inputs, run_plan
     from fewstep.runtime.solvers import SolverError, build
     from fewstep.training.evaluate import quality
-    from fewstep.training.fit import FitError, fit
+    from fewstep.training.fit import FitConfig, fit
+    from fewstep.training.fitcore import FitError
 
     teacher = load(args.model)
     den = teacher.denoiser
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     cache: dict = {}
     t1 = time.perf_counter()
     # warms the cache: the fitting batch's reference solve
-    fit(teacher, "ddim", 2, "dode", cache=cache, guidance=args.guidance)
+    fit(teacher, FitConfig("ddim", 2, "dode", guidance=args.guidance), cache=cache)
     fit_ref_seconds = time.perf_counter() - t1
     rows = []
     for solver in solvers:
@@ -75,9 +76,8 @@ def main(argv=None) -> int:
             for m in methods:
                 t1 = time.perf_counter()
                 try:
-                    plan = base if m == "base" else fit(teacher, solver, nfe, m, cache=cache,
-                                                        guidance=args.guidance,
-                                                        timestep_evals=args.timestep_evals)
+                    plan = base if m == "base" else fit(teacher, FitConfig(
+                        solver, nfe, m, guidance=args.guidance, timestep_evals=args.timestep_evals), cache=cache)
                 except FitError as exc:  # recorded, e.g. a past-state correction past 11 NFE
                     rows.append({"solver": solver, "nfe": nfe, "method": m, "error": str(exc)})
                     print(f"{args.model} {solver:9s} NFE {nfe:2d} {m:15s} error: {exc}", flush=True)

@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     from fewstep.runtime.plan import PlanError, atomic_write_text
     from fewstep.runtime.solvers import build
     from fewstep.training import dode, iia
-    from fewstep.training.fit import compile_plan, fit, make_batch
+    from fewstep.training.fit import FitConfig, fit
+    from fewstep.training.fitcore import compile_plan, make_batch
 
     teacher = load("gmm")
     den = teacher.denoiser
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
                     forms[name] = {"K": p.history, "max_coef": _max_coef(p)}
                 except PlanError as exc:
                     forms[name] = {"error": str(exc)}
-            plan = fit(teacher, solver, nfe, method)
+            plan = fit(teacher, FitConfig(solver, nfe, method))
             x64 = sample(plan, den, z)
             x32 = sample(plan, den, z.float()).double()
             scale = 1 + float(x64.abs().max())

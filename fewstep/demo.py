@@ -83,7 +83,7 @@ def run(out_dir: str, solver: str = "dpmpp-2m", nfe: int = 4, n: int = 500, seed
     from .runtime.sampling import make_inputs, run_plan
     from .runtime.solvers import build
     from .training.evaluate import quality
-    from .training.fit import fit
+    from .training.fit import FitConfig, fit
 
     t_start = time.perf_counter()
     teacher = load("digits")
@@ -106,7 +106,8 @@ def run(out_dir: str, solver: str = "dpmpp-2m", nfe: int = 4, n: int = 500, seed
     t0 = time.perf_counter()
     # fitting noise ≠ evaluation noise; a smaller search than `fewstep fit`'s defaults keeps it to seconds
     # (dpmpp-2m-4: 18 s, fitting-batch RMSE 0.091 against 0.172 for D-ODE alone, measured 2026-12-01)
-    fitted = fit(teacher, solver, nfe, "timesteps+dode", batch=50, timestep_evals=30, joint_evals=6, seed=seed + 1000)
+    fitted = fit(teacher, FitConfig(solver, nfe, "timesteps+dode", batch=50, timestep_evals=30, joint_evals=6,
+                                    seed=seed + 1000))
     fit_s = time.perf_counter() - t0
     score(f"{solver} + timesteps + D-ODE", nfe, run_plan(teacher, fitted, inputs), {"fit_seconds": fit_s})
     student = _student()

@@ -241,9 +241,9 @@ def test_plan_row_guidance_overrides_input(gmm, tmp_path):
 def test_long_history_fitted_plan_exports_and_verifies(gmm, tmp_path):
     """A fitted plan reading 8 past entries (ε-form D-ODE on DPM-Solver++(3M) at 10 NFE): baked into the graph
     like any other, and the graph equals the executor."""
-    from fewstep.training.fit import fit
+    from fewstep.training.fit import FitConfig, fit
 
-    plan = fit(gmm, "dpmpp-3m", 10, "dode-eps", batch=32)
+    plan = fit(gmm, FitConfig("dpmpp-3m", 10, "dode-eps", batch=32))
     assert plan.history >= 8
     path = tmp_path / "long.onnx"
     res = xo.export_teacher("gmm", plan, path)

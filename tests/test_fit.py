@@ -18,9 +18,10 @@ from fewstep.runtime.executor import sample
 from fewstep.runtime.gmm import GMM
 from fewstep.runtime.models import Model, load
 from fewstep.runtime.plan import MAX_HISTORY, Plan
-from fewstep.runtime.solvers import SolverError, build
+from fewstep.runtime.solvers import SolverError, build, fittable
 from fewstep.training import dode, iia, timesteps
-from fewstep.training.fit import FAMILIES, Batch, FitError, fit, run, scaled, subdivide, to_plan
+from fewstep.training.fit import FitConfig, fit
+from fewstep.training.fitcore import Batch, FitError, run, scaled, subdivide, to_plan
 
 M, S, ST = 0.7, 0.5, 80.0  # Gaussian data N(M, S²) per dimension; σ_T
 
@@ -53,11 +54,11 @@ def _k(sig):
 
 
 F64_U = 2.0**-53
-RIDGE = 1e-12  # training.fit.lstsq's relative ridge: moves a well-posed one-feature solution by ≤ 1e-12 relative
+RIDGE = 1e-12  # training.fitcore.lstsq's relative ridge: moves a well-posed one-feature solution by ≤ 1e-12 relative
 
 
 def _never_worse(err, base) -> bool:
-    """fit_rmse ≤ fit_rmse_base up to fit.safeguard's tie margin, and nothing else.
+    """fit_rmse ≤ fit_rmse_base up to fitcore.safeguard's tie margin, and nothing else.
 
     Both are ``rms(run(plan, den, batch), ref)`` of one deterministic float64 computation (fixed shapes, same
     process): recomputing it for the kept plan gives bit-for-bit the value safeguard compared. safeguard keeps
@@ -164,7 +165,7 @@ def test_heun_is_iia_edm_r0_with_the_published_betas(gmm):
     torch.testing.assert_close(states[1], want, rtol=0, atol=64 * F64_U * float(x.abs().max()))
 
 
-@pytest.mark.parametrize("solver", FAMILIES)
+@pytest.mark.parametrize("solver", fittable())
 def test_compiled_plan_matches_the_numeric_corrected_run(gmm, solver):
     """Random φ on every slot: the Plan the trace compiles equals the float64 run with the corrections."""
     nfe = 5 if solver == "heun" else 4
@@ -218,7 +219,7 @@ def test_past_state_corrections_compile_at_10_nfe(gmm, solver, kind, form):
 def test_cross_form_fits_at_9_and_10_nfe(gmm, cache, solver, method):
     """Once a FitError (D-ODE) or a fallback to iia-ddim-local (IIA-DDIM) past NFE ≈ 8; now the asked method."""
     for nfe in (9, 10):
-        p = fit(gmm, solver, nfe, method, batch=32, cache=cache)
+        p = fit(gmm, FitConfig(solver, nfe, method, batch=32), cache=cache)
         pv = p.provenance
         assert p.nfe == nfe and _never_worse(pv["fit_rmse"], pv["fit_rmse_base"])
         if method == "iia-ddim":
@@ -228,16 +229,16 @@ def test_cross_form_fits_at_9_and_10_nfe(gmm, cache, solver, method):
 
 
 def test_dode_heun_has_2n_minus_1_lambdas(gmm, cache):
-    p = fit(gmm, "heun", 5, "dode", batch=32, cache=cache)
+    p = fit(gmm, FitConfig("heun", 5, "dode", batch=32), cache=cache)
     assert len(p.provenance["lambdas"]) == 5
     assert p.nfe == 5
 
 
-@pytest.mark.parametrize("solver", FAMILIES)
+@pytest.mark.parametrize("solver", fittable())
 def test_fitting_never_worsens_the_fitted_batch(gmm, cache, solver):
     nfe = 3
     for method in ("dode", "iia"):
-        p = fit(gmm, solver, nfe, method, batch=32, cache=cache)
+        p = fit(gmm, FitConfig(solver, nfe, method, batch=32), cache=cache)
         pv = p.provenance
         assert _never_worse(pv["fit_rmse"], pv["fit_rmse_base"]), (solver, method, pv)
         assert p.nfe == nfe and p.sigmas == build(solver, nfe, 0.002, 80.0).sigmas
@@ -247,7 +248,7 @@ def test_held_out_gain_on_the_gmm_at_low_nfe(gmm, cache):
     from fewstep.training.evaluate import evaluate
 
     base = evaluate(gmm, build("ddim", 4, 0.002, 80.0), 200, seed=7)["rmse_vs_reference"]
-    got = {m: evaluate(gmm, fit(gmm, "ddim", 4, m, cache=cache), 200, seed=7)["rmse_vs_reference"]
+    got = {m: evaluate(gmm, fit(gmm, FitConfig("ddim", 4, m), cache=cache), 200, seed=7)["rmse_vs_reference"]
            for m in ("dode", "iia", "timesteps")}
     # Ratios to DDIM-4 (0.714) at held-out seed 7: dode 0.200, iia 0.202, timesteps 0.483 (seeds 8, 9: within
     # ±0.02 of these). The GMM fit and evaluation are float64 with fixed seeds, so another machine moves each
@@ -274,7 +275,7 @@ def test_subdivide_contains_the_student_grid_exactly():
 
 
 def test_guided_fit_carries_w_and_combines_with_timesteps(gmm, cache):
-    p = fit(gmm, "dpmpp-2m", 3, "timesteps+iia", cls=2, guidance=2.0, batch=32, cache=cache)
+    p = fit(gmm, FitConfig("dpmpp-2m", 3, "timesteps+iia", cls=2, guidance=2.0, batch=32), cache=cache)
     assert all(r.guidance == 2.0 for r in p.rows)
     assert p.provenance["guidance"] == 2.0 and p.provenance["class"] == 2
     assert _never_worse(p.provenance["fit_rmse"], p.provenance["fit_rmse_base"])
@@ -285,7 +286,7 @@ def test_joint_timesteps_never_worse_than_sequential(gmm, solver, nfe, method):
     from fewstep.training import timesteps
 
     own = {}  # this fit's batch and reference solve, and nothing else
-    p = fit(gmm, solver, nfe, method, batch=32, cache=own)
+    p = fit(gmm, FitConfig(solver, nfe, method, batch=32), cache=own)
     pv = p.provenance
     assert pv["timesteps_mode"] == "joint" and pv["joint_evals"] >= 2
     # The sequential answer (grid for the plain solver, then coefficients) is the joint search's start.
@@ -296,7 +297,7 @@ def test_joint_timesteps_never_worse_than_sequential(gmm, solver, nfe, method):
     assert pv["fit_rmse"] <= seq and _never_worse(seq, pv["fit_rmse_base"])
     # The kept plan's recorded error is its real error on the fitting batch, on a grid the plain
     # timesteps fit did not produce when the joint search improved it.
-    from fewstep.training.fit import rms, run
+    from fewstep.training.fitcore import rms, run
 
     # The same deterministic float64 computation on the same plan, batch and reference: bit-equal.
     assert rms(run(p, gmm.denoiser, b), ref) == pv["fit_rmse"]
@@ -304,7 +305,7 @@ def test_joint_timesteps_never_worse_than_sequential(gmm, solver, nfe, method):
 
 
 def test_round_trip_gives_identical_samples(gmm, cache, tmp_path):
-    p = fit(gmm, "unipc", 4, "dode", batch=32, cache=cache)
+    p = fit(gmm, FitConfig("unipc", 4, "dode", batch=32), cache=cache)
     p.save(tmp_path / "p.json")
     q = Plan.load(tmp_path / "p.json")
     assert q == p
@@ -318,20 +319,32 @@ def test_round_trip_gives_identical_samples(gmm, cache, tmp_path):
 
 def test_bad_arguments_raise_clear_errors(gmm):
     with pytest.raises(FitError, match="NFE"):
-        fit(gmm, "ddim", 0, "dode")
+        fit(gmm, FitConfig("ddim", 0, "dode"))
     with pytest.raises(FitError, match="batch"):
-        fit(gmm, "ddim", 2, "dode", batch=0)
+        fit(gmm, FitConfig("ddim", 2, "dode", batch=0))
     with pytest.raises(FitError, match="fine"):
-        fit(gmm, "ddim", 2, "dode", fine=0)
+        fit(gmm, FitConfig("ddim", 2, "dode", fine=0))
     with pytest.raises(FitError, match="unknown method 'sgd'"):
-        fit(gmm, "ddim", 2, "sgd")
+        fit(gmm, FitConfig("ddim", 2, "sgd"))
     with pytest.raises(SolverError, match="unknown solver"):
-        fit(gmm, "nope", 2, "dode")
+        fit(gmm, FitConfig("nope", 2, "dode"))
     with pytest.raises(FitError, match="deterministic"):
-        fit(gmm, "ddpm", 2, "dode")
+        fit(gmm, FitConfig("ddpm", 2, "dode"))
     with pytest.raises(FitError, match="two-evaluation"):
-        fit(gmm, "ddim", 3, "iia-edm")
+        fit(gmm, FitConfig("ddim", 3, "iia-edm"))
     assert isinstance(gmm, Model)
+
+
+def test_the_solver_registry_says_what_fits(gmm):
+    """``Solver.fittable`` is the one list: every other registered solver is refused before any work, and the
+    stochastic one and PLMS (two evaluations on its first step) are among them."""
+    from fewstep.runtime.solvers import solvers
+
+    refused = [name for name, s in solvers().items() if not s.fittable]
+    assert {"ddpm", "plms"} <= set(refused) and set(fittable()).isdisjoint(refused)
+    for name in refused:
+        with pytest.raises(FitError, match="fitting supports"):
+            fit(gmm, FitConfig(name, 4, "dode"))
 
 
 @pytest.mark.parametrize("argv,msg", [

@@ -20,9 +20,10 @@ from fewstep.runtime.models import load
 from fewstep.runtime.plan import MAX_HISTORY, Plan
 from fewstep.runtime.reference import reference
 from fewstep.runtime.sampling import make_inputs, run_plan
-from fewstep.runtime.solvers import build
+from fewstep.runtime.solvers import build, fittable
 from fewstep.training import learned, metrics
-from fewstep.training.fit import FAMILIES, Batch, FitError, fit, rms, run
+from fewstep.training.fit import FitConfig, fit
+from fewstep.training.fitcore import Batch, FitError, rms, run
 from fewstep.training.learned import LearnConfig, fit_learned, learn
 
 
@@ -42,7 +43,7 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pair(gmm):
     """DPM-Solver++(2M) at 4 NFE: the closed-form timesteps + D-ODE fit and the plan learned from it."""
-    cf = fit(gmm, "dpmpp-2m", 4, "timesteps+dode")
+    cf = fit(gmm, FitConfig("dpmpp-2m", 4, "timesteps+dode"))
     lp = fit_learned(gmm, "dpmpp-2m", 4, LearnConfig(rounds=3), init=cf)
     return cf, lp
 
@@ -100,7 +101,7 @@ def test_perturbed_coefficients_converge_back(gmm):
     assert e1 <= 0.1 * e0, (e0, e1)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", fittable())
 def test_every_family_gives_a_valid_plan_never_worse_on_heldout(gmm, family):
     """Each family at a small NFE from its D-ODE fit (cheap): a valid Plan, and on the held-out split the kept
     plan is at least as good as the closed-form one (equal when the closed-form one won)."""

@@ -11,14 +11,14 @@ out_{−1} is the initial state x_T (z in the noise form), as in the public code
 and "replace out_e by (1+λ')out_e − λ'out_{e−1}" span the same correction direction, so they fit
 the same x_{i+1}; only λ's scale differs (λ = λ'·(the weight the solver gives out_e)).
 
-Mapped onto Plan rows (``fit.to_plan`` does the algebra):
+Mapped onto Plan rows (``fitcore.to_plan`` does the algebra):
 - data form, s = 0 rows: q_0 += λ, q_1 −= λ (DESIGN §2's D-DDIM row);
 - noise form: ε_e and ε_{e−1} are rewritten through U = a·x + Σ p·h and the previous state, which
   changes c and the q's of the row;
 - a predictor row (its update leaves x alone and the next row evaluates at a·x + p·h_e, EDM-Heun's
   Euler probe) puts its λ on the *next row's evaluation point* (its a and p): D-EDM's 2N−1 λ's.
 
-Teacher: the same family with ``factor``× the steps on ``fit.subdivide(grid, factor)``, which
+Teacher: the same family with ``factor``× the steps on ``fitcore.subdivide(grid, factor)``, which
 contains the student's σ's exactly; targets are its states at the student's grid points. The fit is
 greedy along the student's own corrected run, λ_e = Σ_B⟨Δ_e, r_e⟩ / Σ_B⟨Δ_e, Δ_e⟩ in float64,
 r_e = target − (the uncorrected quantity).
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from ..runtime.plan import Plan
 from ..runtime.solvers import get
-from .fit import Batch, FitError, Slot, grid_of, lstsq, run, steps_of, subdivide, to_plan
+from .fitcore import Batch, FitError, Slot, grid_of, lstsq, run, steps_of, subdivide, to_plan
 
 
 def _diff_data(v, e):

@@ -7,12 +7,12 @@ import os
 
 def register(sub, bench_sub) -> None:
     from ..runtime.cli_args import add_count
+    from ..runtime.solvers import fittable
     from .fit import METHODS
 
     p = sub.add_parser("fit", help="fit a solver's coefficients / timesteps to a teacher (D-ODE, IIA, timesteps)")
     p.add_argument("--model", required=True, help="digits | gmm | PATH")
-    p.add_argument("--solver", required=True, help="base solver family (ddim, heun, dpmpp-2m, dpmpp-3m, ipndm, "
-                                                  "deis-2, deis-3, unipc)")
+    p.add_argument("--solver", required=True, help=f"base solver family ({', '.join(fittable())})")
     p.add_argument("--nfe", type=int, required=True, help="network evaluations of the fitted plan")
     p.add_argument("--method", required=True, help=f"{' | '.join(METHODS)}; combine with '+', e.g. timesteps+iia; "
                                                   "learned (alias plan): every row coefficient and σ by gradient "
@@ -60,7 +60,8 @@ def _learned_args(p) -> None:
 
 def _cmd_fit_learned(args, say) -> int:
     from ..runtime.models import load
-    from .fit import FitError, parse_method
+    from .fit import parse_method
+    from .fitcore import FitError
     from .learned import LearnConfig, fit_learned
 
     cfg = LearnConfig(loss=args.loss, slack=args.slack, reg=args.reg, rounds=args.rounds, coef_steps=args.coef_steps,
@@ -100,7 +101,8 @@ def cmd_fit(args) -> int:
 
     from ..runtime.files import check_writable_file
     from ..runtime.models import load
-    from .fit import FitError, fit, parse_method
+    from .fit import FitConfig, fit, parse_method
+    from .fitcore import FitError
     from .learned import METHODS as LEARNED
 
     if args.method in LEARNED:
@@ -121,8 +123,9 @@ def cmd_fit(args) -> int:
         # The exact GMM's ops are tiny: intra-op threads only contend (7 ms vs 0.08 ms per softmax on 2 busy cores).
         torch.set_num_threads(1)
     say = None if args.quiet else (lambda s: print(f"fewstep fit: {s}", file=sys.stderr, flush=True))
-    plan = fit(teacher, args.solver, args.nfe, args.method, batch=args.batch, fine=args.fine, cls=args.cls,
-               guidance=args.guidance, seed=args.seed, schedule=args.schedule, progress=say)
+    cfg = FitConfig(args.solver, args.nfe, args.method, batch=args.batch, fine=args.fine, cls=args.cls,
+                    guidance=args.guidance, seed=args.seed, schedule=args.schedule)
+    plan = fit(teacher, cfg, progress=say)
     plan.save(args.out)
     pv = plan.provenance
     print(f"{plan.name}: fitting-batch endpoint RMSE {pv['fit_rmse_base']:.4g} (base) -> {pv['fit_rmse']:.4g} "

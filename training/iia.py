@@ -4,7 +4,7 @@ integration, as a Plan transformation.
 Every variant adds Σ_j φ_{i,j}·F_{i,j} to the state update of step i (its last row) and fits φ_i by
 least squares (normal equations, float64, over the batch) so that the corrected x_{i+1} matches
 M sub-steps of the *same* base solver over [σ_i, σ_{i+1}] started from the student's own state x_i
-(a local target; the grid of the sub-steps is ``fit.subdivide([σ_i, σ_{i+1}], M)``). The fit is
+(a local target; the grid of the sub-steps is ``fitcore.subdivide([σ_i, σ_{i+1}], M)``). The fit is
 greedy: step i+1 starts from the corrected x_{i+1}. Fitted coefficients are the base method's plus φ
 (φ = 0 is the base solver), so each variant maps onto row coefficients as follows (f, L: the first
 and last row of step i; D_e, ε_e = (U_e − D_e)/σ_e, X_e the state before row e):
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from ..runtime.plan import Plan
 from ..runtime.solvers import get
-from .fit import Batch, FitError, Slot, grid_of, lstsq, run, steps_of, subdivide, to_plan
+from .fitcore import Batch, FitError, Slot, grid_of, lstsq, run, steps_of, subdivide, to_plan
 
 VARIANTS = ("iia-ddim", "iia-ddim-local", "iia-dpmpp", "iia-edm0", "iia-edm1", "biia-edm", "iia-guided")
 # (batch, M) from the papers (METHODS.md); iia-dpmpp uses IIA-DDIM's.

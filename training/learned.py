@@ -40,7 +40,7 @@ import torch
 
 from ..runtime.executor import call_denoiser, run_rows
 from ..runtime.plan import MAX_HISTORY, Plan, Row, atomic_write_bytes
-from .fit import Batch, FitError, make_batch, reference_target, rms, run
+from .fitcore import Batch, FitError, check_int, make_batch, reference_target, rms, run, with_guidance
 
 METHODS = ("learned", "plan")  # "plan": the name issue 20 uses
 LOSSES = ("l2", "ld3")
@@ -106,7 +106,7 @@ def reference_key(teacher, n: int, seed: int, cls, guidance, sigma_init: float) 
 
 def cached_reference(teacher, batch: Batch, n: int, seed: int, cls, guidance, sigma_init: float,
                      say: Callable[[str], None] = lambda s: None) -> torch.Tensor:
-    """``fit.reference_target`` of ``batch``, read from / written to the disk cache."""
+    """``fitcore.reference_target`` of ``batch``, read from / written to the disk cache."""
     path = os.path.join(cache_dir(), "reference", reference_key(teacher, n, seed, cls, guidance, sigma_init) + ".npy")
     if os.path.exists(path):
         try:
@@ -390,20 +390,20 @@ def fit_learned(teacher, solver: str, nfe: int, cfg: LearnConfig = LearnConfig()
                 progress: Callable[[str], None] | None = None, **fit_kw) -> Plan:
     """Learn ``solver`` at ``nfe`` on ``teacher``: closed-form fit (``init_method``, or the plan ``init``) on the
     first ``batch`` samples of seed ``seed``, then ``learn`` with the next ``heldout`` samples held out.
-    ``fit_kw`` goes to ``fit.fit`` for the closed-form stage (e.g. ``timestep_evals``)."""
+    ``fit_kw``: more ``fit.FitConfig`` fields for the closed-form stage (e.g. ``timestep_evals``)."""
     import fewstep
 
     from ..runtime.models import Model, load
     from ..runtime.solvers import build, get
-    from .fit import _check_int, fit, with_guidance
+    from .fit import FitConfig, fit
 
     if not isinstance(teacher, Model):
         teacher = load(teacher)
     cfg = cfg.check()
-    nfe = _check_int(nfe, "NFE")
-    batch = _check_int(batch, "batch")
-    heldout = _check_int(heldout, "heldout")
-    seed = _check_int(seed, "seed", 0)
+    nfe = check_int(nfe, "NFE")
+    batch = check_int(batch, "batch")
+    heldout = check_int(heldout, "heldout")
+    seed = check_int(seed, "seed", 0)
     if guidance is not None and not math.isfinite(guidance):
         raise FitError(f"guidance must be finite, got {guidance}")
     fam = get(solver).name
@@ -431,8 +431,8 @@ def fit_learned(teacher, solver: str, nfe: int, cfg: LearnConfig = LearnConfig()
     if init is None:
         say(f"closed-form init: {init_method}")
         cache = {(teacher.content_hash, batch, seed, cls, guidance, base.sigma_init): (train, ref)}
-        init = fit(teacher, fam, nfe, init_method, batch=batch, cls=cls, guidance=guidance, seed=seed,
-                   schedule=schedule, progress=progress, cache=cache, **fit_kw)
+        init = fit(teacher, FitConfig(fam, nfe, init_method, batch=batch, cls=cls, guidance=guidance, seed=seed,
+                                      schedule=schedule, **fit_kw), progress=progress, cache=cache)
         init_source = init_method
     else:
         init_source = "given"

@@ -25,7 +25,7 @@ import torch
 
 from ..runtime.plan import Plan, PlanError
 from ..runtime.solvers import get
-from .fit import Batch, grid_of, rms, run, with_guidance
+from .fitcore import Batch, grid_of, rms, run, with_guidance
 
 DEFAULT_BATCH = 100
 SLACK = 1e-3  # initial slack gap (fraction of the log range) when the base grid ends at σ_min
