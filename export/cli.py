@@ -36,22 +36,15 @@ def register(sub, bench_sub) -> None:
     p = sub.add_parser("export", help="export a Plan + model as one ONNX engine (TensorRT, Triton)",
                        description="Unroll the plan into one ONNX graph (opset 17, coefficients as constants); "
                                    "--step-graph writes the single-evaluation denoiser graph instead.")
-    p.add_argument("--model", required=True,
-                   help="digits | digits-guided | gmm | PATH (checkpoint, distilled bundle or diffusers directory)")
-    g = p.add_argument_group("sampler (one of; optional with --step-graph)")
-    g.add_argument("--plan", help="a plan JSON file (fewstep.plan/1)")
-    g.add_argument("--solver", help="solver name (see `fewstep solvers`)")
-    g.add_argument("--nfe", type=int, help="network evaluations (with --solver; alone, a distilled model's "
-                                           "student for that many steps)")
-    g.add_argument("--stochastic", action="store_true", help="distilled students: the stochastic sampler")
-    g.add_argument("--schedule", help="σ schedule for --solver (default: the solver's)")
+    from ..runtime.cli_args import add_sampler
+
+    add_sampler(p, "sampler (one of; optional with --step-graph)")
     p.add_argument("--out", required=True, help="output .onnx file (written atomically)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
                    help="compute dtype inside the graph (the interface stays float32)")
     p.add_argument("--batch", type=_batch, default=None, metavar="dynamic|N",
                    help="dynamic batch (default) or a fixed batch N")
     p.add_argument("--step-graph", action="store_true", help="export D(x, sigma, class[, guidance]) -> x0")
-    p.add_argument("--force", action="store_true", help="export a plan fitted for another teacher anyway")
     p.add_argument("--verify", action="store_true",
                    help="check the engine in ONNX Runtime (CPU) against the Python executor; exit 1 if it fails")
     p.add_argument("--tensorrt", action="store_true", help="also build a TensorRT engine (OUT with .plan)")
@@ -61,27 +54,9 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--triton-repo", metavar="DIR", help="also write a Triton model repository in DIR")
     p.set_defaults(fn=cmd_export)
 
+    from .latency import register as register_latency
 
-def _plan(args, teacher):
-    from ..cli import student_plan
-    from ..runtime.plan import Plan
-    from ..runtime.solvers import build
-
-    own = student_plan(args, teacher)
-    if own is not None:
-        return own
-    if args.plan and (args.solver or args.nfe is not None):
-        raise FewstepError("give either --plan FILE or --solver NAME --nfe N, not both")
-    if args.plan:
-        return Plan.load(args.plan)
-    if args.solver or args.nfe is not None:
-        if not args.solver or args.nfe is None:
-            raise FewstepError("--solver and --nfe go together")
-        den = teacher.denoiser
-        return build(args.solver, args.nfe, den.sigma_min, den.sigma_max, schedule=args.schedule)
-    if args.step_graph:
-        return None
-    raise FewstepError("choose a sampler: --solver NAME --nfe N, or --plan FILE")
+    register_latency(bench_sub)
 
 
 def cmd_export(args) -> int:
@@ -104,10 +79,10 @@ def cmd_export(args) -> int:
         from .verify import require_ort
 
         require_ort()
-    from ..cli import student_steps
+    from ..runtime.cli_args import resolve_plan, student_steps
 
     teacher = load_teacher(args.model, student_steps(args))
-    plan = _plan(args, teacher)
+    plan = resolve_plan(args, teacher, optional=args.step_graph)
     if sys.stderr.isatty():  # progress on a terminal only: piped stderr keeps errors to one line
         print(f"fewstep export: tracing {plan.name} ({plan.nfe} evaluations) ...", file=sys.stderr, flush=True)
     res = export_onnx(teacher.denoiser, plan, out, sample_shape=teacher.shape, num_classes=teacher.num_classes,

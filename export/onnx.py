@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import FewstepError
-from ..runtime.denoisers import Denoiser, DiscreteVPDenoiser
+from ..runtime.denoisers import GUIDANCE_INPUT, cfg_combine, guidance_applies
 from ..runtime.executor import run_rows
 from ..runtime.plan import Plan, atomic_write_bytes
 
@@ -80,6 +80,8 @@ class ModelInfo:
 
 def find_null_label(denoiser) -> int | None:
     """The null class label of a class-conditional denoiser, None when it has no CFG input."""
+    if not denoiser.has_null_cond():
+        return None
     try:
         v = denoiser.null_cond(torch.zeros(1, dtype=torch.long))
     except (ValueError, TypeError, NotImplementedError, AttributeError):
@@ -87,22 +89,6 @@ def find_null_label(denoiser) -> int | None:
     if isinstance(v, torch.Tensor) and v.dtype == torch.long and v.numel() == 1:
         return int(v.reshape(-1)[0])
     return None
-
-
-def _is_scalings_denoiser(den) -> bool:
-    """True when D = c_skip·x + c_out·F(c_in·x, t(σ)): σ maths can be baked per row."""
-    return (isinstance(den, Denoiser) and type(den)._denoise is Denoiser._denoise
-            and type(den).get_scalings is not Denoiser.get_scalings and den.model is not None)
-
-
-def _vp_sigma_to_t(den, sigma):
-    """``DiscreteVPDenoiser.sigma_to_t`` with searchsorted written as a count (same index, left side)."""
-    ls = den.log_sigmas.to(sigma.device)
-    log_sigma = sigma.to(torch.float64).log().clamp(ls[0], ls[-1])
-    idx = (ls[None, :] < log_sigma[:, None]).sum(1).clamp(1, len(ls) - 1)
-    lo, hi = ls[idx - 1], ls[idx]
-    frac = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
-    return (idx - 1).to(torch.float64) + frac
 
 
 # --- the graphs as torch modules --------------------------------------------------------------------
@@ -114,45 +100,32 @@ class _Evaluator(nn.Module):
         self.den = denoiser
         self.info = info
         self.dtype = dtype
-        self.baked = _is_scalings_denoiser(denoiser)
+        self.baked = denoiser.preconditioned  # σ maths baked per row: only c_in·x, F, c_skip·x + c_out·F
 
     def row_constants(self, sigma: float):
         """c_skip, c_out, c_in as 0-d tensors in the compute dtype (cast from float64 as the adapter does),
         and t(σ) as a float64 number (the network casts it, as it does in the executor)."""
         if not self.baked:
             return None
-        s = torch.tensor([sigma], dtype=torch.float64)
-        c = tuple(v.reshape(-1)[0].to(self.dtype) for v in self.den.get_scalings(s))
-        t = float(self.den.sigma_to_t(s).reshape(-1)[0])
-        return c, t
+        *c, t = self.den.preconditioning(torch.tensor([sigma], dtype=torch.float64), 1, self.dtype)
+        return tuple(v.reshape(-1)[0] for v in c), float(t.reshape(-1)[0])
 
     def plain(self, u, sigma: float | torch.Tensor, cond, consts):
         col = u.reshape(u.shape[0], -1)[:, 0]  # a [B] tensor whose length follows the dynamic batch
         if consts is None:
+            # σ is an input (step graph) or D is closed form: the denoiser's own σ maths in the graph, float64
             sig = sigma if isinstance(sigma, torch.Tensor) else torch.full_like(col, sigma)
-            if self.baked:  # σ is an input (step graph): the adapter's σ maths in the graph, float64
-                return self._scalings_denoise(u, sig, cond)
             return self.den._denoise(u, sig, cond)
         (c_skip, c_out, c_in), t = consts
         tt = torch.full_like(col, t, dtype=torch.float64)
         f = self.den.run_model(u * c_in, tt, cond)
         return c_skip * u + c_out * f.to(u.dtype)
 
-    def _scalings_denoise(self, x, sigma, cond):
-        """``Denoiser._denoise`` with an exportable σ → t for discrete VP tables (no searchsorted in ONNX 17)."""
-        den = self.den
-        sig = sigma.to(torch.float64).reshape(-1, *([1] * (x.ndim - 1)))
-        c_skip, c_out, c_in = (s.to(x.dtype) for s in den.get_scalings(sig))
-        vp = isinstance(den, DiscreteVPDenoiser)
-        t = _vp_sigma_to_t(den, sigma) if vp else den.sigma_to_t(sigma.to(torch.float64))
-        f = den.run_model(x * c_in, t, cond)
-        return c_skip * x + c_out * f.to(x.dtype)
-
     @property
     def cfg_combine(self) -> bool:
         """True when guidance is classifier-free guidance's two halves (2B rows per evaluation, where W = 1
         needs B); False for a model that takes W as a network input (a guidance-distilled student)."""
-        return not getattr(self.den, "takes_guidance", False)
+        return self.den.guidance_mode != GUIDANCE_INPUT
 
     def guided(self, u, sigma, cond, w, consts):
         """One batched call over [unconditional; conditional], D_u + w·(D_c − D_u); a model that takes
@@ -166,8 +139,7 @@ class _Evaluator(nn.Module):
         null = torch.full_like(cond, self.info.null_label)
         sig2 = torch.cat([sigma, sigma]) if isinstance(sigma, torch.Tensor) else sigma
         both = self.plain(torch.cat([u, u]), sig2, torch.cat([null, cond]), consts)
-        d_u, d_c = both[:n], both[n:]
-        return d_u + w * (d_c - d_u)
+        return cfg_combine(both[:n], both[n:], w)
 
 
 def plan_takes_guidance(plan: Plan) -> bool:
@@ -212,14 +184,10 @@ class SamplerGraph(nn.Module):
         return x.to(torch.float32)
 
     def _evaluate(self, u, row, cond, gw, consts):
-        w = row.guidance
-        if w is not None:
-            if w == 1.0 or cond is None:
-                return self.ev.plain(u, row.sigma, cond, consts)
-            return self.ev.guided(u, row.sigma, cond, w, consts)
-        if gw is None or cond is None:
+        w = row.guidance if row.guidance is not None else gw  # a row's own W, else the graph's input
+        if not guidance_applies(cond, w):
             return self.ev.plain(u, row.sigma, cond, consts)
-        return self.ev.guided(u, row.sigma, cond, gw, consts)
+        return self.ev.guided(u, row.sigma, cond, w, consts)
 
 
 class StepGraph(nn.Module):
@@ -242,7 +210,7 @@ class StepGraph(nn.Module):
         sigma = named["sigma"]  # kept float32: the adapter does its σ maths in float64 and casts the scalings
         cond = named.get("class_labels")
         gw = None if self.unit_guidance else named.get("guidance")
-        if gw is None or cond is None:
+        if not guidance_applies(cond, gw):
             d = self.ev.plain(x, sigma, cond, None)
         else:
             d = self.ev.guided(x, sigma, cond, gw.to(self.dtype).reshape(-1, *([1] * (x.ndim - 1))), None)
@@ -377,7 +345,7 @@ def _prepare(denoiser, dtype):
     den = copy.deepcopy(denoiser)
     den.eval().requires_grad_(False)
     if dtype != torch.float32:
-        if not _is_scalings_denoiser(den):
+        if not den.preconditioned:
             raise ExportError(f"--dtype {DTYPE_NAMES[dtype]}: only network denoisers (scalings adapters) run in "
                               f"low precision; {type(den).__name__} is exported in float32 only")
         den.model.to(dtype)

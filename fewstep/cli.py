@@ -17,10 +17,7 @@ import time
 
 import fewstep
 
-
-class UserError(Exception):
-    pass
-
+from .runtime.cli_args import ArgumentError, load_model, resolve_plan
 
 # Exit codes (README): 0 done, 1 internal error (a bug: please report it), 2 bad input,
 # 3 a result that is not finite (nothing written), 130 interrupted (nothing left behind).
@@ -42,7 +39,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .runtime.schedules import ScheduleError
     from .runtime.solvers import SolverError
 
-    return (UserError, FewstepError, PlanError, SolverError, ScheduleError, InputError, ModelError, FileNotFoundError,
+    return (FewstepError, PlanError, SolverError, ScheduleError, InputError, ModelError, FileNotFoundError,
             NotADirectoryError, PermissionError, IsADirectoryError)
 
 
@@ -50,20 +47,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 # shared arguments
 
 
-def _add_model_plan(p: argparse.ArgumentParser, out: bool = True) -> None:
-    from .runtime.cli_args import class_arg
+def _add_model_plan(p: argparse.ArgumentParser) -> None:
+    from .runtime.cli_args import add_sampler, class_arg
 
-    p.add_argument("--model", required=True,
-                   help="digits | digits-guided | gmm | PATH (checkpoint, distilled bundle or diffusers directory)")
-    g = p.add_argument_group("sampler (one of)")
-    g.add_argument("--solver", help="solver name (see `fewstep solvers`)")
-    g.add_argument("--nfe", type=int, help="network evaluations (with --solver; alone, a distilled model's "
-                                           "student for that many steps)")
-    g.add_argument("--stochastic", action="store_true",
-                   help="distilled students: the stochastic sampler (a double step, then re-noise one step back)")
-    g.add_argument("--schedule", help="σ schedule for --solver: edm | logsnr | vp (default: the solver's)")
-    g.add_argument("--plan", help="a plan JSON file (fewstep.plan/1)")
-    p.add_argument("--force", action="store_true", help="use a plan fitted for another teacher anyway")
+    add_sampler(p)
     p.add_argument("--class", dest="cls", type=class_arg,
                    help="class label for conditional models, or 'none' (the null label: unconditional)")
     p.add_argument("--guidance", type=float, help="CFG scale W: D_u + W·(D_c − D_u); 1 = plain conditional")
@@ -71,49 +58,6 @@ def _add_model_plan(p: argparse.ArgumentParser, out: bool = True) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--seed", type=int, default=0, help="Philox seed for z (and ε of stochastic rows)")
     src.add_argument("--noise", help="initial z as a float32 .npy of shape N×…")
-
-
-def _load_teacher(args):
-    from .runtime.models import load
-
-    return load(args.model, steps=student_steps(args))
-
-
-def student_steps(args) -> int | None:
-    """--nfe without --solver/--plan names a distilled model's student (ignored by other models)."""
-    return args.nfe if args.nfe is not None and not args.solver and not getattr(args, "plan", None) else None
-
-
-def student_plan(args, teacher):
-    """A distilled student's own Plan when the command named none, else None."""
-    if teacher.plans and not args.solver and not getattr(args, "plan", None):
-        return teacher.plans["stochastic" if getattr(args, "stochastic", False) else "deterministic"]
-    if getattr(args, "stochastic", False):
-        raise UserError("--stochastic picks a distilled student's stochastic sampler: use it with a distilled "
-                        "model (e.g. --model digits-guided --nfe 4) and no --solver/--plan")
-    return None
-
-
-def _resolve_plan(args, teacher):
-    from .runtime.plan import Plan
-    from .runtime.solvers import build
-
-    own = student_plan(args, teacher)
-    if own is not None:
-        return own
-    if args.plan and (args.solver or args.nfe is not None):
-        raise UserError("give either --plan FILE or --solver NAME --nfe N, not both")
-    if args.plan:
-        plan = Plan.load(args.plan)
-        want = plan.provenance.get("teacher_hash")
-        if want and want != teacher.content_hash and not args.force:
-            raise UserError(f"plan {args.plan} was fitted for teacher {want[:19]}…, but {teacher.name} is "
-                            f"{teacher.content_hash[:19]}… (content hash); pass --force to use it anyway")
-        return plan
-    if not args.solver or args.nfe is None:
-        raise UserError("choose a sampler: --solver NAME --nfe N, or --plan FILE")
-    den = teacher.denoiser
-    return build(args.solver, args.nfe, den.sigma_min, den.sigma_max, schedule=args.schedule)
 
 
 def _read_noise(path: str):
@@ -136,16 +80,6 @@ def _count(args, z) -> int:
     if z is not None and z.ndim >= 1:
         return z.shape[0]
     return args.default_n
-
-
-def _save_npy(path: str, arr) -> None:
-    import numpy as np
-
-    from .runtime.plan import atomic_write_bytes
-
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def save_grid(path: str, images, ncol: int | None = None, scale: int = 4) -> None:
@@ -196,10 +130,11 @@ NONFINITE_HINT = ("nothing was written. A plan coefficient or --guidance far out
 
 def cmd_sample(args) -> int:
     from .errors import check_finite
+    from .runtime.files import save_npy
     from .runtime.sampling import run_plan
 
-    teacher = _load_teacher(args)
-    plan = _resolve_plan(args, teacher)
+    teacher = load_model(args)
+    plan = resolve_plan(args, teacher)
     inputs = _inputs(args, teacher, plan)
     from .runtime.sampling import check_guidance
 
@@ -211,7 +146,7 @@ def cmd_sample(args) -> int:
     check_finite(x, f"{plan.name} on {teacher.name}", NONFINITE_HINT)
     _prepare_out_dir(args.out)
     arr = x.detach().cpu().numpy().astype("float32")
-    _save_npy(os.path.join(args.out, "samples.npy"), arr)
+    save_npy(os.path.join(args.out, "samples.npy"), arr)
     extra = ""
     if teacher.is_image:
         save_grid(os.path.join(args.out, "grid.png"), arr[:100])
@@ -225,8 +160,8 @@ def cmd_eval(args) -> int:
     from .errors import NonFiniteError
     from .training.evaluate import evaluate
 
-    teacher = _load_teacher(args)
-    plan = _resolve_plan(args, teacher)
+    teacher = load_model(args)
+    plan = resolve_plan(args, teacher)
     z = _read_noise(args.noise) if args.noise else None
     res = evaluate(teacher, plan, _count(args, z), args.seed, args.cls, args.guidance, z)
     bad = [k for k, v in res.items() if isinstance(v, float) and not math.isfinite(v)]
@@ -241,7 +176,7 @@ def cmd_eval(args) -> int:
 
 def cmd_teacher_train(args) -> int:
     if args.which != "digits":
-        raise UserError(f"unknown teacher {args.which!r}: only 'digits' is trained (gmm is exact)")
+        raise ArgumentError(f"unknown teacher {args.which!r}: only 'digits' is trained (gmm is exact)")
     from .training.digits import train_teacher
 
     kw = {} if args.steps is None else {"steps": args.steps}
@@ -256,9 +191,9 @@ def cmd_demo(args) -> int:
 
     check_out_dir(args.out)
     if args.n < COLS_DEMO:
-        raise UserError(f"--n must be ≥ {COLS_DEMO} (one sample per class in the picture), got {args.n}")
+        raise ArgumentError(f"--n must be ≥ {COLS_DEMO} (one sample per class in the picture), got {args.n}")
     if args.nfe < 1:
-        raise UserError(f"--nfe must be ≥ 1, got {args.nfe}")
+        raise ArgumentError(f"--nfe must be ≥ 1, got {args.nfe}")
     run(args.out, solver=args.solver, nfe=args.nfe, n=args.n, seed=args.seed)
     return 0
 
@@ -335,21 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     bq.set_defaults(fn=cmd_bench_quality)
 
     # Commands that live with their stage: each module has `register(subparsers, bench_subparsers)`.
+    # All are part of the package: a missing one is a broken install, so the import fails loudly.
     import importlib
 
     for mod in PLUGINS:
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
-            continue
-        m.register(sub, bsub)
+        importlib.import_module(mod).register(sub, bsub)
     return p
 
 
-PLUGINS = ("fewstep.training.fit_cli", "fewstep.training.distill_cli", "fewstep.export.cli", "fewstep.kernels.cli",
-           "fewstep.runtime.run_cli")
+PLUGINS = ("fewstep.training.fit_cli", "fewstep.training.distill_cli", "fewstep.export.cli", "fewstep.runtime.run_cli")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import FewstepError
+
 
 def class_arg(text: str):
     """A class index, or "none" (the null label: unconditional sampling)."""
@@ -40,3 +42,73 @@ def add_count(p: argparse.ArgumentParser, help: str, dest: str = "n", old: str |
     p.add_argument("--n", dest=dest, type=int, help=help, **kw)
     if old:
         p.add_argument(old, dest=dest, type=int, action=DeprecatedAlias, new="--n", help=argparse.SUPPRESS)
+
+
+class ArgumentError(FewstepError):
+    """Arguments that do not fit together (exit 2, one line)."""
+
+
+MODEL_HELP = "digits | digits-guided | digits-dmd2 | gmm | PATH (checkpoint, distilled bundle or diffusers directory)"
+
+
+def add_sampler(p: argparse.ArgumentParser, title: str = "sampler (one of)", force: bool = True) -> None:
+    """``--model`` and the sampler flags every sampling command takes; ``resolve_plan`` reads them."""
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    g = p.add_argument_group(title)
+    g.add_argument("--solver", help="solver name (see `fewstep solvers`)")
+    g.add_argument("--nfe", type=int, help="network evaluations (with --solver; alone, a distilled model's "
+                                           "student for that many steps)")
+    g.add_argument("--stochastic", action="store_true",
+                   help="distilled students: the stochastic sampler (a double step, then re-noise one step back)")
+    g.add_argument("--schedule", help="σ schedule for --solver: edm | logsnr | vp (default: the solver's)")
+    g.add_argument("--plan", help="a plan JSON file (fewstep.plan/1)")
+    if force:
+        p.add_argument("--force", action="store_true", help="use a plan fitted for another model anyway")
+
+
+def student_steps(args) -> int | None:
+    """--nfe without --solver/--plan names a distilled model's student (ignored by other models)."""
+    return args.nfe if args.nfe is not None and not args.solver and not getattr(args, "plan", None) else None
+
+
+def load_model(args):
+    """The ``--model`` of ``args`` (a distilled bundle's student when ``--nfe`` alone names one)."""
+    from .models import load
+
+    return load(args.model, steps=student_steps(args))
+
+
+def student_plan(args, model):
+    """A distilled student's own Plan when the command named none, else None."""
+    if model.plans and not args.solver and not getattr(args, "plan", None):
+        return model.plans["stochastic" if getattr(args, "stochastic", False) else "deterministic"]
+    if getattr(args, "stochastic", False):
+        raise ArgumentError("--stochastic picks a distilled student's stochastic sampler: use it with a distilled "
+                            "model (e.g. --model digits-guided --nfe 4) and no --solver/--plan")
+    return None
+
+
+def resolve_plan(args, model, optional: bool = False):
+    """The Plan the sampler flags name for ``model``: a student's own, ``--plan FILE`` (refused when fitted for
+    another model, unless ``--force``) or ``--solver NAME --nfe N``. ``optional``: None when none is named."""
+    from .plan import Plan
+    from .solvers import build
+
+    own = student_plan(args, model)
+    if own is not None:
+        return own
+    if args.plan and (args.solver or args.nfe is not None):
+        raise ArgumentError("give either --plan FILE or --solver NAME --nfe N, not both")
+    if args.plan:
+        plan = Plan.load(args.plan)
+        want = plan.provenance.get("teacher_hash")
+        if want and want != model.content_hash and not getattr(args, "force", False):
+            raise ArgumentError(f"plan {args.plan} was fitted for teacher {want[:19]}…, but {model.name} is "
+                                f"{model.content_hash[:19]}… (content hash); pass --force to use it anyway")
+        return plan
+    if args.solver and args.nfe is not None:
+        den = model.denoiser
+        return build(args.solver, args.nfe, den.sigma_min, den.sigma_max, schedule=getattr(args, "schedule", None))
+    if optional and not args.solver and args.nfe is None:
+        return None
+    raise ArgumentError("choose a sampler: --solver NAME --nfe N, or --plan FILE")

@@ -15,16 +15,39 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+# How a denoiser takes the guidance scale W (``Denoiser.guidance_mode``): every executor and the exporter
+# read this, never the denoiser's type.
+GUIDANCE_CFG = "cfg"  # classifier-free guidance: one batched call over [null; cond], D_u + W·(D_c − D_u)
+GUIDANCE_INPUT = "input"  # W is a network input (a guidance-distilled student): one evaluation of B rows
+GUIDANCE_NONE = "none"  # no null conditioning: W must be 1
+
+
+def guidance_applies(cond, w) -> bool:
+    """Whether W changes the result: a conditioning is set and W ≠ 1 (None means 1; a tensor W may be anything)."""
+    if cond is None or w is None:
+        return False
+    return isinstance(w, torch.Tensor) or w != 1.0
+
+
+def cfg_combine(d_u, d_c, w):
+    """Classifier-free guidance (diffusers' convention): W = 1 is the conditional model."""
+    return d_u + w * (d_c - d_u)
+
 
 class Denoiser(nn.Module):
     """Base adapter. ``model(x_in, t, cond)`` is the raw network.
 
-    ``null_cond(cond)`` gives the unconditional input for classifier-free guidance;
-    guidance follows diffusers: ``D_u + w·(D_c − D_u)``, w = 1 is plain conditional.
+    What a denoiser is, for the executors and the exporter (no type tests downstream):
+    - ``preconditioned``: D = c_skip·x + c_out·F(c_in·x, t(σ)) around ``self.model``, with ``get_scalings``
+      and ``sigma_to_t`` written in ops that trace into ONNX (so σ maths can be baked per Plan row); False
+      for a denoiser with its own closed-form ``_denoise`` (the exact GMM).
+    - ``guidance_mode``: how W enters (``GUIDANCE_CFG`` / ``GUIDANCE_INPUT`` / ``GUIDANCE_NONE``).
+    ``null_cond(cond)`` gives the unconditional input for classifier-free guidance.
     """
 
     sigma_min: float = 0.002
     sigma_max: float = 80.0
+    preconditioned: bool = True
 
     def __init__(self, model: nn.Module | None = None):
         super().__init__()
@@ -37,22 +60,36 @@ class Denoiser(nn.Module):
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         return sigma
 
+    def has_null_cond(self) -> bool:
+        return False
+
     def null_cond(self, cond):
         raise ValueError(f"{type(self).__name__} has no unconditional input: classifier-free guidance needs one")
 
     def run_model(self, x_in, t, cond):
         return self.model(x_in, t, cond)
 
+    @property
+    def guidance_mode(self) -> str:
+        return GUIDANCE_CFG if self.has_null_cond() else GUIDANCE_NONE
+
     # --- the denoiser ------------------------------------------------------------------
+    def preconditioning(self, sigma: torch.Tensor, ndim: int, dtype: torch.dtype):
+        """σ [B] → (c_skip, c_out, c_in) shaped [B, 1, …] (``ndim`` dims) in ``dtype``, and t [B] in float64.
+        σ maths runs in float64 (never in fp16); the one place every path takes it from."""
+        sig = sigma.to(torch.float64)
+        c = self.get_scalings(sig.reshape(-1, *([1] * (ndim - 1))))
+        return (*(v.to(dtype) for v in c), self.sigma_to_t(sig))
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond=None, guidance: float | None = None):
-        if guidance is not None and guidance != 1.0 and cond is not None:
+        if self.guidance_mode == GUIDANCE_INPUT:
+            return self._denoise(x, sigma, (cond, guidance))
+        if guidance_applies(cond, guidance):
             return self._guided(x, sigma, cond, guidance)
         return self._denoise(x, sigma, cond)
 
     def _denoise(self, x, sigma, cond):
-        sig = sigma.to(torch.float64).reshape(-1, *([1] * (x.ndim - 1)))
-        c_skip, c_out, c_in = (s.to(x.dtype) for s in self.get_scalings(sig))
-        t = self.sigma_to_t(sigma.to(torch.float64))
+        c_skip, c_out, c_in, t = self.preconditioning(sigma, x.ndim, x.dtype)
         f = self.run_model(x * c_in, t, cond)
         return c_skip * x + c_out * f.to(x.dtype)
 
@@ -60,8 +97,7 @@ class Denoiser(nn.Module):
         """CFG as one batched call over [unconditional; conditional]."""
         n = x.shape[0]
         both = self._denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_cond(self.null_cond(cond), cond))
-        d_u, d_c = both[:n], both[n:]
-        return d_u + w * (d_c - d_u)
+        return cfg_combine(both[:n], both[n:], w)
 
 
 def cat_cond(a, b):
@@ -94,6 +130,9 @@ class _NullCondMixin:
 
     null_cond_value = None
 
+    def has_null_cond(self) -> bool:
+        return self.null_cond_value is not None
+
     def null_cond(self, cond):
         if self.null_cond_value is None:
             return Denoiser.null_cond(self, cond)
@@ -117,6 +156,9 @@ class EDMDenoiser(Denoiser):
 
     def sigma_to_t(self, sigma):
         return sigma.log() / 4
+
+    def has_null_cond(self) -> bool:
+        return self.null_label is not None
 
     def null_cond(self, cond):
         if self.null_label is None:
@@ -158,9 +200,10 @@ class DiscreteVPDenoiser(_NullCondMixin, Denoiser):
 
     def sigma_to_t(self, sigma):
         ls = self._table(sigma.device)
-        # Clamp in log space so a grid σ keeps its exact log (bit-equal to the table entry).
+        # Clamp in log space so a grid σ keeps its exact log (bit-equal to the table entry). The bracketing
+        # index is searchsorted's (left side) written as a count, which traces into ONNX opset 17.
         log_sigma = sigma.to(torch.float64).log().clamp(ls[0], ls[-1])
-        idx = torch.searchsorted(ls, log_sigma.contiguous()).clamp(1, len(ls) - 1)
+        idx = (ls < log_sigma.reshape(-1, 1)).sum(1).reshape(log_sigma.shape).clamp(1, len(ls) - 1)
         lo, hi = ls[idx - 1], ls[idx]
         frac = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
         return (idx - 1).to(torch.float64) + frac

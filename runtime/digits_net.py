@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .denoisers import EDMDenoiser, FlowDenoiser
+from .denoisers import GUIDANCE_INPUT, EDMDenoiser, FlowDenoiser
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 TEACHER_FILE = "digits_teacher.safetensors"
@@ -176,15 +176,11 @@ class GuidedUNet(DigitsUNet):
 
 class GuidedDenoiser(EDMDenoiser):
     """EDM preconditioning around a W-conditioned network: guidance is an input, one evaluation per call.
+    W = 1 (or no guidance) is the plain conditional model."""
 
-    ``takes_guidance`` tells the executor's callers (the exporter) to pass W to the model rather than
-    run classifier-free guidance's two batches. W = 1 (or no guidance) is the plain conditional model.
-    """
-
-    takes_guidance = True
-
-    def forward(self, x, sigma, cond=None, guidance=None):
-        return self._denoise(x, sigma, (cond, guidance))
+    @property
+    def guidance_mode(self) -> str:
+        return GUIDANCE_INPUT
 
     def run_model(self, x_in, t, cond):
         labels, w = cond if isinstance(cond, tuple) else (cond, None)
@@ -277,6 +273,7 @@ def load_student(path: str, meta: dict | None = None) -> GuidedDenoiser:
     den = GuidedDenoiser(model, sigma_data=meta["sigma_data"], sigma_min=meta["sigma_min"],
                          sigma_max=meta["sigma_max"], null_label=meta["null_label"])
     return den.eval()
+
 
 def make_flow_denoiser(model: nn.Module, sigma_min: float = 0.002, sigma_max: float = 80.0) -> FlowDenoiser:
     """A flow-velocity digits UNet as a denoiser: σ = t/(1 − t), D = x_t − t·v (the null label for CFG)."""

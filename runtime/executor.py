@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .denoisers import guidance_applies
 from .plan import Plan
 
 
@@ -80,6 +81,6 @@ def run_rows(plan: Plan, x: torch.Tensor, evaluate: Callable, noise=None) -> tor
 
 def call_denoiser(denoiser: Callable, x, sigma, cond, guidance):
     """One network evaluation; guidance is passed only when it changes the result."""
-    if guidance is None or guidance == 1.0 or cond is None:
+    if not guidance_applies(cond, guidance):
         return denoiser(x, sigma, cond)
     return denoiser(x, sigma, cond, guidance=guidance)

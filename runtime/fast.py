@@ -7,11 +7,11 @@ network input: the Triton kernel for CUDA tensors (or when ``use_kernel=True``, 
 
 How the network is called (``_Network.mode``):
 
-* ``"raw"``: a ``Denoiser`` whose ``_denoise`` is the standard preconditioning (EDM, VP, flow adapters, the
-  digits teacher). The fast path calls ``run_model`` on the input the previous update already scaled by
-  c_in(σ), and the update folds ``D = c_skip·u + c_out·F`` (and CFG) into its single pass.
-* ``"denoise"``: a ``Denoiser`` with its own ``_denoise`` (the exact GMM): D is called as is; CFG is still
-  combined in the kernel from the batched [unconditional; conditional] call.
+* ``"raw"``: a ``Denoiser`` that is ``preconditioned`` (EDM, VP, flow adapters, the digits teacher and its
+  students). The fast path calls ``run_model`` on the input the previous update already scaled by c_in(σ),
+  and the update folds ``D = c_skip·u + c_out·F`` (and CFG) into its single pass.
+* ``"denoise"``: a ``Denoiser`` with its own closed-form ``_denoise`` (the exact GMM): D is called as is; CFG
+  is still combined in the kernel from the batched [unconditional; conditional] call.
 * ``"call"``: any other callable ``den(x, sigma, cond[, guidance])``: a black box that does its own CFG.
 
 Noise for stochastic rows (g ≠ 0): ``noise`` [S, B, ...] as in the reference executor (read from memory, so
@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 
 from ..kernels.fused_update import fused_update, fused_update_ref, plan_coefs, seed_tensor
-from .denoisers import Denoiser, cat_cond
-from .executor import InputError
+from .denoisers import GUIDANCE_INPUT, Denoiser, cat_cond, guidance_applies
+from .executor import InputError, call_denoiser
 from .noise import randn
 from .plan import Plan
 
@@ -39,20 +39,20 @@ def sample(plan: Plan, denoiser, z: torch.Tensor, cond=None, guidance: float | N
 
 
 class _Network:
-    """Calls the network for one row; returns ``(F_u, F_c or None)`` and knows the row's scalings."""
+    """Calls the network for one row; returns ``(F_u, F_c or None)`` and knows the row's scalings.
+
+    Reads only what the denoiser says of itself (``Denoiser.preconditioned``, ``guidance_mode``): see the
+    module docstring for the three modes. CFG's two halves are combined by the update; a model that takes W
+    as an input gets it beside its conditioning, one evaluation of B rows.
+    """
 
     def __init__(self, denoiser):
         self.den = denoiser
-        cls = type(denoiser)
-        # Only adapters that keep the base class's call path (forward → _guided → _denoise) can be taken apart.
-        standard = isinstance(denoiser, Denoiser) and cls.forward is Denoiser.forward \
-            and cls._guided is Denoiser._guided
-        if standard and cls._denoise is Denoiser._denoise and getattr(denoiser, "model", None) is not None:
-            self.mode = "raw"
-        elif standard:
-            self.mode = "denoise"
-        else:
+        if not isinstance(denoiser, Denoiser):
             self.mode = "call"
+        else:
+            self.mode = "raw" if denoiser.preconditioned else "denoise"
+        self.w_input = self.mode != "call" and denoiser.guidance_mode == GUIDANCE_INPUT
 
     def scalings(self, sigma32: float):
         """(c_skip, c_out, c_in) as floats, from σ rounded to the state dtype as the reference does."""
@@ -63,18 +63,19 @@ class _Network:
 
     def kernel_cfg(self, w, cond) -> bool:
         """Whether the row is guided and the update combines the two halves (not the black box)."""
-        return self.mode != "call" and cond is not None and w is not None and w != 1.0
+        return self.mode != "call" and not self.w_input and guidance_applies(cond, w)
 
     def __call__(self, u, sigma, sigma2, t, t2, cond, cond2, w, cfg: bool):
         if self.mode == "call":
-            if w is None or w == 1.0 or cond is None:
-                return self.den(u, sigma, cond), None
-            return self.den(u, sigma, cond, guidance=w), None
+            return call_denoiser(self.den, u, sigma, cond, w), None
         b = sigma.shape[0]
+        c = cond2 if cfg else cond
+        if self.w_input:  # w: this row's [B] tensor of W (None: the plain conditional model)
+            c = (cond, w)
         if self.mode == "raw":
-            f = self.den.run_model(u, t2 if cfg else t, cond2 if cfg else cond)
+            f = self.den.run_model(u, t2 if cfg else t, c)
         else:
-            f = self.den._denoise(u, sigma2 if cfg else sigma, cond2 if cfg else cond)
+            f = self.den._denoise(u, sigma2 if cfg else sigma, c)
         f = f.to(u.dtype)
         if not f.is_contiguous():
             f = f.contiguous()
@@ -106,7 +107,10 @@ class FastSampler:
             if self.net.mode == "raw":
                 t = self.net.den.sigma_to_t(sig.to(torch.float64))
                 t2 = torch.cat([t, t])
-            self.rows.append(dict(w=w, cfg=self.net.kernel_cfg(w, cond), sigma=sig, sigma2=sig2, t=t, t2=t2,
+            # A guidance-input model reads W as a [B] float32 tensor, made once here (not inside a CUDA graph).
+            wv = torch.full((b,), float(w), dtype=torch.float32, device=self.device) \
+                if self.net.w_input and guidance_applies(cond, w) else None
+            self.rows.append(dict(w=w, wv=wv, cfg=self.net.kernel_cfg(w, cond), sigma=sig, sigma2=sig2, t=t, t2=t2,
                                   c_skip=c_skip, c_out=c_out, c_in=c_in))
         self.coefs = plan_coefs(plan, [(r["c_skip"], r["c_out"], r["c_in"]) for r in self.rows],
                                 [r["w"] if r["cfg"] else None for r in self.rows])
@@ -173,7 +177,8 @@ class FastSampler:
         for e, row in enumerate(plan.rows):
             r, coefs = self.rows[e], self.coefs[e]
             u_in = self.u2 if r["cfg"] else self.u2[:b]
-            f_u, f_c = self.net(u_in, r["sigma"], r["sigma2"], r["t"], r["t2"], cond, cond2, r["w"], r["cfg"])
+            w = r["wv"] if self.net.w_input else r["w"]
+            f_u, f_c = self.net(u_in, r["sigma"], r["sigma2"], r["t"], r["t2"], cond, cond2, w, r["cfg"])
             slots = len(self.ring)
             hist = [self.ring[(e - k) % slots] for k in range(1, slots)]
             h_out = self.ring[e % slots]

@@ -172,3 +172,16 @@ def one_line(msg: str, limit: int = 300) -> str:
     and safetensors' run to many lines)."""
     s = " ".join(part.strip() for part in str(msg).splitlines() if part.strip())
     return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def save_npy(path: str, arr) -> None:
+    """``arr`` as a .npy file, written atomically (never a pickle)."""
+    import io
+
+    import numpy as np
+
+    from .plan import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(arr), allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())

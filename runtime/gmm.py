@@ -22,6 +22,8 @@ from .denoisers import Denoiser
 
 
 class GMM(Denoiser):
+    preconditioned = False  # D is closed form (``_denoise``), no network
+
     def __init__(self, means, stds, weights=None, sigma_min: float = 0.002, sigma_max: float = 80.0):
         super().__init__(None)
         means = torch.as_tensor(np.asarray(means), dtype=torch.float64)
@@ -74,6 +76,9 @@ class GMM(Denoiser):
         for t in (self.means, self.stds, self.weights):
             h.update(t.numpy().tobytes())
         return "sha256:" + h.hexdigest()
+
+    def has_null_cond(self) -> bool:
+        return True
 
     def null_cond(self, cond):
         return torch.full_like(cond, self.null_label)

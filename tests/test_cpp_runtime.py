@@ -135,16 +135,10 @@ def test_given_z_and_defaults(engines):
 
 
 def _cli(*args):
-    """`fewstep ...` in-process with the runtime's plugin registered (cli.py lists it once merged)."""
+    """`fewstep ...` in-process."""
     import fewstep.cli as cli
 
-    plugins = cli.PLUGINS
-    if "fewstep.runtime.run_cli" not in plugins:
-        cli.PLUGINS = plugins + ("fewstep.runtime.run_cli",)
-    try:
-        return cli.main([str(a) for a in args])
-    finally:
-        cli.PLUGINS = plugins
+    return cli.main([str(a) for a in args])
 
 
 def test_fewstep_run_equals_fewstep_sample(engines, tmp_path):
@@ -275,7 +269,7 @@ def test_stale_contract_names_the_fix(variants, tmp_path):
 def test_bench_latency_harness(tmp_path):
     """`fewstep bench latency`: interleaved rounds whose order rotates, an idle gap before every call, W = 1 and
     W = 2 for an engine with a guidance input, every path's output checked."""
-    from fewstep.runtime.run_cli import interleaved, wait_quiet
+    from fewstep.export.latency import interleaved, wait_quiet
 
     def spin(seconds):  # a worker thread burning CPU, as ONNX Runtime's do after a run
         t_end = time.perf_counter() + seconds

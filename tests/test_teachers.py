@@ -75,7 +75,7 @@ def test_training_is_deterministic_and_resumes(tmp_path):
     # the model actually moved away from its initialisation (zero-initialised output conv)
     assert float(straight["out.weight"].abs().max()) > 0
     # a resumed run with another config is refused rather than silently mixed
-    with pytest.raises(ValueError, match="another config or seed"):
+    with pytest.raises(ValueError, match="other settings"):
         digits.train_teacher(str(tmp_path / "c"), steps=6, seed=5, progress=False, config=TINY)
 
 

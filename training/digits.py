@@ -18,13 +18,11 @@ Reproduce the shipped weights (runtime/weights/digits_teacher.*)::
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch import nn
 
 from ..runtime.denoisers import EDMDenoiser
 from ..runtime.digits_net import (
@@ -39,10 +37,9 @@ from ..runtime.digits_net import (
     make_denoiser,
     teacher_hash,
 )
-from ..runtime.plan import atomic_write_bytes, atomic_write_text
+from ..runtime.plan import atomic_write_text
+from . import trainer
 from .data import SPLIT_SEED, TEST_PER_CLASS, load_digits_split, measure_sigma_data
-
-STATE_FILE = "train_state.safetensors"  # full training state (model, EMA, Adam) for resuming
 
 
 # --- training --------------------------------------------------------------------------------
@@ -84,111 +81,46 @@ def edm_loss(den: EDMDenoiser, x0, labels, sigma_data: float, cfg: TrainConfig, 
     return (w[:, None, None, None] * (d - x0) ** 2).mean()
 
 
+def _teacher_step_seed(seed: int, step: int, rank: int) -> int:
+    # The shipped teacher was trained with (seed, step) → seed·1000003 + step; other ranks stay far from it.
+    return seed * 1_000_003 + step + rank * 2**40
+
+
 def train_teacher(out_dir: str, seed: int = 0, steps: int = SHIPPED_STEPS, batch: int | None = None,
                   progress: bool = True, resume: bool = True, config: TrainConfig | None = None) -> str:
     """Train (or resume) the digits teacher in ``out_dir``; returns the path of its EMA weights.
 
-    ``out_dir`` gets ``train_state.safetensors`` + ``.json`` (model, EMA, Adam moments, step) every
-    ``ckpt_every`` steps and at the end, both written atomically, and ``digits_teacher.safetensors``
-    + ``.json`` (the EMA weights, the sampling artifact) at the end. Each step's randomness comes
-    from a generator seeded by (seed, step), so a resumed run is bitwise the uninterrupted one.
+    The shared training loop (``trainer.run``: checkpoints every ``ckpt_every`` steps, exact resume, EMA,
+    torchrun) with the teacher's per-step seed, so the shipped weights are reproduced bit for bit; at the
+    end ``digits_teacher.safetensors`` + ``.json`` (the EMA weights, the sampling artifact).
     """
-    from safetensors.torch import load_file
-    from tqdm import tqdm
-
     cfg = config or TrainConfig()
     if batch is not None:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), "batch": batch})
-    os.makedirs(out_dir, exist_ok=True)
     x_train, y_train, _, _ = load_digits_split()
     sigma_data = round(measure_sigma_data(x_train), 4)
-
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(seed)
         model = DigitsUNet(cfg.unet)
-    ema = DigitsUNet(cfg.unet)
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, foreach=False)
     den = make_denoiser(model, sigma_data)
-    params = dict(model.named_parameters())
 
-    start, wall, loss_avg = 0, 0.0, float("nan")
-    state_json = os.path.join(out_dir, STATE_FILE.replace(".safetensors", ".json"))
-    if resume and os.path.exists(state_json):
-        with open(state_json) as f:
-            st = json.load(f)
-        if st["config"] != _jsonable(cfg.to_dict()) or st["seed"] != seed:
-            raise ValueError(f"{state_json}: written by a run with another config or seed; use a fresh --out "
-                             f"or resume=False")
-        tensors = load_file(os.path.join(out_dir, STATE_FILE))
-        if int(tensors["step"]) != st["step"]:
-            raise ValueError(f"{out_dir}: {STATE_FILE} and its JSON disagree on the step (interrupted write?)")
-        start, wall, loss_avg = st["step"], st["wall_seconds"], st["loss"]
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        if start > 0:
-            sd = opt.state_dict()
-            names = list(params)
-            sd["state"] = {i: {"step": torch.tensor(float(start)), "exp_avg": tensors[f"adam_m.{n}"],
-                               "exp_avg_sq": tensors[f"adam_v.{n}"]} for i, n in enumerate(names)}
-            opt.load_state_dict(sd)
+    def loss_fn(net, gen, b):
+        idx = torch.randint(x_train.shape[0], (b,), generator=gen)
+        den.model = net  # the model or its DDP wrapper
+        return edm_loss(den, x_train[idx], y_train[idx], sigma_data, cfg, gen)
 
-    def save_state(step):
-        t = {f"model.{k}": v for k, v in model.state_dict().items()}
-        t.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-        for n in params:
-            s = opt.state.get(params[n], {})
-            t[f"adam_m.{n}"] = s.get("exp_avg", torch.zeros_like(params[n]))
-            t[f"adam_v.{n}"] = s.get("exp_avg_sq", torch.zeros_like(params[n]))
-        t["step"] = torch.tensor(step)
-        _save_safetensors(os.path.join(out_dir, STATE_FILE), t)
-        atomic_write_text(state_json, json.dumps({"format": "fewstep.digits-train-state/1", "step": step,
-                                                  "seed": seed, "loss": loss_avg, "wall_seconds": wall,
-                                                  "sigma_data": sigma_data, "config": _jsonable(cfg.to_dict())},
-                                                 indent=1) + "\n")
-
-    gen = torch.Generator()
-    decay = 0.5 ** (1.0 / cfg.ema_halflife)
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    bar = tqdm(total=steps, initial=start, disable=not progress, desc="digits teacher", dynamic_ncols=True)
-    try:
-        t0 = time.perf_counter()
-        for step in range(start, steps):
-            gen.manual_seed(seed * 1_000_003 + step)
-            idx = torch.randint(x_train.shape[0], (cfg.batch,), generator=gen)
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-            loss = edm_loss(den, x_train[idx], y_train[idx], sigma_data, cfg, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            k = min(decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1 - k)
-            li = float(loss.detach())
-            loss_avg = li if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * li
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_avg:.4f}")
-            done = step + 1
-            if done % cfg.ckpt_every == 0 or done == steps:
-                wall += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                save_state(done)
-    finally:
-        bar.close()
-        torch.use_deterministic_algorithms(prev_det)
-
+    loop = trainer.LoopConfig(steps=steps, batch=cfg.batch, lr=cfg.lr, warmup=cfg.warmup, grad_clip=cfg.grad_clip,
+                              ema_halflife=cfg.ema_halflife, ckpt_every=cfg.ckpt_every)
+    record = {"stage": "digits-teacher", "config": cfg.to_dict(), "sigma_data": sigma_data}
+    ema, info = trainer.run(model, loss_fn, loop, out_dir, seed, record, "digits teacher", progress, resume,
+                            step_seed=_teacher_step_seed)
     path = os.path.join(out_dir, TEACHER_FILE)
-    st = ema.state_dict()
-    _save_safetensors(path, {k: v.contiguous() for k, v in st.items()})
-    meta = {"format": "fewstep.digits-teacher/1", "config": _jsonable(cfg.unet.__dict__), "sigma_data": sigma_data,
-            "sigma_min": 0.002, "sigma_max": 80.0, "null_label": NULL_LABEL, "seed": seed, "steps": max(steps, start),
-            "batch": cfg.batch, "train": _jsonable(cfg.to_dict()), "loss": loss_avg, "wall_seconds": round(wall, 1),
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
+    trainer.save_safetensors(path, ema.state_dict())
+    meta = {"format": "fewstep.digits-teacher/1", "config": trainer.jsonable(cfg.unet.__dict__),
+            "sigma_data": sigma_data,
+            "sigma_min": 0.002, "sigma_max": 80.0, "null_label": NULL_LABEL, "seed": seed, "steps": info["steps"],
+            "batch": cfg.batch, "train": trainer.jsonable(cfg.to_dict()), "loss": info["loss"],
+            "wall_seconds": info["wall_seconds"], "threads": info["threads"], "torch": torch.__version__,
             "data": f"sklearn load_digits, x/8-1, stratified split seed {SPLIT_SEED}, {TEST_PER_CLASS}/class held out"}
     atomic_write_text(path[: -len(".safetensors")] + ".json", json.dumps(meta, indent=1) + "\n")
     return path
@@ -202,16 +134,6 @@ def _cpu_name() -> str:
         import platform
 
         return platform.processor() or "unknown cpu"
-
-
-def _jsonable(d):
-    return json.loads(json.dumps(d))
-
-
-def _save_safetensors(path: str, tensors: dict) -> None:
-    from safetensors.torch import save
-
-    atomic_write_bytes(path, save({k: v.detach().contiguous() for k, v in tensors.items()}))
 
 
 # --- quality ---------------------------------------------------------------------------------

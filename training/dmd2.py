@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..runtime.denoisers import GUIDANCE_INPUT
 from ..runtime.digits_net import STUDENT_FILE, STUDENT_FORMAT
 from ..runtime.plan import Plan, Row, atomic_write_text
 from . import trainer
@@ -316,9 +317,8 @@ def digits_problem(teacher, guidance: float = 1.0) -> tuple[Problem, Callable]:
         return f_den._denoise(x, s, labels)
 
     def features(f, x, s, labels):
-        sig = s.to(torch.float64).reshape(-1, 1, 1, 1)
-        c_in = (1 / (sig**2 + sd**2).sqrt()).to(x.dtype)
-        return unet_bottleneck(f, x * c_in, f_den.sigma_to_t(s.to(torch.float64)), labels)
+        _, _, c_in, t = f_den.preconditioning(s, x.ndim, x.dtype)
+        return unet_bottleneck(f, x * c_in, t, labels)
 
     def real(x, s, labels):
         return teacher(x, s, labels, guidance=w)
@@ -356,7 +356,7 @@ def train_digits(out_dir: str, cfg: DMD2Config, teacher: str | None = None, init
 
     check_config(cfg)
     tden = load_teacher(teacher)
-    if getattr(tden, "takes_guidance", False):
+    if tden.guidance_mode == GUIDANCE_INPUT:
         raise DistillError("dmd2 distils a plain class-conditional digits teacher, not a distilled student")
     t_hash = teacher_hash(teacher)
     p, factory = digits_problem(tden, cfg.guidance)

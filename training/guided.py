@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import FewstepError
-from ..runtime.denoisers import EDMDenoiser
+from ..runtime.denoisers import EDMDenoiser, cfg_combine
 from ..runtime.digits_net import NULL_LABEL, STUDENT_FILE, STUDENT_FORMAT, GuidedDenoiser, GuidedUNet
 from ..runtime.plan import atomic_write_text
 from . import trainer
@@ -63,8 +63,7 @@ def guided_target(teacher: EDMDenoiser, x, sigma, labels, w):
     n = x.shape[0]
     null = torch.full_like(labels, NULL_LABEL)
     both = teacher._denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([null, labels]))
-    d_u, d_c = both[:n], both[n:]
-    return d_u + w.reshape(-1, 1, 1, 1) * (d_c - d_u)
+    return cfg_combine(both[:n], both[n:], w.reshape(-1, 1, 1, 1))
 
 
 def sample_sigma(n: int, gen: torch.Generator, cfg: GuidedConfig, sigma_min: float, sigma_max: float):
@@ -130,10 +129,8 @@ def train_guided(out_dir: str, teacher: str | None = None, config: GuidedConfig 
 
 def student_call(student: GuidedDenoiser, net: nn.Module, x, sigma, labels, w):
     """The student's denoiser with ``net`` (the model, or its DDP wrapper) as the network."""
-    sig = sigma.to(torch.float64).reshape(-1, 1, 1, 1)
-    c_skip, c_out, c_in = (s.to(x.dtype) for s in student.get_scalings(sig))
-    f = net(x * c_in, student.sigma_to_t(sigma.to(torch.float64)), labels, w)
-    return c_skip * x + c_out * f
+    c_skip, c_out, c_in, t = student.preconditioning(sigma, x.ndim, x.dtype)
+    return c_skip * x + c_out * net(x * c_in, t, labels, w)
 
 
 def run_info(info: dict) -> dict:

@@ -79,13 +79,20 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
+def default_step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step) * 1024 + rank
+
+
 def run(model: nn.Module, loss_fn: Callable, loop: LoopConfig, out_dir: str, seed: int, record: dict,
-        desc: str, progress: bool = True, resume: bool = True) -> tuple[nn.Module, dict]:
+        desc: str, progress: bool = True, resume: bool = True,
+        step_seed: Callable[[int, int, int], int] = default_step_seed) -> tuple[nn.Module, dict]:
     """Train ``model`` in place; returns (the weights to ship: EMA or model, state info).
 
     ``loss_fn(net, gen, batch)`` computes one step's loss on ``batch`` samples drawn with ``gen``;
     ``net`` is the (possibly DDP-wrapped) model. ``record`` (JSON-able: the stage's config, its
     inputs' hashes) must match on resume, so a checkpoint is never continued with other settings.
+    ``step_seed(seed, step, rank)`` seeds step ``step``'s generator (a stage may keep its own historical
+    formula, so artifacts trained before the shared loop are reproduced bit for bit).
     """
     from safetensors.torch import load_file
     from tqdm import tqdm
@@ -94,7 +101,10 @@ def run(model: nn.Module, loss_fn: Callable, loop: LoopConfig, out_dir: str, see
     if loop.batch % world:
         raise TrainError(f"--batch {loop.batch} must divide evenly over {world} processes")
     os.makedirs(out_dir, exist_ok=True)
-    record = jsonable({**record, "loop": loop.__dict__, "seed": seed, "world_size": world})
+    # The step count is part of the settings only when the LR schedule depends on it: otherwise a run may
+    # be resumed to train longer (the first `steps` are the same either way).
+    loop_rec = {k: v for k, v in loop.__dict__.items() if k != "steps" or loop.lr_decay}
+    record = jsonable({**record, "loop": loop_rec, "seed": seed, "world_size": world})
     ema = None
     if loop.ema_halflife > 0:
         import copy
@@ -108,7 +118,8 @@ def run(model: nn.Module, loss_fn: Callable, loop: LoopConfig, out_dir: str, see
     if resume and os.path.exists(state_json):
         with open(state_json) as f:
             st = json.load(f)
-        if st.get("record") != record:
+        legacy = jsonable({**record, "loop": loop.__dict__})  # checkpoints written before `steps` left the record
+        if st.get("record") not in (record, legacy):
             raise TrainError(f"{state_json}: written by a run with other settings (config, seed, inputs or "
                              f"process count); use a fresh --out, or delete it to start over")
         tensors = load_file(os.path.join(out_dir, STATE_FILE))
@@ -158,7 +169,7 @@ def run(model: nn.Module, loss_fn: Callable, loop: LoopConfig, out_dir: str, see
     try:
         t0 = time.perf_counter()
         for step in range(start, loop.steps):
-            gen.manual_seed((seed * 1_000_003 + step) * 1024 + rank)
+            gen.manual_seed(step_seed(seed, step, rank))
             for g in opt.param_groups:
                 g["lr"] = loop.lr * min(1.0, (step + 1) / max(1, loop.warmup)) \
                     * ((1.0 - step / loop.steps) if loop.lr_decay else 1.0)
