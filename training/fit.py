@@ -181,7 +181,7 @@ def fit(teacher, config: FitConfig, *, progress: Callable[[str], None] | None = 
             info["grid_kept"] = "learned" if k == 0 else "base"
             # Then grid and coefficients jointly, from the better of the two sequential answers.
             say("refining grid and coefficients jointly")
-            plan, jinfo = timesteps.refine_joint(grids[k], den, fit_coef, guidance=guidance, family=family,
+            plan, jinfo = timesteps.refine_joint(grids[k], family, den, fit_coef, guidance=guidance,
                                                  max_evals=cfg.joint_evals, start=fits[k])
             info.update(jinfo)
             info["timesteps_mode"] = "joint"

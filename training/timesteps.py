@@ -119,15 +119,15 @@ def fit_timesteps(plan: Plan, solver: str, den, batch: Batch, ref: torch.Tensor,
                  "sigmas": [float(v) for v in grid_from(theta, sigma_max, sigma_min)]}
 
 
-def refine_joint(plan: Plan, den, fit_coef, guidance: float | None = None, family: str | None = None,
+def refine_joint(plan: Plan, solver: str, den, fit_coef, guidance: float | None = None,
                  max_evals: int | None = None, start: tuple | None = None):
     """Grid and coefficients together: minimise over θ the fitting-batch error of ``fit_coef`` applied to
-    the base solver on grid(θ), from ``plan``'s grid. ``fit_coef(p) → (fitted plan, info with
+    ``solver`` (its family) on grid(θ), from ``plan``'s grid. ``fit_coef(p) → (fitted plan, info with
     fit_rmse_kept)``; ``start``: its result for ``plan`` when the caller has it (one coefficient fit less).
     Returns (best plan, info); never worse than ``plan``'s own fitted error."""
     grid = grid_of(plan)
     n = len(grid) - 1
-    fam = get(family or plan.provenance.get("solver") or plan.name.split("-")[0])
+    fam = get(solver)
     sigma_max, sigma_min = float(grid[0]), min(float(getattr(den, "sigma_min", grid[-2])), float(grid[-2]))
     start_plan, start_info = start or fit_coef(with_guidance(fam.build(np.asarray(grid)), guidance))
     start = start_info["fit_rmse_kept"]
