@@ -304,6 +304,21 @@ def test_joint_timesteps_never_worse_than_sequential(gmm, solver, nfe, method):
     assert timesteps.grid_of(p)[0] == pytest.approx(80.0)
 
 
+def test_fit_scores_with_the_evaluation_metric():
+    """The fitting error is metrics.rmse itself (bit-equal: one implementation), and a diverged run scores +inf
+    (ranked last by the safeguard and Nelder–Mead) where metrics.rmse refuses non-finite input."""
+    from fewstep.training.fitcore import rms
+    from fewstep.training.metrics import rmse
+
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(37, 3, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    assert rms(a, b) == rmse(a, b)
+    a[3, 1, 2] = float("nan")
+    assert rms(a, b) == math.inf
+    with pytest.raises(ValueError):
+        rmse(a, b)
+
+
 def test_round_trip_gives_identical_samples(gmm, cache, tmp_path):
     p = fit(gmm, FitConfig("unipc", 4, "dode", batch=32), cache=cache)
     p.save(tmp_path / "p.json")

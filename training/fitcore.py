@@ -39,6 +39,7 @@ from ..errors import FewstepError
 from ..runtime.executor import call_denoiser
 from ..runtime.plan import MAX_HISTORY, Plan, Row
 from ..runtime.solvers.trace import Lin, Trace
+from .metrics import rmse
 
 
 class FitError(FewstepError):
@@ -293,10 +294,12 @@ def lstsq(feats: Sequence[torch.Tensor], resid: torch.Tensor, ridge: float = 1e-
     return np.linalg.solve(g + ridge * scale * np.eye(len(g)), b)
 
 
-def rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Per-sample RMS, averaged over samples (fewstep's endpoint RMSE)."""
-    d = (a - b).reshape(a.shape[0], -1).to(torch.float64)
-    return float(d.pow(2).mean(1).sqrt().mean())
+def rms(x: torch.Tensor, target: torch.Tensor) -> float:
+    """``metrics.rmse`` (fewstep's endpoint RMSE: per-sample RMS, averaged over samples), except that a run which
+    diverged (NaN/inf) scores +inf: the safeguard and the Nelder–Mead searches rank it last instead of stopping."""
+    if not bool(torch.isfinite(x).all()):
+        return math.inf
+    return rmse(x, target)
 
 
 def safeguard(base: Plan, fitted: Plan, slots: Sequence[Slot], den, batch: Batch, target: torch.Tensor,
