@@ -36,12 +36,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # 2 shared cores: intra-op threads only contend at these sizes
 
+    from fewstep.report import cpu_name
     from fewstep.runtime.models import bundle_steps, load
     from fewstep.runtime.plan import atomic_write_text
     from fewstep.runtime.reference import reference
     from fewstep.runtime.sampling import make_inputs, run_plan
     from fewstep.runtime.solvers import build
-    from fewstep.training.digits import _cpu_name
     from fewstep.training.evaluate import quality
     from fewstep.training.fit import FitConfig, fit
 
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     train = _train_seconds(args.model, meta)
     res = {"model": args.model, "teacher": teacher.content_hash, "n": args.n, "seed": args.seed,
            "reference": "teacher RK4 24 steps (96 CFG calls) at W from the same z",
-           "machine": f"{_cpu_name()} ({platform.machine()}), {os.cpu_count()} cpus, 1 torch thread, "
+           "machine": f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} cpus, 1 torch thread, "
                       f"torch {torch.__version__}",
            "train_seconds": train, "bench_seconds": round(time.perf_counter() - t_all, 1), "rows": rows}
     os.makedirs(args.out, exist_ok=True)
@@ -154,43 +154,33 @@ def _markdown(res: dict) -> str:
 
 
 def _plot(res: dict, path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    import io
-
-    from fewstep.runtime.plan import atomic_write_bytes
+    from fewstep.report import save_plot
 
     ws = sorted({r["guidance"] for r in res["rows"]})
-    fig, axes = plt.subplots(1, len(ws), figsize=(5 * len(ws), 4), squeeze=False)
-    for ax, w in zip(axes[0], ws):
-        rs = [r for r in res["rows"] if r["guidance"] == w]
-        for kind, style in (("student", "o-"), ("student-stochastic", "s--"), ("base", "x:"), ("fitted", "^-.")):
-            pts = {}
-            for r in rs:
-                if r["kind"] == kind:
-                    c = r["sequential_calls"]
-                    pts[c] = min(pts.get(c, float("inf")), r["fd_digits"])
-            if pts:
-                xs = sorted(pts)
-                ax.plot(xs, [pts[x] for x in xs], style, label=kind if kind != "base" else "teacher base (best)")
-        t = [r for r in rs if r["kind"] == "teacher"]
-        if t:
-            ax.axhline(t[0]["fd_digits"], color="k", lw=0.8, label="teacher Heun 35")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequential network calls")
-        ax.set_ylabel("FD-digits")
-        ax.set_title(f"W = {w:g}")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    atomic_write_bytes(path, buf.getvalue())
+
+    def draw(fig, axes):
+        for ax, w in zip(axes[0], ws):
+            rs = [r for r in res["rows"] if r["guidance"] == w]
+            for kind, style in (("student", "o-"), ("student-stochastic", "s--"), ("base", "x:"), ("fitted", "^-.")):
+                pts = {}
+                for r in rs:
+                    if r["kind"] == kind:
+                        c = r["sequential_calls"]
+                        pts[c] = min(pts.get(c, float("inf")), r["fd_digits"])
+                if pts:
+                    xs = sorted(pts)
+                    ax.plot(xs, [pts[x] for x in xs], style, label=kind if kind != "base" else "teacher base (best)")
+            t = [r for r in rs if r["kind"] == "teacher"]
+            if t:
+                ax.axhline(t[0]["fd_digits"], color="k", lw=0.8, label="teacher Heun 35")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequential network calls")
+            ax.set_ylabel("FD-digits")
+            ax.set_title(f"W = {w:g}")
+            ax.legend(fontsize=7)
+
+    save_plot(path, draw, figsize=(5 * len(ws), 4), ncols=len(ws), dpi=90)
 
 
 if __name__ == "__main__":

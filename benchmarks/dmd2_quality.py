@@ -38,12 +38,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # 2 shared cores: intra-op threads only contend at these sizes
 
+    from fewstep.report import cpu_name
     from fewstep.runtime.models import SHIPPED_BUNDLES, bundle_steps, load
     from fewstep.runtime.plan import atomic_write_text
     from fewstep.runtime.sampling import make_inputs, run_plan
     from fewstep.runtime.solvers import build
     from fewstep.training import dmd2
-    from fewstep.training.digits import _cpu_name
     from fewstep.training.evaluate import quality
     from fewstep.training.fit import FitConfig, fit
 
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
 
     res = {"model": args.model, "teacher": teacher.content_hash, "guidance": 1.0, "n": args.n, "seed": args.seed,
            "reference": "the 300 held-out real digits (FD-digits; precision / recall, k = 3, classifier features)",
-           "machine": f"{_cpu_name()} ({platform.machine()}), {os.cpu_count()} cpus, 1 torch thread, "
+           "machine": f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} cpus, 1 torch thread, "
                       f"torch {torch.__version__}",
            "train_seconds": {str(k): v for k, v in train.items()},
            "bench_seconds": round(time.perf_counter() - t_all, 1), "rows": rows, "seed_spread": spread}

@@ -30,9 +30,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()
+    from fewstep.export.latency import _markdown, latency
     from fewstep.runtime.models import load
     from fewstep.runtime.plan import atomic_write_text
-    from fewstep.runtime.run_cli import _markdown, latency
     from fewstep.runtime.solvers import build
 
     den = load("digits").denoiser

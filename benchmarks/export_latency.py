@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -43,21 +42,6 @@ CIFAR_UNET = dict(
 )
 CIFAR_SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001,
                    "beta_end": 0.02, "beta_schedule": "linear", "prediction_type": "epsilon"}
-
-
-def machine() -> dict:
-    import onnx
-    import onnxruntime
-
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
-            "threads": 1, "load_average_start": os.getloadavg()}
 
 
 def models(quick: bool):
@@ -91,7 +75,9 @@ def bench(quick: bool = False) -> dict:
 
     torch.set_num_threads(1)
     rows, exports = [], []
-    info = machine()
+    from fewstep.report import machine
+
+    info = machine(1, ort=True)
     nfes = (1, 2, 4) if not quick else (1, 2)
     with tempfile.TemporaryDirectory() as tmp:
         for name, den, shape, ncls, thash, w, repeats in models(quick):
@@ -153,7 +139,7 @@ def markdown(r: dict) -> str:
     out = ["# Exported engines: export cost and CPU latency", "",
            f"Machine: {m['cpu']}, {m['cores']} cores (shared), {m['platform']}; torch {m['torch']}, "
            f"onnxruntime {m['onnxruntime']}, onnx {m['onnx']}; **CPU, one thread on each side**; load average "
-           f"{m['load_average_start'][0]:.1f} at start, {m['load_average_end'][0]:.1f} at end (other jobs share "
+           f"{m['load_average'][0]:.1f} at start, {m['load_average_end'][0]:.1f} at end (other jobs share "
            "the box: absolute times are noisy, the side-by-side ratio less so).", "",
            "Plans: DPM-Solver++(2M), dynamic-batch float32 engines (opset 17, TorchScript exporter). Digits: CFG "
            "W = 2 on both sides (2B rows per evaluation). CIFAR-10 UNet: google/ddpm-cifar10-32's architecture "

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -40,6 +39,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)  # 2 shared cores: intra-op threads only contend at these sizes
 
     import fewstep
+    from fewstep.report import machine
     from fewstep.runtime.models import load
     from fewstep.runtime.plan import atomic_write_text
     from fewstep.runtime.reference import reference
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     result = {"model": teacher.name, "guidance": args.guidance, "teacher_hash": teacher.content_hash,
               "n_heldout": args.n,
               "heldout_seed": args.seed, "fit_seed": 0, "reference": ref_q, "fit_reference_seconds": fit_ref_seconds,
-              "rows": rows, "machine": _machine(args.threads), "fewstep": fewstep.__version__,
+              "rows": rows, "machine": machine(args.threads), "fewstep": fewstep.__version__,
               "seconds": time.perf_counter() - t0, "argv": sys.argv[1:] if argv is None else list(argv)}
     base_path = os.path.join(args.out, f"fit_{args.model}{args.tag}")
     atomic_write_text(base_path + ".json", json.dumps(result, indent=1) + "\n")
@@ -106,24 +106,13 @@ def main(argv=None) -> int:
     return 0
 
 
-def _machine(threads: int) -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
-            "python": platform.python_version(), "gpu": "none"}
-
-
 def _markdown(res: dict, methods) -> str:
     metric2 = "fd_digits" if res["model"] == "digits" else "sliced_w2"
     w = f", CFG w = {res['guidance']}" if res.get("guidance") is not None else ""
     lines = [f"# Fitted solvers on {res['model']}{w} (held-out noise seed {res['heldout_seed']}, "
              f"{res['n_heldout']} samples; fitted on seed {res['fit_seed']})", "",
              f"Reference solve: {json.dumps({k: round(v, 4) for k, v in res['reference'].items()})}. "
-             f"Machine: {res['machine']['cpu']}, {res['machine']['torch_threads']} torch thread(s). "
+             f"Machine: {res['machine']['cpu']}, {res['machine']['threads']} torch thread(s). "
              f"Fitting-batch reference solve (shared): {res['fit_reference_seconds']:.1f} s.", "",
              "Endpoint RMSE vs the reference (lower is better); best fitted entry in **bold**.", "",
              "| solver | NFE | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
@@ -158,35 +147,30 @@ def _markdown(res: dict, methods) -> str:
 
 
 def _plot(res: dict, methods, path: str) -> None:
-    try:
-        import matplotlib
+    from fewstep.report import save_plot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
     solvers = list(dict.fromkeys(r["solver"] for r in res["rows"]))
     cols = min(4, len(solvers))
     rws = (len(solvers) + cols - 1) // cols
-    fig, axes = plt.subplots(rws, cols, figsize=(4 * cols, 3.2 * rws), squeeze=False)
-    for ax, s in zip(axes.flat, solvers):
-        for m in methods:
-            pts = [(r["nfe"], r["rmse_vs_reference"]) for r in res["rows"]
-                   if r["solver"] == s and r.get("method") == m and "error" not in r]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=m, lw=2 if m == "base" else 1)
-        ax.set_yscale("log")
-        ax.set_title(s)
-        ax.set_xlabel("NFE")
-        ax.set_ylabel("endpoint RMSE")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(solvers):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"fitted solvers on {res['model']} (held-out noise)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+
+    def draw(fig, axes):
+        for ax, s in zip(axes.flat, solvers):
+            for m in methods:
+                pts = [(r["nfe"], r["rmse_vs_reference"]) for r in res["rows"]
+                       if r["solver"] == s and r.get("method") == m and "error" not in r]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=m, lw=2 if m == "base" else 1)
+            ax.set_yscale("log")
+            ax.set_title(s)
+            ax.set_xlabel("NFE")
+            ax.set_ylabel("endpoint RMSE")
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(solvers):]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=7)
+        fig.suptitle(f"fitted solvers on {res['model']} (held-out noise)")
+
+    save_plot(path, draw, figsize=(4 * cols, 3.2 * rws), nrows=rws, ncols=cols, dpi=90)
 
 
 if __name__ == "__main__":

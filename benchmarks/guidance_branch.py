@@ -9,7 +9,7 @@ and a 2B-row one, the caller picking. This measures what the branch costs:
 - W = 2: the `If` engine against the 2B-row engine without the branch,
 
 all four through ``fewstep._C.Engine``, in interleaved rounds with an idle gap before every call
-(``fewstep.runtime.run_cli.interleaved``), medians; digits, DPM-Solver++(2M), NFE 4.
+(``fewstep.export.latency.interleaved``), medians; digits, DPM-Solver++(2M), NFE 4.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/guidance_branch.py [--batch 1 16 64] [--threads 1] [--repeats 20]
 """
@@ -32,9 +32,10 @@ def bench(batches, threads: int, repeats: int, gap_ms: float) -> dict:
     import torch
 
     from fewstep import _C
+    from fewstep.export.latency import _median_us, interleaved
     from fewstep.export.onnx import export_onnx
+    from fewstep.report import machine
     from fewstep.runtime.models import load
-    from fewstep.runtime.run_cli import _median_us, interleaved, machine
     from fewstep.runtime.solvers import build
 
     torch.set_num_threads(threads)
@@ -70,7 +71,7 @@ def bench(batches, threads: int, repeats: int, gap_ms: float) -> dict:
                      "w1_over_w2_branch": med["W=1 branch engine"] / med["W=2 branch engine"]})
         print(json.dumps(rows[-1]), flush=True)
     return {"model": "digits", "plan": plan.name, "threads": threads, "repeats": repeats, "gap_ms": gap_ms,
-            "machine": machine(threads), "file_bytes": sizes, "rows": rows}
+            "machine": machine(threads, ort=True), "file_bytes": sizes, "rows": rows}
 
 
 def markdown(r: dict) -> str:

@@ -2,7 +2,7 @@
 and with ONNX Runtime's spinning on and off.
 
 After a run, ONNX Runtime's intra-op workers spin waiting for more work; a path timed right after it (the
-eager executor, say) then shares its cores with them. ``fewstep.runtime.run_cli.latency`` waits
+eager executor, say) then shares its cores with them. ``fewstep.export.latency.latency`` waits
 ``gap_ms`` before every timed call; ``spinning=False`` sets ``session.intra_op.allow_spinning = 0`` on the
 Python ONNX Runtime sessions (the C++ runtime keeps ONNX Runtime's default, spinning on). This runs the
 harness under each setting on digits / DPM-Solver++(2M) NFE 4 at 2 threads (where spinning threads take a
@@ -42,10 +42,10 @@ def idle_spin(plan, batch: int, threads: int, repeats: int = 9) -> dict:
     import torch
 
     from fewstep.export.onnx import example_inputs, export_onnx
+    from fewstep.report import machine
     from fewstep.runtime import sample
     from fewstep.runtime.models import load
     from fewstep.runtime.run import load_engine
-    from fewstep.runtime.run_cli import machine
 
     torch.set_num_threads(threads)
     t = load("digits")
@@ -88,7 +88,7 @@ def idle_spin(plan, batch: int, threads: int, repeats: int = 9) -> dict:
             samples.append(row)
         out[name] = [statistics.median(col) for col in zip(*samples)]
     return {"windows_ms": list(WINDOWS_MS), "repeats": repeats, "batch": batch, "threads": threads, "cpu_ms": out,
-            "machine": machine(threads)}
+            "machine": machine(threads, ort=True)}
 
 
 def main() -> int:
@@ -100,9 +100,9 @@ def main() -> int:
     ap.add_argument("--harness", action="store_true", help="also run the harness under each setting")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()
+    from fewstep.export.latency import latency
     from fewstep.runtime.models import load
     from fewstep.runtime.plan import atomic_write_text
-    from fewstep.runtime.run_cli import latency
     from fewstep.runtime.solvers import build
 
     den = load("digits").denoiser

@@ -12,6 +12,8 @@ import os
 import re
 import time
 
+from ..report import machine
+
 
 def register(bench_sub) -> None:
     b = bench_sub.add_parser("latency", help="latency: network-only × NFE, Python executor, ORT, C++ runtime",
@@ -89,24 +91,6 @@ def interleaved(paths: dict, repeats: int, gap_ms: float = GAP_MS, warmup: int =
             paths[k]()
             times[k].append(time.perf_counter() - t0)
     return times
-
-
-def machine(threads: int) -> dict:
-    import platform
-    import sys
-
-    import onnxruntime as ort
-    import torch
-
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "platform": platform.platform(),
-            "python": sys.version.split()[0], "torch": torch.__version__, "onnxruntime": ort.__version__,
-            "load_average": os.getloadavg(), "device": "cpu"}
 
 
 def latency(model: str, plan, batch: int = 1, repeats: int = 30, threads: int = 1, gap_ms: float = GAP_MS,
@@ -192,7 +176,7 @@ def latency(model: str, plan, batch: int = 1, repeats: int = 30, threads: int = 
     return {
         "model": teacher.name, "plan": plan.name, "nfe": nfe, "batch": batch, "threads": threads,
         "repeats": repeats, "gap_ms": gap_ms, "wait_quiet": quiet, "ort_spinning": spinning,
-        "machine": machine(threads),
+        "machine": machine(threads, ort=True),
         "fewstep": _C.version(), "guidance_input": has_w, "by_guidance": per_w,
         "cpp_equals_ort_python": same, "cpp_vs_executor_max_rel_err": checks,
         "notes": "Interleaved rounds (the order rotates each round); before every timed call gap_ms of idle time, "

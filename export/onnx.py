@@ -368,6 +368,32 @@ def export_onnx(denoiser, plan: Plan | None, path, *, sample_shape, num_classes:
     onnx = require_onnx()
     dt = parse_dtype(dtype)
     path = check_out_path(path)
+    info = _check_request(denoiser, plan, sample_shape, num_classes, batch, step_graph, teacher_hash, force,
+                          guidance_input, conditional)
+    den = _prepare(denoiser, dt)
+    if step_graph:
+        graph, kind = StepGraph(den, info, dt, guidance_input), "step"
+        sigma_init = plan.sigma_init if plan is not None else float(getattr(denoiser, "sigma_max", 80.0))
+    else:
+        graph, kind, sigma_init = SamplerGraph(den, plan, info, dt, guidance_input), "sampler", plan.sigma_init
+    contract = contract_for(graph, kind, batch, plan, sigma_init)
+    check_model_runs(graph, contract)
+
+    t0 = time.perf_counter()
+    model = _trace_graph(onnx, graph, contract, batch, dt, denoiser, unit_guidance_branch)
+    _check_interface(onnx, model, contract)
+    meta = {"fewstep.format": FORMAT, "fewstep.kind": kind, "fewstep.teacher_hash": teacher_hash or "",
+            "fewstep.contract": json.dumps(contract)}
+    if plan is not None:
+        meta["fewstep.plan"] = plan.to_json()
+    data = _finish(onnx, model, {**meta, **(extra_metadata or {})}, dt)
+    atomic_write_bytes(path, data)
+    return ExportResult(path, time.perf_counter() - t0, len(data), contract)
+
+
+def _check_request(denoiser, plan, sample_shape, num_classes, batch, step_graph, teacher_hash, force,
+                   guidance_input, conditional) -> ModelInfo:
+    """Every check of an export request that needs no tracing; returns what the model takes."""
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise ExportError(f"--batch must be 'dynamic' or an integer ≥ 1, got {batch!r}")
     info = ModelInfo(tuple(int(s) for s in sample_shape), num_classes,
@@ -384,21 +410,13 @@ def export_onnx(denoiser, plan: Plan | None, path, *, sample_shape, num_classes:
             raise ExportError(f"plan {plan.name!r} fixes W on every row: its engine reads no guidance input")
     elif guidance_input and not info.guided:
         raise ExportError("a guidance input was asked for, but the model has no classifier-free guidance")
-    den = _prepare(denoiser, dt)
-    if step_graph:
-        graph = StepGraph(den, info, dt, guidance_input)
-        kind = "step"
-        sigma_init = plan.sigma_init if plan is not None else float(getattr(denoiser, "sigma_max", 80.0))
-    else:
-        graph = SamplerGraph(den, plan, info, dt, guidance_input)
-        kind = "sampler"
-        sigma_init = plan.sigma_init
-    contract = contract_for(graph, kind, batch, plan, sigma_init)
-    check_model_runs(graph, contract)
+    return info
 
-    t0 = time.perf_counter()
-    ex_batch = batch if batch is not None else 2  # an example batch ≥ 2 keeps batch-1 special cases out of the trace
-    feeds = example_inputs(contract, ex_batch)
+
+def _trace_graph(onnx, graph, contract: dict, batch, dt, denoiser, unit_guidance_branch: bool):
+    """The graph as an ONNX model: traced at an example batch ≥ 2 (batch-1 special cases stay out of the
+    trace), the batch axis dynamic unless fixed, and for a CFG guidance input a W = 1 branch of B rows."""
+    feeds = example_inputs(contract, batch if batch is not None else 2)
     args = tuple(torch.from_numpy(feeds[s["name"]]) for s in contract["inputs"])
     out_name = contract["outputs"][0]["name"]
     dyn = None
@@ -414,33 +432,25 @@ def export_onnx(denoiser, plan: Plan | None, path, *, sample_shape, num_classes:
         finally:
             graph.unit_guidance = False
         model = branch_on_unit_guidance(onnx, model, unit)
-    _check_interface(onnx, model, contract)
+    return model
+
+
+def _finish(onnx, model, meta: dict, dt) -> bytes:
+    """Metadata in, the full ONNX check (naming the first op the opset does not allow), serialised."""
     import fewstep
 
-    meta = {
-        "fewstep.format": FORMAT,
-        "fewstep.kind": kind,
-        "fewstep.version": fewstep.__version__,
-        "fewstep.teacher_hash": teacher_hash or "",
-        "fewstep.contract": json.dumps(contract),
-    }
-    if plan is not None:
-        meta["fewstep.plan"] = plan.to_json()
-    meta.update(extra_metadata or {})
     del model.metadata_props[:]
-    for k, v in meta.items():
+    for k, v in {**meta, "fewstep.version": fewstep.__version__}.items():
         p = model.metadata_props.add()
         p.key, p.value = k, v
     model.producer_name = "fewstep"
     model.producer_version = fewstep.__version__
-    try:  # names the first op whose types the opset does not allow
+    try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"--dtype {DTYPE_NAMES[dt]}: the exported graph is not valid ONNX opset {_opset(dt)}: "
                           f"{str(exc).strip().splitlines()[0]}") from None
-    data = model.SerializeToString()
-    atomic_write_bytes(path, data)
-    return ExportResult(path, time.perf_counter() - t0, len(data), contract)
+    return model.SerializeToString()
 
 
 def _opset(dt) -> int:

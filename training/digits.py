@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..report import cpu_name
 from ..runtime.denoisers import EDMDenoiser
 from ..runtime.digits_net import (
     NULL_LABEL,
@@ -126,16 +127,6 @@ def train_teacher(out_dir: str, seed: int = 0, steps: int = SHIPPED_STEPS, batch
     return path
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-
-        return platform.processor() or "unknown cpu"
-
-
 # --- quality ---------------------------------------------------------------------------------
 def sample_teacher(den, n: int, nfe: int = 35, seed: int = 0, guidance: float | None = None, batch: int = 500):
     """n samples with EDM Heun at ``nfe``; labels i mod 10 (classes evenly drawn); z from a seeded torch generator."""
@@ -161,7 +152,7 @@ def teacher_quality(n: int = 1000, nfe: int = 35, seed: int = 0, guidances=(1.0,
 
     den = load_teacher(path)
     x_train, y_train, x_test, y_test = load_digits_split()
-    machine = (f"{_cpu_name()} ({platform.machine()}), {os.cpu_count()} cpus, "
+    machine = (f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} cpus, "
                f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
     with open(_resolve(path)[: -len(".safetensors")] + ".json") as f:
         meta = json.load(f)

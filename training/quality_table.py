@@ -7,18 +7,13 @@ stream 0 of the seed) and one reference solve, so columns are comparable.
 
 from __future__ import annotations
 
-import io
-import json
 import os
-import platform
 import time
-
-import torch
 
 import fewstep
 
+from ..report import machine, save_plot, write_results
 from ..runtime.models import load
-from ..runtime.plan import atomic_write_bytes, atomic_write_text
 from ..runtime.reference import reference
 from ..runtime.sampling import make_inputs, run_plan
 from ..runtime.solvers import SolverError, build, solvers
@@ -55,12 +50,10 @@ def run(model: str, out_dir: str, n: int = 1000, nfes=(2, 3, 4, 5, 6, 8, 10), se
     result = {
         "model": teacher.name, "teacher_hash": teacher.content_hash, "n": n, "seed": seed,
         "reference": {"method": "RK4 in log sigma", "nfe": 4 * _ref_steps(teacher), **ref_q},
-        "rows": rows, "machine": _machine(), "fewstep": fewstep.__version__,
+        "rows": rows, "machine": machine(), "fewstep": fewstep.__version__,
         "seconds": time.perf_counter() - t0,
     }
-    base = os.path.join(out_dir, f"quality_{model}")
-    atomic_write_text(base + ".json", json.dumps(result, indent=1) + "\n")
-    atomic_write_text(base + ".md", _markdown(result, nfes))
+    base = write_results(out_dir, f"quality_{model}", result, _markdown(result, nfes))
     _plot(result, base + ".png")
     return result
 
@@ -69,22 +62,6 @@ def _ref_steps(teacher) -> int:
     from ..runtime.reference import REFERENCE_STEPS
 
     return REFERENCE_STEPS[teacher.kind]
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _machine() -> dict:
-    return {"cpu": _cpu_name(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
 
 
 def _markdown(res: dict, nfes) -> str:
@@ -111,27 +88,19 @@ def _markdown(res: dict, nfes) -> str:
 
 
 def _plot(res: dict, path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
     by = {}
     for r in res["rows"]:
         if "rmse_vs_reference" in r:
             by.setdefault(r["solver"], []).append((r["nfe"], r["rmse_vs_reference"]))
-    for name, pts in by.items():
-        ax.plot(*zip(*pts), marker="o", label=name)
-    ax.set_xlabel("NFE")
-    ax.set_ylabel("endpoint RMSE vs reference")
-    ax.set_yscale("log")
-    ax.set_title(f"{res['model']}: base solvers")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+
+    def draw(fig, axes):
+        ax = axes[0, 0]
+        for name, pts in by.items():
+            ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_xlabel("NFE")
+        ax.set_ylabel("endpoint RMSE vs reference")
+        ax.set_yscale("log")
+        ax.set_title(f"{res['model']}: base solvers")
+        ax.legend(fontsize=7, ncol=2)
+
+    save_plot(path, draw, dpi=120)

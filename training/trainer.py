@@ -94,7 +94,6 @@ def run(model: nn.Module, loss_fn: Callable, loop: LoopConfig, out_dir: str, see
     ``step_seed(seed, step, rank)`` seeds step ``step``'s generator (a stage may keep its own historical
     formula, so artifacts trained before the shared loop are reproduced bit for bit).
     """
-    from safetensors.torch import load_file
     from tqdm import tqdm
 
     rank, world = dist_info()
@@ -114,45 +113,12 @@ def run(model: nn.Module, loss_fn: Callable, loop: LoopConfig, out_dir: str, see
     opt = torch.optim.Adam(params.values(), lr=loop.lr, foreach=False)
 
     start, wall, loss_avg = 0, 0.0, float("nan")
-    state_json = os.path.join(out_dir, STATE_JSON)
-    if resume and os.path.exists(state_json):
-        with open(state_json) as f:
-            st = json.load(f)
-        legacy = jsonable({**record, "loop": loop.__dict__})  # checkpoints written before `steps` left the record
-        if st.get("record") not in (record, legacy):
-            raise TrainError(f"{state_json}: written by a run with other settings (config, seed, inputs or "
-                             f"process count); use a fresh --out, or delete it to start over")
-        tensors = load_file(os.path.join(out_dir, STATE_FILE))
-        if int(tensors["step"]) != st["step"]:
-            raise TrainError(f"{out_dir}: {STATE_FILE} and its JSON disagree on the step (interrupted write?)")
-        start, wall, loss_avg = st["step"], st["wall_seconds"], st["loss"]
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        if ema is not None:
-            ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        if start > 0:
-            sd = opt.state_dict()
-            # per-parameter Adam step counts (a loss may update only some parameters on a step, e.g. DMD2's
-            # alternating generator / critic updates); checkpoints without them: every parameter at `start`
-            sd["state"] = {i: {"step": tensors.get(f"adam_step.{n}", torch.tensor(float(start))),
-                               "exp_avg": tensors[f"adam_m.{n}"], "exp_avg_sq": tensors[f"adam_v.{n}"]}
-                           for i, n in enumerate(params)}
-            opt.load_state_dict(sd)
+    if resume and os.path.exists(os.path.join(out_dir, STATE_JSON)):
+        start, wall, loss_avg = _resume(out_dir, record, loop, model, ema, opt, params)
 
     def save_state(step):
         if rank == 0:
-            t = {f"model.{k}": v for k, v in model.state_dict().items()}
-            if ema is not None:
-                t.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-            for n, p in params.items():
-                s = opt.state.get(p, {})
-                t[f"adam_m.{n}"] = s.get("exp_avg", torch.zeros_like(p))
-                t[f"adam_v.{n}"] = s.get("exp_avg_sq", torch.zeros_like(p))
-                t[f"adam_step.{n}"] = torch.as_tensor(s.get("step", 0.0), dtype=torch.float32).reshape(())
-            t["step"] = torch.tensor(step)
-            save_safetensors(os.path.join(out_dir, STATE_FILE), t)
-            atomic_write_text(state_json, json.dumps({"format": "fewstep.train-state/1", "step": step,
-                                                      "loss": loss_avg, "wall_seconds": wall, "record": record},
-                                                     indent=1) + "\n")
+            _save(out_dir, step, record, model, ema, opt, params, loss_avg, wall)
         _barrier(world)
 
     net = model
@@ -202,3 +168,49 @@ def run(model: nn.Module, loss_fn: Callable, loop: LoopConfig, out_dir: str, see
     final = ema if ema is not None else model
     return final, {"steps": max(loop.steps, start), "loss": loss_avg, "wall_seconds": round(wall, 1),
                    "world_size": world, "rank": rank, "threads": torch.get_num_threads()}
+
+
+def _resume(out_dir: str, record: dict, loop: LoopConfig, model, ema, opt, params) -> tuple[int, float, float]:
+    """Load the checkpoint in ``out_dir`` into model, EMA and Adam; returns (step, wall seconds, loss)."""
+    from safetensors.torch import load_file
+
+    state_json = os.path.join(out_dir, STATE_JSON)
+    with open(state_json) as f:
+        st = json.load(f)
+    legacy = jsonable({**record, "loop": loop.__dict__})  # checkpoints written before `steps` left the record
+    if st.get("record") not in (record, legacy):
+        raise TrainError(f"{state_json}: written by a run with other settings (config, seed, inputs or "
+                         f"process count); use a fresh --out, or delete it to start over")
+    tensors = load_file(os.path.join(out_dir, STATE_FILE))
+    if int(tensors["step"]) != st["step"]:
+        raise TrainError(f"{out_dir}: {STATE_FILE} and its JSON disagree on the step (interrupted write?)")
+    start = st["step"]
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if ema is not None:
+        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    if start > 0:
+        sd = opt.state_dict()
+        # per-parameter Adam step counts (a loss may update only some parameters on a step, e.g. DMD2's
+        # alternating generator / critic updates); checkpoints without them: every parameter at `start`
+        sd["state"] = {i: {"step": tensors.get(f"adam_step.{n}", torch.tensor(float(start))),
+                           "exp_avg": tensors[f"adam_m.{n}"], "exp_avg_sq": tensors[f"adam_v.{n}"]}
+                       for i, n in enumerate(params)}
+        opt.load_state_dict(sd)
+    return start, st["wall_seconds"], st["loss"]
+
+
+def _save(out_dir: str, step: int, record: dict, model, ema, opt, params, loss_avg: float, wall: float) -> None:
+    """The full state (model, EMA, Adam moments and step counts), tensors first, then the JSON naming the step."""
+    t = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if ema is not None:
+        t.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    for n, p in params.items():
+        s = opt.state.get(p, {})
+        t[f"adam_m.{n}"] = s.get("exp_avg", torch.zeros_like(p))
+        t[f"adam_v.{n}"] = s.get("exp_avg_sq", torch.zeros_like(p))
+        t[f"adam_step.{n}"] = torch.as_tensor(s.get("step", 0.0), dtype=torch.float32).reshape(())
+    t["step"] = torch.tensor(step)
+    save_safetensors(os.path.join(out_dir, STATE_FILE), t)
+    atomic_write_text(os.path.join(out_dir, STATE_JSON),
+                      json.dumps({"format": "fewstep.train-state/1", "step": step, "loss": loss_avg,
+                                  "wall_seconds": wall, "record": record}, indent=1) + "\n")
