@@ -322,7 +322,7 @@ def test_fast_equals_reference_on_a_long_history_plan(interpret, solver, method)
     from fewstep.training import fit
 
     g = models.load("gmm")
-    plan = fit.fit(g, solver, 10, method, batch=32)
+    plan = fit.fit(g, fit.FitConfig(solver, 10, method, batch=32))
     assert plan.history >= 8
     z = torch.randn(64, 2, generator=torch.Generator().manual_seed(5))
     ref = sample(plan, g.denoiser, z)
