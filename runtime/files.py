@@ -8,10 +8,12 @@ before anything large is read or allocated.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import stat
+import tempfile
 from typing import Any
 
 from ..errors import FewstepError
@@ -180,8 +182,43 @@ def save_npy(path: str, arr) -> None:
 
     import numpy as np
 
-    from .plan import atomic_write_bytes
-
     buf = io.BytesIO()
     np.save(buf, np.asarray(arr), allow_pickle=False)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write via a temporary file in the same directory and rename: never half a file."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
+    except OSError as exc:  # name the target, never the temporary file
+        raise type(exc)(exc.errno, exc.strerror, path) from None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError) and exc.filename == tmp:
+            raise type(exc)(exc.errno, exc.strerror, path) from None
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -30,15 +30,13 @@ Lists may be shorter than K (missing entries are 0). ``guidance`` is the row's C
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from .files import MAX_JSON_BYTES, FileError, parse_json, read_bytes
+from .files import MAX_JSON_BYTES, FileError, atomic_write_bytes, atomic_write_text, parse_json, read_bytes  # noqa: F401 (atomic_write_*: long imported from here)
 
 FORMAT = "fewstep.plan/1"
 MAX_HISTORY = 10
@@ -274,40 +272,3 @@ def _check_finite(v: Any, where: str) -> None:
         raise PlanError(f"{where}: expected a number, got {v!r}")
     if not math.isfinite(v):
         raise PlanError(f"{where}: not finite ({v})")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write via a temporary file in the same directory and rename: never half a file."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise IsADirectoryError(errno.EISDIR, "is a directory", path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
-    except OSError as exc:  # name the target, never the temporary file
-        raise type(exc)(exc.errno, exc.strerror, path) from None
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError) and exc.filename == tmp:
-            raise type(exc)(exc.errno, exc.strerror, path) from None
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

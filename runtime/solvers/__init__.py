@@ -15,10 +15,7 @@ import numpy as np
 
 from .. import schedules as _schedules
 from ..plan import MAX_ROWS, Plan
-
-
-class SolverError(ValueError):
-    pass
+from .errors import SolverError
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ a fixed combination of the last ≤ 4 history entries.
 from __future__ import annotations
 
 from ..plan import Plan
+from .errors import SolverError
 from .trace import Lin, Trace
 
 # Adams–Bashforth weights on ε_i, ε_{i−1}, … for equal steps (orders 1–4). Both methods apply them
@@ -71,8 +72,6 @@ def plms(sigmas) -> Plan:
 
 def plms_steps(nfe: int) -> int:
     """σ-grid steps n for ``nfe`` PLMS evaluations: n = 1 costs 1, n ≥ 2 cost n + 1 (the re-evaluated first step)."""
-    from . import SolverError  # here, not at import time: the registry imports this module
-
     if nfe < 1:
         raise SolverError(f"plms: NFE must be ≥ 1, got {nfe}")
     if nfe == 1:
