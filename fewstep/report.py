@@ -41,13 +41,6 @@ def machine(threads: int | None = None, ort: bool = False, **extra) -> dict:
     return m
 
 
-def machine_line(m: dict) -> str:
-    """One human line for a results file."""
-    return (f"{m['cpu']} ({m['cores']} cores, shared), {m['threads']} thread(s), torch {m['torch']}"
-            + (f", onnxruntime {m['onnxruntime']}" if "onnxruntime" in m else "")
-            + f"; load average {m['load_average'][0]:.1f}")
-
-
 def write_results(out_dir: str, stem: str, result: dict, markdown: str) -> str:
     """``stem``.json and ``stem``.md in ``out_dir``, each written atomically; returns the path without suffix."""
     from .runtime.plan import atomic_write_text

@@ -95,7 +95,6 @@ class FastSampler:
         self.use_kernel = z_like.is_cuda if use_kernel is None else use_kernel
         b = self.shape[0]
         self.n = z_like.numel()
-        self.has_cond = cond is not None
         self.rows = []
         for row in plan.rows:
             w = row.guidance if row.guidance is not None else guidance

@@ -62,12 +62,6 @@ def vp_uniform_t(
     return _close(np.sqrt(np.expm1(0.5 * beta_d * t**2 + beta_min * t)))
 
 
-def discrete_sigmas(alphas_cumprod: Sequence[float]) -> np.ndarray:
-    """σ_t = sqrt((1 − ᾱ_t)/ᾱ_t) for a discrete VP table."""
-    ac = np.asarray(alphas_cumprod, dtype=np.float64)
-    return np.sqrt((1 - ac) / ac)
-
-
 def explicit(sigmas: Sequence[float]) -> np.ndarray:
     """A given list, strictly decreasing and positive; 0 is appended unless it ends in 0."""
     s = np.asarray(list(sigmas), dtype=np.float64)

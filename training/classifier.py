@@ -12,7 +12,6 @@ Reproduce the shipped weights (runtime/weights/digits_classifier.*)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -142,12 +141,6 @@ def load_classifier(path: str | None = None) -> DigitsClassifier:
     model.eval().requires_grad_(False)
     _CACHE[key] = model
     return model
-
-
-def classifier_hash(path: str | None = None) -> str:
-    path = path or os.path.join(WEIGHTS_DIR, CLASSIFIER_FILE)
-    with open(path, "rb") as f:
-        return "sha256:" + hashlib.sha256(f.read()).hexdigest()
 
 
 if __name__ == "__main__":
