@@ -56,7 +56,7 @@ TRAJ_FILE = "traj.safetensors"
 class CUDConfig:
     method: str = "cud"  # cud | fm (the flow-matching baseline)
     heads: str = "rk2"  # none | rk2 | rk3 (ignored by fm)
-    steps: int = 2000
+    steps: int = 1000
     batch: int = 64
     lr: float = 2e-3
     warmup: int = 200
@@ -66,7 +66,7 @@ class CUDConfig:
     delta_max: float = 1 / 16  # Δ ~ U(0, delta_max): the catch-up step (the paper's 1/16)
     t_eps: float = 1e-5  # t ~ U(t_eps, 1)
     p_uncond: float = 0.1  # label dropout → the null label (classifier-free guidance stays possible)
-    extra_steps: int = 600  # additional one-step training on the model's own 16-step samples; 0 = none
+    extra_steps: int = 300  # additional one-step training on the model's own 16-step samples; 0 = none
     extra_lr: float = 2e-4
     extra_ema_halflife: float = 100.0
     traj_n: int = 4096  # saved 16-step trajectories (their endpoints) for the additional training
