@@ -60,11 +60,47 @@ def default_labels(info: dict, batch: int, cls) -> np.ndarray | None:
     return np.full(batch, cls, np.int64)
 
 
+def conditioning_inputs(engine) -> list[dict]:
+    """The inputs the caller must give besides class labels and guidance (e.g. ``encoder_hidden_states``):
+    ``engine.inputs`` entries of source "required"; none for an extension built before named inputs."""
+    return [d for d in getattr(engine, "inputs", ()) if d["source"] == "required"
+            and d["name"] not in ("class_labels", "guidance")]
+
+
+def read_embeddings(path: str) -> dict:
+    """Named tensors from a .safetensors file (e.g. precomputed text embeddings), each bounded by the runtime's
+    per-run limit before it is read."""
+    import math
+
+    from .files import check_regular, one_line
+
+    check_regular(path, "embeddings file")
+    try:
+        from safetensors import safe_open
+
+        out = {}
+        with safe_open(path, framework="np") as f:
+            for name in f.keys():
+                n = math.prod(f.get_slice(name).get_shape())
+                if n > MAX_VALUES:
+                    raise RunError(f"embeddings file {path}: tensor {name!r} has {n:,} values; at most {MAX_VALUES:,}")
+                out[name] = f.get_tensor(name)
+        return out
+    except RunError:
+        raise
+    except Exception as exc:  # safetensors' own errors (a bad header, truncated data) name no common class
+        raise RunError(f"embeddings file {path}: {one_line(exc, 200)}") from None
+
+
 def sample(engine, seed: int = 0, batch: int | None = None, cls=None, guidance: float | None = None,
-           z: np.ndarray | None = None) -> np.ndarray:
+           z: np.ndarray | None = None, inputs: dict | None = None) -> np.ndarray:
     """float32 [batch, *sample_shape] from ``engine`` (a ``_C.Engine``); ``z`` replaces the seed's
-    initial noise (the stochastic rows still draw from ``seed``), as ``fewstep sample --noise``."""
+    initial noise (the stochastic rows still draw from ``seed``), as ``fewstep sample --noise``.
+    ``inputs``: the engine's named inputs {name: array} (conditioning tensors such as
+    ``encoder_hidden_states``); without ``batch`` or ``z`` the batch is the leading size of the first one
+    whose leading dimension is the engine's batch."""
     info = engine.info
+    inputs = dict(inputs or {})
     if z is not None:
         want = tuple(info["sample_shape"])
         if z.dtype != np.float32 or z.ndim != 1 + len(want) or tuple(z.shape[1:]) != want:
@@ -76,6 +112,13 @@ def sample(engine, seed: int = 0, batch: int | None = None, cls=None, guidance: 
             raise RunError("noise file: contains NaN or inf")
         batch = z.shape[0]
         z = np.ascontiguousarray(z)
+    named = bool(inputs) or bool(conditioning_inputs(engine))
+    if batch is None and named:
+        for d in getattr(engine, "inputs", ()):
+            a = inputs.get(d["name"])
+            if a is not None and d["shape"][:1] == ("batch",) and np.ndim(a) >= 1:
+                batch = int(np.shape(a)[0])
+                break
     batch = 1 if batch is None else batch
     if batch < 1:
         raise RunError(f"--n must be ≥ 1, got {batch}")
@@ -83,15 +126,26 @@ def sample(engine, seed: int = 0, batch: int | None = None, cls=None, guidance: 
     if batch * per_sample > MAX_VALUES:
         raise RunError(f"--n {batch:,}: {batch:,} samples × {per_sample:,} values is more than the "
                        f"{MAX_VALUES:,} values one run may hold")
-    labels = default_labels(info, batch, cls)
+    if "class_labels" in inputs:
+        if cls is not None:
+            raise RunError("--class and an input class_labels both given")
+        labels = None
+    else:
+        labels = default_labels(info, batch, cls)
     g = None
     if guidance is not None:
+        if "guidance" in inputs:
+            raise RunError("--guidance and an input guidance both given")
         if not np.isfinite(guidance):
             raise RunError(f"--guidance must be finite, got {guidance}")
         if not info["guidance_input"] and guidance != 1.0:
             raise RunError(f"--guidance {guidance}: this engine has no guidance input")
         g = np.full(batch, guidance, np.float32) if info["guidance_input"] else None
+    elif named and info["guidance_input"] and "guidance" not in inputs:
+        g = np.ones(batch, np.float32)  # the named path takes every input explicitly: W = 1 as the default
     try:
+        if named:  # every input by name (fewstep_sample_inputs): the C side checks each against the contract
+            return engine.sample(seed, batch, labels=labels, guidance=g, z=z, inputs=inputs)
         return engine.sample(seed, batch, labels=labels, guidance=g, z=z)
     except NonFiniteError:
         raise  # its own exit code (3), not a bad argument

@@ -454,15 +454,26 @@ def ort_headers_arg():
     return args
 
 
-@pytest.fixture(scope="module")
-def native(tmp_path_factory):
+def native_build(tmp_path_factory) -> Path:
+    """libfewstep + fewstep-run: built in a temp dir, or $FEWSTEP_NATIVE_BUILD (a build dir of this checkout
+    already configured with -DFEWSTEP_PYTHON=OFF), brought up to date, so a C++ change is tested at once."""
     cmake = _cmake()
+    given = os.environ.get("FEWSTEP_NATIVE_BUILD")
+    if given:
+        p = subprocess.run([cmake, "--build", given], capture_output=True, text=True)
+        assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+        return Path(given)
     b = tmp_path_factory.mktemp("native")
     subprocess.run([cmake, "-S", ROOT, "-B", b, *_gen(), "-DCMAKE_BUILD_TYPE=Release", "-DFEWSTEP_PYTHON=OFF",
                     *ort_headers_arg()], check=True, capture_output=True)
     p = subprocess.run([cmake, "--build", b], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     return b
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    return native_build(tmp_path_factory)
 
 
 def _env():

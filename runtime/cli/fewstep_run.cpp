@@ -1,5 +1,6 @@
 // fewstep-run: sample an exported engine from the command line. Uses only the public C++ wrapper.
-//   fewstep-run ENGINE --seed S --n N [--class C|none] [--guidance W] [--noise Z.npy] --out X.npy
+//   fewstep-run ENGINE --seed S --n N [--class C|none] [--guidance W] [--noise Z.npy] [--input NAME=X.npy]...
+//               --out X.npy
 //               [--threads T] [--provider cpu|cuda|tensorrt] [--device D] [--cuda-graph]
 //               [--cache-dir DIR] [--ort-library PATH] [--bench N]
 // Exit codes, as `fewstep`: 0 ok; 2 bad input (arguments, files, the engine, the ONNX Runtime library or
@@ -30,11 +31,13 @@ struct Usage : std::runtime_error {
 
 const char* kHelp =
     "usage: fewstep-run ENGINE [--seed S] [--n N] [--class C|none] [--guidance W] [--noise Z.npy] [--out X.npy]\n"
-    "                   [--threads T] [--provider cpu|cuda|tensorrt] [--device D] [--cuda-graph]\n"
+    "                   [--input NAME=FILE.npy]... [--threads T] [--provider cpu|cuda|tensorrt] [--device D] [--cuda-graph]\n"
     "                   [--cache-dir DIR] [--ort-library PATH] [--bench N]\n"
     "Samples N images from an exported fewstep engine with Philox seed S (default 0; N: the noise file's, else 1).\n"
     "Without --class a class-conditional engine draws classes 0,1,2,... in turn (like `fewstep sample`);\n"
     "--class none samples unconditionally (the null label). --version prints the library version.\n"
+    "--input NAME=FILE.npy (repeatable): a named input of the engine (e.g. encoder_hidden_states), float32 or\n"
+    "int64 of the engine's shape at this N; without --n / --noise, N is its leading size.\n"
     "Exit codes: 0 ok, 2 bad input, 3 the result is not finite (nothing written), 1 internal error.\n"
     "--bench N: time N more runs after one warm-up and print p50/p90/p99 latency and samples/s.\n"
     "ONNX Runtime: --ort-library, else $FEWSTEP_ORT_LIBRARY, else the onnxruntime package beside libfewstep,\n"
@@ -55,13 +58,22 @@ double parse_float(const std::string& s, const char* what) {
   return v;
 }
 
-// .npy (format 1.0/2.0) of little-endian float32, C order: shape and data.
-std::vector<float> read_npy(const std::string& path, std::vector<long long>& shape) {
+// A .npy array as read: shape, dtype (float32 or int64) and the values (8-byte aligned storage).
+struct Npy {
+  std::vector<long long> shape;
+  fewstep_dtype dtype = FEWSTEP_DTYPE_FLOAT32;
+  std::vector<int64_t> storage;
+  size_t count = 0;
+  const float* f32() const { return reinterpret_cast<const float*>(storage.data()); }
+};
+
+// .npy (format 1.0/2.0) of little-endian float32 or int64, C order. `what` names the file in messages.
+Npy read_npy(const std::string& path, const std::string& what) {
   struct stat st{};
-  if (stat(path.c_str(), &st) != 0) throw Usage("cannot open noise file " + path + ": " + std::strerror(errno));
-  if (!S_ISREG(st.st_mode)) throw Usage("noise file " + path + ": not a regular file");
+  if (stat(path.c_str(), &st) != 0) throw Usage("cannot open " + what + " " + path + ": " + std::strerror(errno));
+  if (!S_ISREG(st.st_mode)) throw Usage(what + " " + path + ": not a regular file");
   std::ifstream f(path, std::ios::binary);
-  if (!f) throw Usage("cannot open noise file " + path);
+  if (!f) throw Usage("cannot open " + what + " " + path);
   char magic[8];
   if (!f.read(magic, 8) || std::memcmp(magic, "\x93NUMPY", 6) != 0) throw Usage(path + ": not a .npy file");
   uint32_t hlen = 0;
@@ -72,8 +84,11 @@ std::vector<float> read_npy(const std::string& path, std::vector<long long>& sha
   if (hlen > (1u << 20)) throw Usage(path + ": .npy header too long");
   std::string h(hlen, '\0');
   if (!f.read(&h[0], hlen)) throw Usage(path + ": truncated .npy header");
-  if (h.find("'descr': '<f4'") == std::string::npos) throw Usage(path + ": noise must be float32 (<f4)");
-  if (h.find("'fortran_order': False") == std::string::npos) throw Usage(path + ": noise must be C-ordered");
+  Npy a;
+  if (h.find("'descr': '<i8'") != std::string::npos) a.dtype = FEWSTEP_DTYPE_INT64;
+  else if (h.find("'descr': '<f4'") == std::string::npos)
+    throw Usage(path + ": " + what + " must be float32 (<f4) or int64 (<i8)");
+  if (h.find("'fortran_order': False") == std::string::npos) throw Usage(path + ": " + what + " must be C-ordered");
   const size_t p = h.find("'shape': (");
   if (p == std::string::npos) throw Usage(path + ": .npy header without shape");
   std::stringstream ss(h.substr(p + 10, h.find(')', p) - p - 10));
@@ -82,18 +97,20 @@ std::vector<float> read_npy(const std::string& path, std::vector<long long>& sha
   while (std::getline(ss, tok, ',')) {
     tok.erase(std::remove(tok.begin(), tok.end(), ' '), tok.end());
     if (tok.empty()) continue;
-    shape.push_back(parse_int(tok, "npy shape"));
-    if (shape.back() < 0 || (shape.back() && n > (size_t(1) << 40) / size_t(shape.back())))
+    a.shape.push_back(parse_int(tok, "npy shape"));
+    if (a.shape.back() < 0 || (a.shape.back() && n > (size_t(1) << 40) / size_t(a.shape.back())))
       throw Usage(path + ": bad shape");
-    n *= size_t(shape.back());
+    n *= size_t(a.shape.back());
   }
   // The header's promise against the file's size before allocating (a header may claim 10^11 values).
-  if (uint64_t(n) * sizeof(float) > uint64_t(st.st_size)) throw Usage(path + ": truncated .npy data (the header "
-                                                                          "promises more values than the file holds)");
-  std::vector<float> data(n);
-  if (!f.read(reinterpret_cast<char*>(data.data()), std::streamsize(n * sizeof(float))))
+  const size_t item = a.dtype == FEWSTEP_DTYPE_INT64 ? 8 : 4;
+  if (uint64_t(n) * item > uint64_t(st.st_size)) throw Usage(path + ": truncated .npy data (the header "
+                                                                 "promises more values than the file holds)");
+  a.count = n;
+  a.storage.resize((n * item + 7) / 8);
+  if (!f.read(reinterpret_cast<char*>(a.storage.data()), std::streamsize(n * item)))
     throw Usage(path + ": truncated .npy data");
-  return data;
+  return a;
 }
 
 void write_npy(const std::string& path, const std::vector<long long>& shape, const float* data, size_t n) {
@@ -163,6 +180,7 @@ struct Args {
   bool has_class = false, has_guidance = false, null_class = false;
   long long cls = 0;
   double guidance = 1.0;
+  std::vector<std::pair<std::string, std::string>> inputs;  // --input NAME=FILE.npy, in order
   fewstep::EngineOptions opt;
 };
 
@@ -194,6 +212,13 @@ bool parse_args(int argc, char** argv, Args& a) {
     }
     else if (arg == "--guidance") a.has_guidance = true, a.guidance = parse_float(next(), "--guidance");
     else if (arg == "--noise") a.noise_path = next();
+    else if (arg == "--input") {
+      const std::string v = next();
+      const size_t eq = v.find('=');
+      if (eq == std::string::npos || eq == 0 || eq + 1 == v.size())
+        throw Usage("--input must be NAME=FILE.npy, got '" + v + "'");
+      a.inputs.emplace_back(v.substr(0, eq), v.substr(eq + 1));
+    }
     else if (arg == "--out") a.out_path = next();
     else if (arg == "--threads") {
       const long long t = parse_int(next(), "--threads");
@@ -222,16 +247,32 @@ bool parse_args(int argc, char** argv, Args& a) {
 }
 
 // The starting noise from --noise: N x sample shape, finite; N sets the batch when --n did not.
-std::vector<float> read_noise(const std::string& path, const fewstep_engine_info& info, long long& batch) {
-  std::vector<long long> shape;
-  std::vector<float> z = read_npy(path, shape);
-  if (batch == 0 && !shape.empty()) batch = shape[0];
+Npy read_noise(const std::string& path, const fewstep_engine_info& info, long long& batch) {
+  Npy z = read_npy(path, "noise file");
+  if (z.dtype != FEWSTEP_DTYPE_FLOAT32) throw Usage(path + ": noise must be float32 (<f4)");
+  if (batch == 0 && !z.shape.empty()) batch = z.shape[0];
   std::vector<long long> want{batch};
   want.insert(want.end(), info.sample_shape, info.sample_shape + info.ndim);
-  if (shape != want) throw Usage(path + ": expected a float32 array of shape N x sample shape with N = --n");
-  for (float v : z)
-    if (!std::isfinite(v)) throw Usage(path + ": contains NaN or inf");
+  if (z.shape != want) throw Usage(path + ": expected a float32 array of shape N x sample shape with N = --n");
+  for (size_t i = 0; i < z.count; ++i)
+    if (!std::isfinite(z.f32()[i])) throw Usage(path + ": contains NaN or inf");
   return z;
+}
+
+// --input NAME=FILE.npy, each read as it is; the C API checks names, dtypes, shapes and values against the
+// engine. Without --n and --noise the batch is the leading size of the first input whose own leading
+// dimension is the engine's batch.
+std::vector<std::pair<std::string, Npy>> read_inputs(const Args& a, const fewstep::Engine& engine, long long& batch) {
+  std::vector<std::pair<std::string, Npy>> out;
+  const std::vector<fewstep::InputInfo> declared = engine.inputs();
+  for (const auto& [name, path] : a.inputs) {
+    out.emplace_back(name, read_npy(path, "input file for '" + name + "'"));
+    const Npy& x = out.back().second;
+    if (batch == 0 && !x.shape.empty())
+      for (const fewstep::InputInfo& d : declared)
+        if (d.name == name && !d.shape.empty() && d.shape[0] < 0) batch = x.shape[0];
+  }
+  return out;
 }
 
 // One label per sample: --class C (or the null label for --class none); without --class a class-conditional
@@ -276,20 +317,42 @@ int run(int argc, char** argv) {
   const fewstep::Engine engine(a.engine_path, a.opt);
   const fewstep_engine_info& info = engine.info();
   long long batch = a.batch;
-  std::vector<float> z;
+  Npy z;
   if (!a.noise_path.empty()) z = read_noise(a.noise_path, info, batch);
+  const std::vector<std::pair<std::string, Npy>> given = read_inputs(a, engine, batch);
   if (batch == 0) batch = 1;
   if (batch < 1) throw Usage("--n must be >= 1");
-  const std::vector<int64_t> labels = class_labels(a, info, batch);
+  if (uint64_t(batch) > (uint64_t(1) << 31) / uint64_t(info.per_sample))  // before the output is allocated
+    throw Usage("--n " + std::to_string(batch) + ": more than the 2^31 values one run may hold");
+  const auto named = [&](const char* name) {
+    for (const auto& g : given)
+      if (g.first == name) return true;
+    return false;
+  };
+  if (named("class_labels") && a.has_class) throw Usage("--class and --input class_labels=... both given");
+  if (named("guidance") && a.has_guidance) throw Usage("--guidance and --input guidance=... both given");
+  if (named("z") && !a.noise_path.empty()) throw Usage("--noise and --input z=... both given");
+  // Every run is one fewstep_sample_inputs call: the files' tensors, then class labels and guidance as
+  // `fewstep sample` picks them (--class / classes in turn; --guidance or W = 1) unless given as files.
+  std::vector<fewstep::Input> inputs;
+  for (const auto& [name, x] : given) {
+    const std::vector<int64_t> shape(x.shape.begin(), x.shape.end());
+    if (x.dtype == FEWSTEP_DTYPE_INT64) inputs.emplace_back(name, shape, x.storage.data());
+    else inputs.emplace_back(name, shape, x.f32());
+  }
+  if (z.count) inputs.emplace_back("z", std::vector<int64_t>(z.shape.begin(), z.shape.end()), z.f32());
+  const std::vector<int64_t> labels = named("class_labels") ? std::vector<int64_t>{} : class_labels(a, info, batch);
+  if (!labels.empty()) inputs.emplace_back("class_labels", std::vector<int64_t>{batch}, labels.data());
   std::vector<float> g;
-  if (a.has_guidance) g.assign(size_t(batch), float(a.guidance));
+  if (a.has_guidance && !info.guidance_input && a.guidance != 1.0)
+    throw Usage("--guidance " + std::to_string(a.guidance) + ": this engine has no guidance input (its plan fixes W "
+                "on every row, or the model has no classifier-free guidance)");
+  if (info.guidance_input && !named("guidance")) g.assign(size_t(batch), a.has_guidance ? float(a.guidance) : 1.0f);
+  if (!g.empty()) inputs.emplace_back("guidance", std::vector<int64_t>{batch}, g.data());
 
   const size_t n = size_t(batch) * size_t(info.per_sample);
   std::vector<float> out(n);
-  const auto once = [&] {
-    engine.sample(a.seed, batch, labels.empty() ? nullptr : labels.data(), g.empty() ? nullptr : g.data(),
-                  out.data(), out.size(), z.empty() ? nullptr : z.data());
-  };
+  const auto once = [&] { engine.sample_inputs(a.seed, batch, inputs, out.data(), out.size()); };
   const auto t0 = std::chrono::steady_clock::now();
   once();
   const double first_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();

@@ -177,7 +177,8 @@ FEWSTEP_API const char* fewstep_engine_metadata(const fewstep_engine* engine, co
  * Returns FEWSTEP_OK; FEWSTEP_ERR_INVALID_ARGUMENT (NULL engine/out, bad batch, labels or guidance),
  * FEWSTEP_ERR_OUT_OF_RANGE (a label out of range, batch over 2^32), FEWSTEP_ERR_BUFFER_TOO_SMALL,
  * FEWSTEP_ERR_BACKEND (the run failed), FEWSTEP_ERR_NONFINITE (the result holds NaN or inf: try a smaller
- * guidance). On error `out` may be partly written.
+ * guidance). On error `out` may be partly written. An engine with conditioning inputs (see
+ * fewstep_sample_inputs) refuses this call: FEWSTEP_ERR_INVALID_ARGUMENT naming the missing input.
  * Thread-safe: any number of threads may sample from one engine at once; the results do not
  * depend on it. */
 FEWSTEP_API fewstep_status fewstep_sample(fewstep_engine* engine, uint64_t seed, int64_t batch, const int64_t* labels,
@@ -189,6 +190,72 @@ FEWSTEP_API fewstep_status fewstep_sample(fewstep_engine* engine, uint64_t seed,
 FEWSTEP_API fewstep_status fewstep_sample_from(fewstep_engine* engine, uint64_t seed, int64_t batch, const float* z,
                                                const int64_t* labels, const float* guidance, float* out,
                                                size_t out_len);
+
+/* ---- Named inputs ------------------------------------------------------------------------------
+ * An engine's inputs are the ones its contract lists (fewstep.contract "inputs", checked against the graph
+ * at load): z [batch, *sample_shape] and, with stochastic rows, noise [n_stochastic, batch, *sample_shape],
+ * both drawn from the seed; class_labels int64 [batch] and guidance float32 [batch] for class-conditional
+ * and CFG-scale engines; and any conditioning tensors of the model (e.g. encoder_hidden_states float32
+ * [batch, 77, 768], text_embeds, time_ids, their negative_* twins for classifier-free guidance). */
+
+/* Element types of inputs: the ONNX TensorProto codes. */
+typedef enum fewstep_dtype {
+  FEWSTEP_DTYPE_FLOAT32 = 1,
+  FEWSTEP_DTYPE_INT64 = 7
+} fewstep_dtype;
+
+/* Where an input's values come from. */
+typedef enum fewstep_input_source {
+  FEWSTEP_INPUT_REQUIRED = 0,  /* the caller gives it, exactly once (class_labels, guidance, conditioning) */
+  FEWSTEP_INPUT_SEED = 1,      /* z: Philox stream 0 of the seed unless the caller gives it */
+  FEWSTEP_INPUT_SEED_ONLY = 2  /* noise: always Philox streams 1.. of the seed; giving it is an error */
+} fewstep_input_source;
+
+/* Rank bound of any input: noise is [n_stochastic, batch, *sample_shape]. */
+#define FEWSTEP_MAX_INPUT_DIMS (FEWSTEP_MAX_DIMS + 2)
+
+/* One input as the engine declares it. */
+typedef struct fewstep_input_info {
+  const char* name;                          /* owned by the engine, lives as long as it */
+  int32_t ndim;                              /* 0..FEWSTEP_MAX_INPUT_DIMS */
+  int64_t shape[FEWSTEP_MAX_INPUT_DIMS];     /* the first ndim entries; -1 = the batch */
+  int32_t dtype;                             /* a fewstep_dtype */
+  int32_t source;                            /* a fewstep_input_source */
+} fewstep_input_info;
+
+/* Number of inputs of `engine` (z and noise included), 0 for NULL. */
+FEWSTEP_API size_t fewstep_engine_input_count(const fewstep_engine* engine);
+
+/* Input `index` (0 .. count-1, in the contract's order) into *out. FEWSTEP_ERR_INVALID_ARGUMENT for a NULL
+ * pointer, FEWSTEP_ERR_OUT_OF_RANGE for an index past the count. */
+FEWSTEP_API fewstep_status fewstep_engine_input_info(const fewstep_engine* engine, size_t index,
+                                                     fewstep_input_info* out);
+
+/* One named tensor given to fewstep_sample_inputs. Nothing is copied: the caller keeps name, shape and
+ * data alive for the call. */
+typedef struct fewstep_input {
+  const char* name;      /* an input of the engine (fewstep_engine_input_info) */
+  const int64_t* shape;  /* ndim sizes; must equal the declared shape with -1 replaced by the batch */
+  size_t ndim;
+  int32_t dtype;         /* a fewstep_dtype, equal to the declared one */
+  const void* data;      /* row-major float or int64_t values, as many as the shape holds */
+} fewstep_input;
+
+/* Draw `batch` samples with seed `seed` from the given named inputs: every FEWSTEP_INPUT_REQUIRED input
+ * of the engine exactly once, z optionally (standard normal; absent = from the seed, as fewstep_sample),
+ * noise never. Every float input must be finite; class_labels must be classes or the null label.
+ * fewstep_sample and fewstep_sample_from are this call with class_labels (NULL = the null label) and
+ * guidance (NULL = 1) filled in.
+ *   FEWSTEP_ERR_INVALID_ARGUMENT  NULL engine/out, inputs NULL with n_inputs > 0, bad batch; an unknown,
+ *                                 repeated or missing input name, a wrong dtype, rank or shape, NULL data
+ *                                 or shape, NaN or inf in a float input (fewstep_last_error names it)
+ *   FEWSTEP_ERR_OUT_OF_RANGE      a label out of range; batch over 2^32, or an input (or the output) of
+ *                                 more than 2^31 values at this batch
+ *   FEWSTEP_ERR_BUFFER_TOO_SMALL, FEWSTEP_ERR_BACKEND, FEWSTEP_ERR_NONFINITE  as fewstep_sample.
+ * Thread-safe as fewstep_sample. */
+FEWSTEP_API fewstep_status fewstep_sample_inputs(fewstep_engine* engine, uint64_t seed, int64_t batch,
+                                                 const fewstep_input* inputs, size_t n_inputs, float* out,
+                                                 size_t out_len);
 
 #ifdef __cplusplus
 }

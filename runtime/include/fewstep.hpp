@@ -54,6 +54,27 @@ struct EngineOptions {
   }
 };
 
+// One named input tensor for Engine::sample_inputs. The name and shape are copied; the data stays the
+// caller's and must outlive the call.
+struct Input {
+  std::string name;
+  std::vector<int64_t> shape;
+  fewstep_dtype dtype;
+  const void* data;
+  Input(std::string n, std::vector<int64_t> s, const float* d)
+      : name(std::move(n)), shape(std::move(s)), dtype(FEWSTEP_DTYPE_FLOAT32), data(d) {}
+  Input(std::string n, std::vector<int64_t> s, const int64_t* d)
+      : name(std::move(n)), shape(std::move(s)), dtype(FEWSTEP_DTYPE_INT64), data(d) {}
+};
+
+// One input as the engine declares it (fewstep_engine_input_info); -1 in shape = the batch.
+struct InputInfo {
+  std::string name;
+  std::vector<int64_t> shape;
+  fewstep_dtype dtype;
+  fewstep_input_source source;
+};
+
 // One loaded engine; movable, not copyable. sample() may be called from many threads at once.
 class Engine {
  public:
@@ -86,6 +107,34 @@ class Engine {
     std::vector<float> out(size_t(batch > 0 ? batch : 0) * size_t(info_.per_sample));
     sample(seed, batch, labels.empty() ? nullptr : labels.data(), guidance.empty() ? nullptr : guidance.data(),
            out.data(), out.size());
+    return out;
+  }
+
+  // The engine's inputs in the contract's order (z and noise included; see fewstep_input_source).
+  std::vector<InputInfo> inputs() const {
+    std::vector<InputInfo> v;
+    const size_t n = fewstep_engine_input_count(handle_.get());
+    for (size_t i = 0; i < n; ++i) {
+      fewstep_input_info ii{};
+      check(fewstep_engine_input_info(handle_.get(), i, &ii));
+      v.push_back({ii.name, std::vector<int64_t>(ii.shape, ii.shape + ii.ndim), fewstep_dtype(ii.dtype),
+                   fewstep_input_source(ii.source)});
+    }
+    return v;
+  }
+
+  // From named inputs into a caller's buffer; see fewstep_sample_inputs.
+  void sample_inputs(uint64_t seed, int64_t batch, const std::vector<Input>& inputs, float* out, size_t out_len) const {
+    std::vector<fewstep_input> c;
+    c.reserve(inputs.size());
+    for (const Input& in : inputs) c.push_back({in.name.c_str(), in.shape.data(), in.shape.size(), in.dtype, in.data});
+    check(fewstep_sample_inputs(handle_.get(), seed, batch, c.data(), c.size(), out, out_len));
+  }
+
+  // Convenience: a new vector of batch * per_sample floats.
+  std::vector<float> sample_inputs(uint64_t seed, int64_t batch, const std::vector<Input>& inputs) const {
+    std::vector<float> out(size_t(batch > 0 ? batch : 0) * size_t(info_.per_sample));
+    sample_inputs(seed, batch, inputs, out.data(), out.size());
     return out;
   }
 

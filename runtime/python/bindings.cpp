@@ -153,9 +153,10 @@ class PyEngine {
   // (forcecast would copy silently otherwise, which is fine but we avoid it for float32/int64),
   // the output is allocated here and written by ONNX Runtime in place.
   py::array_t<float> sample(const py::object& seed, const py::object& batch, const py::object& labels,
-                            const py::object& guidance, const py::object& z) const {
+                            const py::object& guidance, const py::object& z, const py::object& inputs) const {
     const uint64_t s = to_u64(seed, "seed");
     const int64_t b = to_positive(batch, "batch");
+    if (!inputs.is_none()) return sample_named(s, b, labels, guidance, z, inputs);
     const fewstep_engine_info& info = engine_->info();
     using i64arr = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
     using f32arr = py::array_t<float, py::array::c_style | py::array::forcecast>;
@@ -189,6 +190,77 @@ class PyEngine {
       raise(e);
     }
     return out;
+  }
+
+  // The generic path (fewstep_sample_inputs): `inputs` {name: array} plus labels / guidance / z as the
+  // inputs class_labels / guidance / z when given (a name given both ways is refused by the C side as
+  // given twice). Floating arrays are passed as float32, integer arrays as int64; the C side checks
+  // each against the engine's declared dtype and shape.
+  py::array_t<float> sample_named(uint64_t s, int64_t b, const py::object& labels, const py::object& guidance,
+                                  const py::object& z, const py::object& inputs) const {
+    if (!py::isinstance<py::dict>(inputs)) throw py::value_error("inputs must be a dict {name: array}");
+    std::vector<std::pair<std::string, py::array>> arrays;
+    for (const auto& kv : py::reinterpret_borrow<py::dict>(inputs)) {
+      if (!py::isinstance<py::str>(kv.first)) throw py::value_error("inputs: names must be strings");
+      arrays.emplace_back(py::str(kv.first), py::array(py::module_::import("numpy").attr("asarray")(kv.second)));
+    }
+    if (!z.is_none()) arrays.emplace_back("z", py::array(py::module_::import("numpy").attr("asarray")(z)));
+    if (!labels.is_none()) arrays.emplace_back("class_labels", py::array(py::module_::import("numpy").attr("asarray")(labels)));
+    if (!guidance.is_none()) arrays.emplace_back("guidance", py::array(py::module_::import("numpy").attr("asarray")(guidance)));
+    using i64arr = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+    using f32arr = py::array_t<float, py::array::c_style | py::array::forcecast>;
+    std::vector<py::array> keep;  // the converted arrays, alive until the run is over
+    std::vector<fewstep::Input> in;
+    for (auto& [name, a] : arrays) {
+      const char kind = a.dtype().kind();
+      std::vector<int64_t> shape(a.shape(), a.shape() + a.ndim());
+      if (kind == 'f') {
+        f32arr f = f32arr::ensure(a);
+        if (!f) throw py::value_error("input '" + name + "': cannot be read as float32");
+        in.emplace_back(name, shape, f.data());
+        keep.push_back(f);
+      } else if (kind == 'i' || kind == 'u') {
+        i64arr l = i64arr::ensure(a);
+        if (!l) throw py::value_error("input '" + name + "': cannot be read as int64");
+        in.emplace_back(name, shape, l.data());
+        keep.push_back(l);
+      } else {
+        throw py::value_error("input '" + name + "': expected a float or integer array, got dtype " +
+                              std::string(py::str(a.dtype())));
+      }
+    }
+    const fewstep_engine_info& info = engine_->info();
+    std::vector<py::ssize_t> dims{py::ssize_t(b)};
+    dims.insert(dims.end(), info.sample_shape, info.sample_shape + info.ndim);
+    if (uint64_t(b) > (uint64_t(1) << 31) / uint64_t(info.per_sample))  // before numpy allocates the output
+      throw py::value_error("batch " + std::to_string(b) + " x " + std::to_string(info.per_sample) +
+                            " values per sample is more than the 2^31 values one run may hold");
+    py::array_t<float> out(dims);
+    float* o = out.mutable_data();
+    const size_t n = size_t(out.size());
+    try {
+      py::gil_scoped_release release;
+      engine_->sample_inputs(s, b, in, o, n);
+    } catch (const fewstep::Error& e) {
+      raise(e);
+    }
+    return out;
+  }
+
+  // The engine's inputs: [{name, shape ("batch" for the batch), dtype, source}], the contract's order.
+  py::list inputs() const {
+    py::list l;
+    for (const fewstep::InputInfo& ii : engine_->inputs()) {
+      py::list shape;
+      for (const int64_t d : ii.shape) shape.append(d < 0 ? py::object(py::str("batch")) : py::object(py::int_(d)));
+      py::dict d;
+      d["name"] = ii.name;
+      d["shape"] = py::tuple(shape);
+      d["dtype"] = ii.dtype == FEWSTEP_DTYPE_INT64 ? "int64" : "float32";
+      d["source"] = ii.source == FEWSTEP_INPUT_SEED ? "seed" : ii.source == FEWSTEP_INPUT_SEED_ONLY ? "seed_only" : "required";
+      l.append(d);
+    }
+    return l;
   }
 
   py::dict info() const {
@@ -238,9 +310,14 @@ PYBIND11_MODULE(_C, m) {
            "libonnxruntime.so to use (default: the installed onnxruntime package's). Raises ValueError "
            "for a bad file or argument, RuntimeError when ONNX Runtime fails.")
       .def("sample", &PyEngine::sample, py::arg("seed"), py::arg("batch"), py::arg("labels") = py::none(),
-           py::arg("guidance") = py::none(), py::arg("z") = py::none(),
+           py::arg("guidance") = py::none(), py::arg("z") = py::none(), py::arg("inputs") = py::none(),
            "float32 [batch, *sample_shape]: z and noise from the Philox seed (or the given z), as "
-           "`fewstep sample --seed`. Releases the GIL while ONNX Runtime runs.")
+           "`fewstep sample --seed`. inputs: {name: array} of the engine's named inputs (see .inputs); with it, "
+           "every required input must be given (labels / guidance / z count as class_labels / guidance / z). "
+           "Releases the GIL while ONNX Runtime runs.")
+      .def_property_readonly("inputs", &PyEngine::inputs,
+                             "The engine's inputs: [{name, shape, dtype, source}] ('batch' marks the batch; "
+                             "source 'required', 'seed' (z: from the seed unless given) or 'seed_only' (noise)).")
       .def_property_readonly("info", &PyEngine::info, "The input contract (dict).")
       .def_property_readonly("plan_json", &PyEngine::plan_json)
       .def("metadata", &PyEngine::metadata, py::arg("key"), "A metadata_props value, or None.");

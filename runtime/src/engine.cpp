@@ -145,6 +145,18 @@ struct InputSpec {
   std::vector<int64_t> dims;  // -1 (or another negative) = dynamic
 };
 
+// One input of the engine as its contract declares it (checked against the graph at load).
+struct EngineInput {
+  std::string name;
+  int32_t dtype = FEWSTEP_DTYPE_FLOAT32;  // fewstep_dtype (= the ONNX element type code)
+  std::vector<int64_t> shape;             // -1 = the batch
+  int32_t source = FEWSTEP_INPUT_REQUIRED;
+  uint64_t fixed_count = 1;               // product of the non-batch sizes, <= kMaxValues
+};
+
+// 2^31 values (8 GiB of float32 per buffer) is far past any real sampler and keeps every size in range.
+constexpr uint64_t kMaxValues = uint64_t(1) << 31;
+
 }  // namespace
 }  // namespace fewstep_impl
 
@@ -158,7 +170,9 @@ struct fewstep_engine {
   std::string compute_dtype, plan_json, contract_json;
   fewstep_engine_info info{};
   bool has_noise = false, has_labels = false, has_guidance = false;
-  std::vector<const char*> input_names;  // in the order we pass values: z [noise] [class_labels] [guidance]
+  std::vector<fewstep_impl::EngineInput> inputs;  // the contract's order (z [noise] [class_labels] [guidance] if unlisted)
+  std::vector<fewstep_input_info> input_infos;    // the same, for fewstep_engine_input_info (names point into inputs)
+  std::vector<const char*> input_names;           // inputs[i].name, for OrtApi::Run
   const char* output_name = "sample";
 
   ~fewstep_engine() {
@@ -375,43 +389,168 @@ void expect_tensor(const std::string& path, const fewstep_engine_info& info, con
       bad_contract(path, std::string("'") + name + "' shape does not match sample_shape");
 }
 
-// The graph's inputs must be exactly the ones the contract implies, in the order we pass them:
-// z [noise] [class_labels] [guidance]. Fills input_names, the has_* flags and fixed_batch.
-void bind_inputs(fewstep_engine* e, const std::string& path, const std::vector<InputSpec>& inputs) {
+// A name as it may appear in a one-line message: at most 64 characters, control bytes as '?'.
+std::string printable(const std::string& name) {
+  std::string out;
+  for (const char ch : name.substr(0, 64)) out += (static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f) ? '?' : ch;
+  return name.size() > 64 ? out + "..." : out;
+}
+
+std::string dtype_name(int32_t t) { return t == FEWSTEP_DTYPE_INT64 ? "int64" : "float32"; }
+
+// "[batch, 77, 768]"; with batch > 0 the batch entries are replaced by it.
+std::string shape_text(const std::vector<int64_t>& dims, int64_t batch = 0) {
+  std::string s = "[";
+  for (size_t d = 0; d < dims.size(); ++d)
+    s += (d ? ", " : "") + (dims[d] < 0 ? (batch > 0 ? std::to_string(batch) : std::string("batch"))
+                                        : std::to_string(dims[d]));
+  return s + "]";
+}
+
+// The inputs z [noise] [class_labels] [guidance] implied by the contract's other fields; the graph must have
+// them with those dtypes and shapes (checked here, as before contracts listed their inputs). Sets fixed_batch.
+std::vector<EngineInput> implied_inputs(fewstep_engine* e, const std::string& path, const std::vector<InputSpec>& graph) {
   fewstep_engine_info& info = e->info;
-  const InputSpec* z = find_spec(inputs, "z");
+  const InputSpec* z = find_spec(graph, "z");
   expect_tensor(path, info, z, "z", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 1);
   info.fixed_batch = z->dims[0] > 0 ? z->dims[0] : 0;
-  e->input_names.push_back("z");
-  size_t expected_inputs = 1;
+  const int64_t b = info.fixed_batch ? info.fixed_batch : -1;
+  const std::vector<int64_t> ss(info.sample_shape, info.sample_shape + info.ndim);
+  std::vector<EngineInput> out;
+  std::vector<int64_t> zs{b};
+  zs.insert(zs.end(), ss.begin(), ss.end());
+  out.push_back({"z", FEWSTEP_DTYPE_FLOAT32, zs, FEWSTEP_INPUT_SEED, 1});
   if (info.n_stochastic > 0) {
-    const InputSpec* nz = find_spec(inputs, "noise");
+    const InputSpec* nz = find_spec(graph, "noise");
     expect_tensor(path, info, nz, "noise", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 2);
     if (nz->dims[0] >= 0 && nz->dims[0] != info.n_stochastic) bad_contract(path, "'noise' has the wrong number of rows");
-    e->has_noise = true;
-    e->input_names.push_back("noise");
-    ++expected_inputs;
+    std::vector<int64_t> ns{info.n_stochastic};
+    ns.insert(ns.end(), zs.begin(), zs.end());
+    out.push_back({"noise", FEWSTEP_DTYPE_FLOAT32, ns, FEWSTEP_INPUT_SEED_ONLY, 1});
   }
   if (info.num_classes > 0) {
-    expect_tensor(path, info, find_spec(inputs, "class_labels"), "class_labels", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, 1);
-    e->has_labels = true;
-    e->input_names.push_back("class_labels");
-    ++expected_inputs;
+    expect_tensor(path, info, find_spec(graph, "class_labels"), "class_labels", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, 1);
+    out.push_back({"class_labels", FEWSTEP_DTYPE_INT64, {b}, FEWSTEP_INPUT_REQUIRED, 1});
   }
   if (info.guidance_input) {
     // Exporters before issue 19 listed a guidance input for plans that fix W on every row, whose graph reads
     // none (ONNX drops an unread input): name the fix rather than only the mismatch.
-    if (!find_spec(inputs, "guidance"))
+    if (!find_spec(graph, "guidance"))
       bad_contract(path, "the contract lists a 'guidance' input the graph does not have (a plan that fixes W on "
                          "every row, exported by an older fewstep: export it again)");
-    expect_tensor(path, info, find_spec(inputs, "guidance"), "guidance", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 1);
-    e->has_guidance = true;
-    e->input_names.push_back("guidance");
-    ++expected_inputs;
+    expect_tensor(path, info, find_spec(graph, "guidance"), "guidance", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 1);
+    out.push_back({"guidance", FEWSTEP_DTYPE_FLOAT32, {b}, FEWSTEP_INPUT_REQUIRED, 1});
   }
-  if (inputs.size() != expected_inputs)
-    bad_contract(path, "the graph has " + std::to_string(inputs.size()) + " inputs, the contract names " +
-                           std::to_string(expected_inputs));
+  for (EngineInput& in : out)
+    for (const int64_t d : in.shape) in.fixed_count *= uint64_t(d < 0 ? 1 : d);
+  return out;
+}
+
+// Entry i of the contract's "inputs": {name, dtype "float32" | "int64", shape of "batch" and sizes >= 1}.
+EngineInput parse_listed_input(const Json& j, const std::string& path, size_t i) {
+  const std::string where = "inputs[" + std::to_string(i) + "]";
+  if (!j.is_object()) bad_contract(path, where + " must be an object {name, dtype, shape}");
+  EngineInput in;
+  const Json* name = member(j, "name");
+  if (!name || !name->is_string() || name->get_ref<const std::string&>().empty() ||
+      name->get_ref<const std::string&>().size() > 256 ||
+      name->get_ref<const std::string&>().find('\0') != std::string::npos)
+    bad_contract(path, where + ".name must be a non-empty string of at most 256 characters");
+  in.name = name->get<std::string>();
+  const std::string w = where + " ('" + printable(in.name) + "')";
+  const Json* dt = member(j, "dtype");
+  const std::string dts = dt && dt->is_string() ? dt->get<std::string>() : "";
+  if (dts != "float32" && dts != "int64") bad_contract(path, w + ": dtype must be \"float32\" or \"int64\"");
+  in.dtype = dts == "int64" ? FEWSTEP_DTYPE_INT64 : FEWSTEP_DTYPE_FLOAT32;
+  const Json* shape = member(j, "shape");
+  if (!shape || !shape->is_array() || shape->size() > FEWSTEP_MAX_INPUT_DIMS)
+    bad_contract(path, w + ": shape must be a list of at most " + std::to_string(FEWSTEP_MAX_INPUT_DIMS) +
+                           " entries, each \"batch\" or a size");
+  for (size_t d = 0; d < shape->size(); ++d) {
+    const Json& v = (*shape)[d];
+    if (v.is_string() && v.get_ref<const std::string&>() == "batch") {
+      in.shape.push_back(-1);
+      continue;
+    }
+    in.shape.push_back(json_int(&v, path, (w + ": shape entries").c_str(), 1, int64_t(kMaxValues)));
+    if (in.fixed_count > kMaxValues / uint64_t(in.shape.back()))
+      bad_contract(path, w + ": shape holds more than 2^31 values per sample");
+    in.fixed_count *= uint64_t(in.shape.back());
+  }
+  return in;
+}
+
+// A listed conditioning input against the graph's: same dtype and rank, and every static graph size equal
+// to the contract's (a "batch" entry only where the engine's batch is fixed to that size).
+void check_against_graph(const std::string& path, const EngineInput& in, const InputSpec* g, int64_t fixed_batch) {
+  const std::string w = "input '" + printable(in.name) + "'";
+  if (!g) bad_contract(path, "lists " + w + ", which the graph does not have");
+  if (int32_t(g->type) != in.dtype) bad_contract(path, w + " is " + dtype_name(in.dtype) + " but not in the graph");
+  if (g->dims.size() != in.shape.size())
+    bad_contract(path, w + " has rank " + std::to_string(in.shape.size()) + ", the graph's " +
+                           std::to_string(g->dims.size()));
+  for (size_t d = 0; d < in.shape.size(); ++d) {
+    if (g->dims[d] < 0) continue;
+    const int64_t want = in.shape[d] < 0 ? fixed_batch : in.shape[d];
+    if (g->dims[d] != want) bad_contract(path, w + " has shape " + shape_text(in.shape) + ", the graph's differs");
+  }
+}
+
+// The engine's inputs: the contract's "inputs" list when present (every graph input, once, in that order),
+// else the implied ones. A listed z / noise / class_labels / guidance must be the implied one exactly;
+// every other listed input is a conditioning tensor the caller gives.
+void bind_inputs(fewstep_engine* e, const std::string& path, const Json& c, const std::vector<InputSpec>& graph) {
+  const std::vector<EngineInput> implied = implied_inputs(e, path, graph);
+  const Json* listed = member(c, "inputs");
+  std::vector<EngineInput>& inputs = e->inputs;
+  if (!listed) {
+    inputs = implied;
+  } else {
+    if (!listed->is_array() || listed->size() > 256) bad_contract(path, "inputs must be a list of at most 256 inputs");
+    for (size_t i = 0; i < listed->size(); ++i) {
+      EngineInput in = parse_listed_input((*listed)[i], path, i);
+      for (const EngineInput& prev : inputs)
+        if (prev.name == in.name) bad_contract(path, "inputs lists '" + printable(in.name) + "' twice");
+      const EngineInput* imp = nullptr;
+      for (const EngineInput& x : implied)
+        if (x.name == in.name) imp = &x;
+      const bool reserved = in.name == "z" || in.name == "noise" || in.name == "class_labels" || in.name == "guidance";
+      if (reserved && !imp)
+        bad_contract(path, "inputs lists '" + in.name + "', which n_stochastic / num_classes / guidance_input rule out");
+      if (imp) {
+        if (imp->dtype != in.dtype || imp->shape != in.shape)
+          bad_contract(path, "inputs lists '" + in.name + "' as " + dtype_name(in.dtype) + " " + shape_text(in.shape) +
+                                 ", the engine's is " + dtype_name(imp->dtype) + " " + shape_text(imp->shape));
+        in.source = imp->source;
+      } else {
+        check_against_graph(path, in, find_spec(graph, in.name.c_str()), e->info.fixed_batch);
+      }
+      inputs.push_back(std::move(in));
+    }
+    for (const EngineInput& x : implied) {
+      bool found = false;
+      for (const EngineInput& in : inputs) found = found || in.name == x.name;
+      if (!found) bad_contract(path, "inputs does not list '" + x.name + "'");
+    }
+  }
+  if (graph.size() != inputs.size())
+    bad_contract(path, "the graph has " + std::to_string(graph.size()) + " inputs, the contract names " +
+                           std::to_string(inputs.size()));
+  for (const EngineInput& in : inputs) {
+    e->has_noise = e->has_noise || in.name == "noise";
+    e->has_labels = e->has_labels || in.name == "class_labels";
+    e->has_guidance = e->has_guidance || in.name == "guidance";
+  }
+  for (const EngineInput& in : inputs) {  // inputs is final: the names' storage no longer moves
+    fewstep_input_info ii{};
+    ii.name = in.name.c_str();
+    ii.ndim = int32_t(in.shape.size());
+    std::copy(in.shape.begin(), in.shape.end(), ii.shape);
+    ii.dtype = in.dtype;
+    ii.source = in.source;
+    e->input_infos.push_back(ii);
+    e->input_names.push_back(in.name.c_str());
+  }
 }
 
 // Parse the metadata and check it against the graph; fills e->info and the input list.
@@ -423,7 +562,7 @@ void read_contract(fewstep_engine* e, const std::string& path, const std::vector
   if (!e->plan_json.empty()) check_plan(path, e->plan_json, e->info);
   // The graph must be what the contract says: these checks turn a mismatched file into a
   // clear load error instead of a failure (or worse, a silent misuse) at sample time.
-  bind_inputs(e, path, inputs);
+  bind_inputs(e, path, c, inputs);
   expect_tensor(path, e->info, find_spec(outputs, "sample"), "sample", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 1);
   if (e->info.null_label >= 0 && e->info.num_classes > 0 && e->info.null_label < e->info.num_classes)
     bad_contract(path, "null_label must not be one of the classes 0..num_classes-1");
@@ -513,8 +652,7 @@ size_t checked_size(const fewstep_engine_info& info, int64_t batch, const float*
     throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "this engine was exported for batch " + std::to_string(info.fixed_batch) +
                                                   ", got " + std::to_string(batch));
   if (!out) throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "out is NULL");
-  // 2^31 values (8 GiB of float32 per buffer) is far past any real sampler and keeps every size in range.
-  if (uint64_t(batch) > (uint64_t(1) << 31) / uint64_t(info.per_sample))
+  if (uint64_t(batch) > kMaxValues / uint64_t(info.per_sample))
     throw Error(FEWSTEP_ERR_OUT_OF_RANGE, "batch " + std::to_string(batch) + " x " + std::to_string(info.per_sample) +
                                               " values per sample is more than the 2^31 values one run may hold");
   const size_t n = size_t(batch) * size_t(info.per_sample);
@@ -524,34 +662,23 @@ size_t checked_size(const fewstep_engine_info& info, int64_t batch, const float*
   return n;
 }
 
-// The class labels the graph reads: the caller's, each a class or the null label, or all null labels
-// (filled into `own`) when none are given; null for an unconditional engine.
-const int64_t* checked_labels(const fewstep_engine* e, int64_t batch, const int64_t* labels_in,
+// The class labels of the legacy call: the caller's, or all null labels (filled into `own`) when none are
+// given; null for an unconditional engine. Their range is checked on the generic path.
+const int64_t* default_labels(const fewstep_engine* e, int64_t batch, const int64_t* labels_in,
                               std::vector<int64_t>& own) {
   const fewstep_engine_info& info = e->info;
   if (labels_in && !e->has_labels)
     throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "labels given, but this engine is not class-conditional");
-  if (!e->has_labels) return labels_in;
-  if (!labels_in) {
-    if (info.null_label < 0)
-      throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "this engine is class-conditional without a null label: pass labels");
-    own.assign(size_t(batch), info.null_label);
-    labels_in = own.data();
-  }
-  for (int64_t i = 0; i < batch; ++i) {
-    const int64_t l = labels_in[i];
-    if ((l < 0 || l >= info.num_classes) && l != info.null_label)
-      throw Error(FEWSTEP_ERR_OUT_OF_RANGE,
-                  "label " + std::to_string(l) + " of sample " + std::to_string(i) + " is not in 0.." +
-                      std::to_string(info.num_classes - 1) +
-                      (info.null_label >= 0 ? " or the null label " + std::to_string(info.null_label) : ""));
-  }
-  return labels_in;
+  if (!e->has_labels || labels_in) return labels_in;
+  if (info.null_label < 0)
+    throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "this engine is class-conditional without a null label: pass labels");
+  own.assign(size_t(batch), info.null_label);
+  return own.data();
 }
 
-// The per-sample guidance scales: the caller's (finite; an engine without a guidance input takes only
-// W = 1, which changes nothing), or W = 1 (filled into `own`) for an engine that reads them.
-const float* checked_guidance(const fewstep_engine* e, int64_t batch, const float* guidance_in,
+// The per-sample guidance scales of the legacy call: the caller's (finite; an engine without a guidance
+// input takes only W = 1, which changes nothing), or W = 1 (filled into `own`) for an engine that reads them.
+const float* default_guidance(const fewstep_engine* e, int64_t batch, const float* guidance_in,
                               std::vector<float>& own) {
   if (guidance_in) {
     for (int64_t i = 0; i < batch; ++i) {
@@ -559,31 +686,106 @@ const float* checked_guidance(const fewstep_engine* e, int64_t batch, const floa
         throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "guidance of sample " + std::to_string(i) + " is not finite");
       if (!e->has_guidance && guidance_in[i] != 1.0f)
         throw Error(FEWSTEP_ERR_INVALID_ARGUMENT,
-                    "this engine has no guidance input (its plan fixes W, or the model has no classifier-free "
-                    "guidance): pass no guidance");
+                    "this engine has no guidance input (its plan fixes W on every row, or the model has no "
+                    "classifier-free guidance): pass no guidance");
     }
   }
   if (e->has_guidance && !guidance_in) {
     own.assign(size_t(batch), 1.0f);
     guidance_in = own.data();
   }
-  return guidance_in;
+  return e->has_guidance ? guidance_in : nullptr;
 }
 
-// The starting point z: the caller's (finite), or Philox stream 0 of `seed` (filled into `own`).
-const float* initial_z(const fewstep_engine_info& info, uint64_t seed, int64_t batch, size_t n, const float* z_in,
-                       std::vector<float>& own) {
-  if (z_in)
-    for (size_t i = 0; i < n; ++i)
-      if (!std::isfinite(z_in[i]))
-        throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "z holds NaN or inf (value " + std::to_string(i) + ")");
-  if (!z_in) {
-    own.resize(n);
-    if (fewstep_randn(seed, 0, 0, batch, info.per_sample, own.data(), n) != FEWSTEP_OK)
-      throw Error(FEWSTEP_ERR_INTERNAL, "fewstep_randn failed for z");
-    z_in = own.data();
+// The dims of input `in` at `batch` (into `dims`) and its number of values; refused past kMaxValues before
+// anything of that size exists.
+size_t input_dims(const EngineInput& in, int64_t batch, std::vector<int64_t>& dims) {
+  dims = in.shape;
+  uint64_t count = in.fixed_count;
+  for (int64_t& d : dims) {
+    if (d >= 0) continue;
+    d = batch;
+    if (count > kMaxValues / uint64_t(batch))
+      throw Error(FEWSTEP_ERR_OUT_OF_RANGE, "input '" + in.name + "' " + shape_text(in.shape, batch) +
+                                                " holds more than the 2^31 values one run may hold");
+    count *= uint64_t(batch);
   }
-  return z_in;
+  return size_t(count);
+}
+
+std::string input_names_text(const fewstep_engine* e) {
+  std::string s;
+  for (const EngineInput& in : e->inputs)
+    if (in.source != FEWSTEP_INPUT_SEED_ONLY) s += (s.empty() ? "" : ", ") + in.name;
+  return s;
+}
+
+// Match the caller's named inputs to the engine's: given[i] is the caller's tensor for input i, or null.
+std::vector<const fewstep_input*> match_inputs(const fewstep_engine* e, const fewstep_input* inputs, size_t n_inputs) {
+  if (n_inputs && !inputs)
+    throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "inputs is NULL but n_inputs is " + std::to_string(n_inputs));
+  std::vector<const fewstep_input*> given(e->inputs.size(), nullptr);
+  for (size_t k = 0; k < n_inputs; ++k) {
+    const char* name = inputs[k].name;
+    if (!name) throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "inputs[" + std::to_string(k) + "].name is NULL");
+    size_t i = 0;
+    while (i < e->inputs.size() && e->inputs[i].name != name) ++i;
+    if (i == e->inputs.size())
+      throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "unknown input '" + printable(name) + "': this engine takes " +
+                                                    input_names_text(e));
+    if (e->inputs[i].source == FEWSTEP_INPUT_SEED_ONLY)
+      throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "input '" + e->inputs[i].name +
+                                                    "' cannot be given: the stochastic rows' noise comes from the seed");
+    if (given[i]) throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "input '" + e->inputs[i].name + "' given twice");
+    given[i] = &inputs[k];
+  }
+  for (size_t i = 0; i < given.size(); ++i)
+    if (!given[i] && e->inputs[i].source == FEWSTEP_INPUT_REQUIRED)
+      throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "missing input '" + e->inputs[i].name + "' (" +
+                                                    dtype_name(e->inputs[i].dtype) + " " +
+                                                    shape_text(e->inputs[i].shape) + ")");
+  return given;
+}
+
+// One given tensor against its declaration at this batch: dtype, shape, data, and its values (finite floats;
+// class labels in range). Fills `dims` with the shape to hand ONNX Runtime.
+void check_input(const fewstep_engine* e, const EngineInput& in, const fewstep_input& t, int64_t batch,
+                 std::vector<int64_t>& dims) {
+  const std::string w = "input '" + in.name + "'";
+  if (t.dtype != FEWSTEP_DTYPE_FLOAT32 && t.dtype != FEWSTEP_DTYPE_INT64)
+    throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, w + ": dtype " + std::to_string(t.dtype) +
+                                                  " is neither FEWSTEP_DTYPE_FLOAT32 (1) nor FEWSTEP_DTYPE_INT64 (7)");
+  if (t.dtype != in.dtype)
+    throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, w + " must be " + dtype_name(in.dtype) + ", got " + dtype_name(t.dtype));
+  const size_t count = input_dims(in, batch, dims);
+  if (t.ndim && !t.shape) throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, w + ": shape is NULL");
+  // The caller's sizes are only compared, never multiplied: a huge claimed shape cannot overflow anything.
+  bool same = t.ndim == dims.size();
+  for (size_t d = 0; same && d < dims.size(); ++d) same = t.shape[d] == dims[d];
+  if (!same) {
+    const std::string got = t.ndim <= FEWSTEP_MAX_INPUT_DIMS
+                                ? shape_text(std::vector<int64_t>(t.shape, t.shape + t.ndim))
+                                : "rank " + std::to_string(t.ndim);
+    throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, w + " has shape " + got + ", expected " + shape_text(in.shape, batch) +
+                                                  " at batch " + std::to_string(batch));
+  }
+  if (!t.data && count) throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, w + ": data is NULL");
+  if (in.dtype == FEWSTEP_DTYPE_FLOAT32) {
+    const float* v = static_cast<const float*>(t.data);
+    for (size_t i = 0; i < count; ++i)
+      if (!std::isfinite(v[i]))
+        throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "input " + in.name + " holds NaN or inf (value " +
+                                                      std::to_string(i) + ")");
+  } else if (in.name == "class_labels") {
+    const fewstep_engine_info& info = e->info;
+    const int64_t* l = static_cast<const int64_t*>(t.data);
+    for (size_t i = 0; i < count; ++i)
+      if ((l[i] < 0 || l[i] >= info.num_classes) && l[i] != info.null_label)
+        throw Error(FEWSTEP_ERR_OUT_OF_RANGE,
+                    "label " + std::to_string(l[i]) + " of sample " + std::to_string(i) + " is not in 0.." +
+                        std::to_string(info.num_classes - 1) +
+                        (info.null_label >= 0 ? " or the null label " + std::to_string(info.null_label) : ""));
+  }
 }
 
 // The stochastic rows' noise, [n_stochastic, batch, *sample_shape]: row j is Philox stream 1 + j of `seed`.
@@ -609,64 +811,106 @@ void check_output_shape(const OrtApi* api, const OrtValue* value, const std::vec
                                             "the contract promises (an output whose shape depends on the data)");
 }
 
-// Wrap the prepared buffers as tensors (no copies), run the session and leave the result in `out`.
-// `noise`, `labels` and `guidance` are used only where the engine has that input.
-void run_session(fewstep_engine* e, int64_t batch, size_t n, const float* z, const std::vector<float>& noise,
-                 const int64_t* labels, const float* guidance, float* out) {
+// Wrap the prepared buffers as tensors (no copies; data[i] with dims[i] for input i), run the session and
+// leave the result in `out`.
+void run_session(fewstep_engine* e, int64_t batch, size_t n, const std::vector<const void*>& data,
+                 const std::vector<std::vector<int64_t>>& dims, const std::vector<size_t>& counts, float* out) {
   const fewstep_engine_info& info = e->info;
   const OrtApi* api = e->api;
-  std::vector<int64_t> shape{batch}, nshape{info.n_stochastic, batch}, bshape{batch};
+  std::vector<int64_t> shape{batch};
   shape.insert(shape.end(), info.sample_shape, info.sample_shape + info.ndim);
-  nshape.insert(nshape.end(), info.sample_shape, info.sample_shape + info.ndim);
-  OrtValue* values[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};  // 4 inputs + the output
-  size_t k = 0;
+  const size_t k = e->inputs.size();
+  std::vector<OrtValue*> values(k + 1, nullptr);  // the inputs, then the output
   struct Release {  // frees whatever was created, on every path out
     const OrtApi* api;
-    OrtValue** v;
+    std::vector<OrtValue*>& v;
     ~Release() {
-      for (int i = 0; i < 5; ++i)
-        if (v[i]) api->ReleaseValue(v[i]);
+      for (OrtValue* x : v)
+        if (x) api->ReleaseValue(x);
     }
   } release{api, values};
-  const auto wrap = [&](const void* data, size_t bytes, const std::vector<int64_t>& dims, ONNXTensorElementDataType t,
+  const auto wrap = [&](const void* p, size_t bytes, const std::vector<int64_t>& d, ONNXTensorElementDataType t,
                         OrtValue** v) {
     // ORT never writes through input tensors; the const_cast only satisfies the C signature.
-    check(api, api->CreateTensorWithDataAsOrtValue(e->cpu, const_cast<void*>(data), bytes, dims.data(), dims.size(), t, v),
+    check(api, api->CreateTensorWithDataAsOrtValue(e->cpu, const_cast<void*>(p), bytes, d.data(), d.size(), t, v),
           "creating an input tensor");
   };
-  wrap(z, n * sizeof(float), shape, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &values[k++]);
-  if (e->has_noise) wrap(noise.data(), noise.size() * sizeof(float), nshape, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &values[k++]);
-  if (e->has_labels)
-    wrap(labels, size_t(batch) * sizeof(int64_t), bshape, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, &values[k++]);
-  if (e->has_guidance)
-    wrap(guidance, size_t(batch) * sizeof(float), bshape, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &values[k++]);
-  wrap(out, n * sizeof(float), shape, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &values[4]);
-  check(api, api->Run(e->session, nullptr, e->input_names.data(), values, k, &e->output_name, 1, &values[4]),
+  for (size_t i = 0; i < k; ++i) {
+    const bool i64 = e->inputs[i].dtype == FEWSTEP_DTYPE_INT64;
+    wrap(data[i], counts[i] * (i64 ? sizeof(int64_t) : sizeof(float)), dims[i],
+         i64 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &values[i]);
+  }
+  wrap(out, n * sizeof(float), shape, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &values[k]);
+  check(api, api->Run(e->session, nullptr, e->input_names.data(), values.data(), k, &e->output_name, 1, &values[k]),
         "ONNX Runtime run failed");
-  check_output_shape(api, values[4], shape);
+  check_output_shape(api, values[k], shape);
   void* got = nullptr;
-  check(api, api->GetTensorMutableData(values[4], &got), "reading the output");
+  check(api, api->GetTensorMutableData(values[k], &got), "reading the output");
   if (got != out) std::memcpy(out, got, n * sizeof(float));
 }
 
-// One run: check the arguments, prepare the graph's inputs (the caller's buffers, or ours drawn from the
-// seed), run, and refuse a result that is not finite.
-void run(fewstep_engine* e, uint64_t seed, int64_t batch, const float* z_in, const int64_t* labels_in,
-         const float* guidance_in, float* out, size_t out_len) {
+// One run from named inputs: check them all against the contract, draw z (unless given) and the noise from
+// the seed, run, and refuse a result that is not finite.
+void run_inputs(fewstep_engine* e, uint64_t seed, int64_t batch, const fewstep_input* inputs, size_t n_inputs,
+                float* out, size_t out_len) {
   const size_t n = checked_size(e->info, batch, out, out_len);
-  std::vector<int64_t> own_labels;
-  const int64_t* labels = checked_labels(e, batch, labels_in, own_labels);
-  std::vector<float> own_guidance, own_z, noise;
-  const float* guidance = checked_guidance(e, batch, guidance_in, own_guidance);
-  const float* z = initial_z(e->info, seed, batch, n, z_in, own_z);
-  if (e->has_noise) noise = step_noise(e->info, seed, batch, n);
-  run_session(e, batch, n, z, noise, labels, guidance, out);
+  const std::vector<const fewstep_input*> given = match_inputs(e, inputs, n_inputs);
+  const size_t k = e->inputs.size();
+  std::vector<std::vector<int64_t>> dims(k);
+  std::vector<size_t> counts(k);
+  std::vector<const void*> data(k, nullptr);
+  for (size_t i = 0; i < k; ++i) counts[i] = input_dims(e->inputs[i], batch, dims[i]);  // sizes first
+  for (size_t i = 0; i < k; ++i) {
+    if (given[i]) {
+      check_input(e, e->inputs[i], *given[i], batch, dims[i]);
+      data[i] = given[i]->data;
+    }
+  }
+  std::vector<float> z, noise;
+  for (size_t i = 0; i < k; ++i) {
+    if (data[i]) continue;
+    if (e->inputs[i].name == "z") {  // Philox stream 0 of the seed
+      z.resize(n);
+      if (fewstep_randn(seed, 0, 0, batch, e->info.per_sample, z.data(), n) != FEWSTEP_OK)
+        throw Error(FEWSTEP_ERR_INTERNAL, "fewstep_randn failed for z");
+      data[i] = z.data();
+    } else if (e->inputs[i].name == "noise") {
+      noise = step_noise(e->info, seed, batch, n);
+      data[i] = noise.data();
+    }
+  }
+  run_session(e, batch, n, data, dims, counts, out);
   size_t bad = 0;
   for (size_t i = 0; i < n; ++i) bad += !std::isfinite(out[i]);
   if (bad)
     throw Error(FEWSTEP_ERR_NONFINITE, std::to_string(bad) + " of " + std::to_string(n) +
                                            " values of the result are NaN or inf: a plan coefficient or the guidance "
                                            "scale is far out of range (try a smaller guidance)");
+}
+
+// The legacy call (fewstep_sample_from): labels and guidance defaulted as documented, then the generic path.
+void run(fewstep_engine* e, uint64_t seed, int64_t batch, const float* z_in, const int64_t* labels_in,
+         const float* guidance_in, float* out, size_t out_len) {
+  checked_size(e->info, batch, out, out_len);  // first: nothing is filled in for a refused batch
+  std::vector<int64_t> own_labels;
+  std::vector<float> own_guidance;
+  const int64_t* labels = default_labels(e, batch, labels_in, own_labels);
+  const float* guidance = default_guidance(e, batch, guidance_in, own_guidance);
+  std::vector<fewstep_input> inputs;
+  std::vector<std::vector<int64_t>> shapes;
+  shapes.reserve(3);  // fewstep_input.shape points into these: no reallocation
+  const auto add = [&](const char* name, int32_t dtype, const void* p) {
+    for (const EngineInput& in : e->inputs)
+      if (in.name == name) {
+        shapes.emplace_back();
+        input_dims(in, batch, shapes.back());
+        inputs.push_back({in.name.c_str(), shapes.back().data(), shapes.back().size(), dtype, p});
+      }
+  };
+  if (z_in) add("z", FEWSTEP_DTYPE_FLOAT32, z_in);
+  if (labels) add("class_labels", FEWSTEP_DTYPE_INT64, labels);
+  if (guidance) add("guidance", FEWSTEP_DTYPE_FLOAT32, guidance);
+  run_inputs(e, seed, batch, inputs.data(), inputs.size(), out, out_len);
 }
 
 }  // namespace
@@ -725,6 +969,28 @@ fewstep_status fewstep_sample_from(fewstep_engine* engine, uint64_t seed, int64_
 fewstep_status fewstep_sample(fewstep_engine* engine, uint64_t seed, int64_t batch, const int64_t* labels,
                               const float* guidance, float* out, size_t out_len) {
   return fewstep_sample_from(engine, seed, batch, nullptr, labels, guidance, out, out_len);
+}
+
+fewstep_status fewstep_sample_inputs(fewstep_engine* engine, uint64_t seed, int64_t batch, const fewstep_input* inputs,
+                                     size_t n_inputs, float* out, size_t out_len) {
+  FEWSTEP_GUARD({
+    if (!engine) return fewstep_impl::set_error(FEWSTEP_ERR_INVALID_ARGUMENT, "fewstep_sample_inputs: engine is NULL");
+    fewstep_impl::run_inputs(engine, seed, batch, inputs, n_inputs, out, out_len);
+    return FEWSTEP_OK;
+  })
+}
+
+size_t fewstep_engine_input_count(const fewstep_engine* engine) { return engine ? engine->input_infos.size() : 0; }
+
+fewstep_status fewstep_engine_input_info(const fewstep_engine* engine, size_t index, fewstep_input_info* out) {
+  if (!engine || !out)
+    return fewstep_impl::set_error(FEWSTEP_ERR_INVALID_ARGUMENT, "fewstep_engine_input_info: NULL argument");
+  if (index >= engine->input_infos.size())
+    return fewstep_impl::set_error(FEWSTEP_ERR_OUT_OF_RANGE, "fewstep_engine_input_info: index " + std::to_string(index) +
+                                                                 " past the engine's " +
+                                                                 std::to_string(engine->input_infos.size()) + " inputs");
+  *out = engine->input_infos[index];
+  return FEWSTEP_OK;
 }
 
 }  // extern "C"
