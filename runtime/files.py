@@ -23,6 +23,9 @@ MiB = 1 << 20
 MAX_JSON_BYTES = 16 * MiB
 MAX_JSON_DEPTH = 64  # plans nest 4 deep (plan → rows → row → list); configs a few more
 MAX_INT_DIGITS = 30  # beyond any count, seed or size fewstep reads from a JSON file
+# Configs other libraries write (diffusers, transformers): Hugging Face's "no limit" model_max_length is
+# int(1e30), 31 digits; still far below the lengths that make int() slow.
+MAX_FOREIGN_INT_DIGITS = 64
 
 
 class FileError(FewstepError):
@@ -60,10 +63,13 @@ def read_bytes(path: str | os.PathLike, what: str, limit: int) -> bytes:
     return data
 
 
-def _parse_int(s: str) -> int:
-    if len(s.lstrip("-")) > MAX_INT_DIGITS:
-        raise FileError(f"an integer of {len(s)} digits")
-    return int(s)
+def _int_parser(max_digits: int):
+    def parse(s: str) -> int:
+        if len(s.lstrip("-")) > max_digits:
+            raise FileError(f"an integer of {len(s)} digits")
+        return int(s)
+
+    return parse
 
 
 def _parse_float(s: str) -> float:
@@ -77,8 +83,12 @@ def _reject_constant(name: str):
     raise FileError(f"{name} is not a valid number (JSON has no NaN or Infinity)")
 
 
-def parse_json(text: str | bytes, what: str) -> Any:
-    """Strict JSON: no NaN/Infinity, no numbers outside float64, no absurd integers or nesting."""
+def parse_json(text: str | bytes, what: str, foreign: bool = False) -> Any:
+    """Strict JSON: no NaN/Infinity, no numbers outside float64, no absurd integers or nesting.
+
+    ``foreign``: a config another library wrote, read as that library reads it: NaN / Infinity / -Infinity as
+    Python's json writes them (diffusers saves ``"lambda_min_clipped": -Infinity`` in DPMSolverMultistepScheduler
+    configs) and integers up to ``MAX_FOREIGN_INT_DIGITS`` digits. fewstep's own files: never."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -101,7 +111,8 @@ def parse_json(text: str | bytes, what: str) -> Any:
             elif ch in "]}":
                 depth -= 1
     try:
-        obj = json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_reject_constant)
+        obj = json.loads(text, parse_int=_int_parser(MAX_FOREIGN_INT_DIGITS if foreign else MAX_INT_DIGITS),
+                         parse_float=_parse_float, parse_constant=float if foreign else _reject_constant)
     except FileError as exc:
         raise FileError(f"{what}: {exc}") from None
     except (json.JSONDecodeError, RecursionError, ValueError) as exc:
@@ -109,8 +120,8 @@ def parse_json(text: str | bytes, what: str) -> Any:
     return obj
 
 
-def load_json(path: str | os.PathLike, what: str, limit: int = MAX_JSON_BYTES) -> Any:
-    return parse_json(read_bytes(path, what, limit), f"{what} {path}")
+def load_json(path: str | os.PathLike, what: str, limit: int = MAX_JSON_BYTES, foreign: bool = False) -> Any:
+    return parse_json(read_bytes(path, what, limit), f"{what} {path}", foreign)
 
 
 def read_npy(path: str | os.PathLike, what: str, max_elements: int):

@@ -348,3 +348,18 @@ def test_ctrl_c_leaves_nothing_behind(tmp_path):
     assert p.wait(timeout=60) == 130, rest
     assert rest.strip().splitlines()[-1] == "fewstep: interrupted" and "Traceback" not in rest, rest
     assert list(tmp_path.iterdir()) == []
+
+
+def test_foreign_configs_read_as_their_writers_wrote_them():
+    """diffusers saves `-Infinity` (DPMSolverMultistepScheduler's lambda_min_clipped) and transformers int(1e30)
+    (model_max_length): a pipeline folder's configs parse with foreign=True; fewstep's own files stay strict."""
+    from fewstep.runtime.files import FileError, parse_json
+
+    text = '{"lambda_min_clipped": -Infinity, "model_max_length": 1000000000000000019884624838656}'
+    cfg = parse_json(text, "scheduler config", foreign=True)
+    assert cfg["lambda_min_clipped"] == -math.inf and cfg["model_max_length"] == 10**30 + 19884624838656
+    for bad in (text, '{"a": NaN}'):
+        with pytest.raises(FileError):
+            parse_json(bad, "plan")
+    with pytest.raises(FileError, match="digits"):
+        parse_json('{"a": ' + "9" * 65 + "}", "config", foreign=True)

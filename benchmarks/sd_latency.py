@@ -1,0 +1,323 @@
+"""Stable Diffusion 1.5's UNet (published config, random weights, ≈860M parameters) at 512² on the CPU: fewstep's
+one engine through the C++ runtime vs the optimum-style loop vs diffusers' pipeline in torch eager (issue 16).
+
+Three ways to run the same sampler (DPM-Solver++(2M), 4 network evaluations, CFG W = 7.5 as one batched call of
+2 rows, batch 1, latents out), each in its own process (so its peak memory is its own), at 1 thread and at all
+threads:
+  (a) fewstep: `fewstep export` writes the whole sampler as one ONNX graph (CFG and the solver's coefficients in the
+      graph, external data over 2 GB); `fewstep-run --bench` times it in the C++ runtime;
+  (b) optimum-style: the UNet alone as ONNX in ONNX Runtime, called once per step from a Python loop around
+      diffusers' DPMSolverMultistepScheduler (what optimum's ORTStableDiffusionPipeline does);
+  (c) diffusers' StableDiffusionPipeline in torch eager with the same scheduler.
+Prompt embeddings are random tensors of the text encoder's shape (the text encoder runs once per prompt in every
+path and is not part of the sampler). Medians over --repeats after one warm-up. Writes
+benchmarks/results/sd15_latency.{json,md}.
+
+  python benchmarks/sd_latency.py                   # the SD 1.5 UNet (≈ 20 min on 2 cores, 14 GB of RAM)
+  python benchmarks/sd_latency.py --config tiny     # the same code path on a tiny UNet (seconds; for checking)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NFE, GUIDANCE, SEED = 4, 7.5, 0
+
+# runwayml/stable-diffusion-v1-5 unet/config.json and scheduler/scheduler_config.json as published (written here:
+# nothing is downloaded).
+SD15_UNET = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "center_input_sample": False, "flip_sin_to_cos": True,
+    "freq_shift": 0, "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                          "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "downsample_padding": 1,
+    "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
+    "cross_attention_dim": 768, "attention_head_dim": 8,
+}
+TINY_UNET = {**SD15_UNET, "sample_size": 8, "block_out_channels": [32, 64], "layers_per_block": 1,
+             "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 32, "attention_head_dim": 4,
+             "norm_num_groups": 8}
+SCHEDULER = {"_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+             "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "steps_offset": 1,
+             "algorithm_type": "dpmsolver++", "solver_order": 2, "timestep_spacing": "leading"}
+
+
+def build_pipeline(folder: str, unet_cfg: dict) -> None:
+    """A StableDiffusionPipeline folder: the UNet at ``unet_cfg`` (seeded random weights), a tiny VAE and text
+    encoder (never run by the sampler: latents out, embeddings in), the SD 1.5 scheduler config."""
+    import torch
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if os.path.exists(os.path.join(folder, "model_index.json")):
+        return
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**unet_cfg)
+    vae = AutoencoderKL(block_out_channels=[8], down_block_types=["DownEncoderBlock2D"],
+                        up_block_types=["UpDecoderBlock2D"], latent_channels=4, norm_num_groups=8)
+    dim = unet_cfg["cross_attention_dim"]
+    enc = CLIPTextModel(CLIPTextConfig(hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=1,
+                                       num_attention_heads=4, vocab_size=64, max_position_embeddings=77))
+    os.makedirs(os.path.join(folder, "tokenizer"), exist_ok=True)
+    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>", "!"]
+                                        + [f"{c}</w>" for c in "abcdefghijklmnopqrstuvwxyz"])}
+    with open(os.path.join(folder, "tokenizer", "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "tokenizer", "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    tdir = os.path.join(folder, "tokenizer")
+    tok = CLIPTokenizer(os.path.join(tdir, "vocab.json"), os.path.join(tdir, "merges.txt"))
+    sched = DPMSolverMultistepScheduler.from_config(SCHEDULER)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=enc, tokenizer=tok, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+
+
+def inputs(unet_cfg: dict):
+    """Prompt / negative-prompt embeddings [1, 77, dim] and the initial latents (fixed seeds), as float32 numpy."""
+    import numpy as np
+
+    rng = np.random.default_rng(SEED)
+    dim, s = unet_cfg["cross_attention_dim"], unet_cfg["sample_size"]
+    emb = rng.standard_normal((1, 77, dim)).astype(np.float32)
+    neg = rng.standard_normal((1, 77, dim)).astype(np.float32)
+    lat = rng.standard_normal((1, 4, s, s)).astype(np.float32)
+    return emb, neg, lat
+
+
+# --- the three paths, each run in a child process (--path) ------------------------------------------------------
+def path_eager(folder, unet_cfg, repeats):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    emb, neg, lat = (torch.from_numpy(a) for a in inputs(unet_cfg))
+
+    def once():
+        with torch.inference_mode():
+            return pipe(prompt_embeds=emb, negative_prompt_embeds=neg, latents=lat.clone(), num_inference_steps=NFE,
+                        guidance_scale=GUIDANCE, output_type="latent", return_dict=False)[0]
+
+    return _time(once, repeats), {}
+
+
+def export_unet(folder: str, out: str) -> dict:
+    """The UNet alone as ONNX (optimum's unet/model.onnx): sample, timestep, encoder_hidden_states → noise_pred."""
+    import onnx
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"), local_files_only=True).eval()
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, u):
+            super().__init__()
+            self.u = u
+
+        def forward(self, sample, timestep, encoder_hidden_states):
+            return self.u(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+    s, dim = unet.config.sample_size, unet.config.cross_attention_dim
+    args = (torch.zeros(2, 4, s, s), torch.tensor([999.0, 999.0]), torch.zeros(2, 77, dim))
+    t0 = time.perf_counter()
+    tmp = out + ".tmp.onnx"
+    with torch.no_grad():
+        torch.onnx.export(Wrap(unet), args, tmp, dynamo=False, opset_version=17,
+                          input_names=["sample", "timestep", "encoder_hidden_states"], output_names=["out_sample"],
+                          dynamic_axes={"sample": {0: "b"}, "timestep": {0: "b"}, "encoder_hidden_states": {0: "b"},
+                                        "out_sample": {0: "b"}})
+    m = onnx.load(tmp)
+    onnx.save_model(m, out, save_as_external_data=True, all_tensors_to_one_file=True, location=os.path.basename(out)
+                    + ".data")
+    os.unlink(tmp)
+    for f in os.listdir(os.path.dirname(out)):  # the exporter's own per-tensor files, if it wrote any
+        if f.startswith("onnx__") or f.endswith(".weight") or f.endswith(".bias"):
+            os.unlink(os.path.join(os.path.dirname(out), f))
+    size = os.path.getsize(out) + os.path.getsize(out + ".data")
+    return {"export_seconds": round(time.perf_counter() - t0, 1), "bytes": size}
+
+
+def path_ort_loop(folder, unet_cfg, repeats, threads):
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(os.path.join(folder, "onnx", "unet.onnx"), so, providers=["CPUExecutionProvider"])
+    sched = DPMSolverMultistepScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+    emb, neg, lat = inputs(unet_cfg)
+    cond = np.concatenate([neg, emb])
+
+    def once():
+        sched.set_timesteps(NFE)
+        x = torch.from_numpy(lat.copy()) * sched.init_noise_sigma
+        for t in sched.timesteps:
+            inp = sched.scale_model_input(torch.cat([x, x]), t).numpy()
+            tt = np.full((2,), float(t), np.float32)
+            e = torch.from_numpy(sess.run(None, {"sample": inp, "timestep": tt, "encoder_hidden_states": cond})[0])
+            e = e[:1] + GUIDANCE * (e[1:] - e[:1])
+            x = sched.step(e, t, x, return_dict=False)[0]
+        return x
+
+    return _time(once, repeats), {}
+
+
+def path_fewstep(folder, unet_cfg, repeats, threads):
+    """The engine exported by the parent, timed by fewstep-run's own --bench (p50 of `repeats` runs)."""
+    import numpy as np
+
+    emb, neg, _ = inputs(unet_cfg)
+    d = os.path.join(folder, "onnx")
+    np.save(os.path.join(d, "emb.npy"), emb)
+    np.save(os.path.join(d, "neg.npy"), neg)
+    # the venv's fewstep-run (pip install), else a development build's
+    exe = shutil.which("fewstep-run", path=os.path.dirname(sys.executable)) \
+        or os.path.join(HERE, "..", "build", "dev", "fewstep-run")
+    cmd = [exe, os.path.join(d, "fewstep.onnx"), "--n", "1", "--guidance", str(GUIDANCE), "--threads", str(threads),
+           "--input", f"encoder_hidden_states={os.path.join(d, 'emb.npy')}",
+           "--input", f"negative_encoder_hidden_states={os.path.join(d, 'neg.npy')}", "--bench", str(repeats)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd="/")
+    if p.returncode != 0:
+        raise RuntimeError(f"fewstep-run failed ({p.returncode}): {p.stderr.strip()[-500:]}")
+    line = next(ln for ln in p.stdout.splitlines() if "p50" in ln)
+    p50 = float(line.split("p50")[1].split()[0].strip(":= ms"))
+    return {"median_s": p50 / 1e3, "source": "fewstep-run --bench p50", "bench": p.stdout.strip()}, {}
+
+
+def _time(once, repeats: int) -> dict:
+    once()  # warm-up (allocations, ORT's first-run optimisation)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        once()
+        ts.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(ts), "times_s": [round(t, 4) for t in ts]}
+
+
+def child(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    cfg = SD15_UNET if args.config == "sd15" else TINY_UNET
+    fn = {"eager": lambda: path_eager(args.dir, cfg, args.repeats),
+          "ort_loop": lambda: path_ort_loop(args.dir, cfg, args.repeats, args.threads),
+          "fewstep": lambda: path_fewstep(args.dir, cfg, args.repeats, args.threads)}[args.path]
+    res, extra = fn()
+    # this path's peak resident memory: the process itself, or its fewstep-run child
+    rss = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    print(json.dumps({**res, **extra, "peak_rss_mib": round(rss / 1024)}))
+
+
+def run_child(path: str, folder: str, config: str, threads: int, repeats: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    p = subprocess.Popen([sys.executable, __file__, "--path", path, "--dir", folder, "--config", config,
+                          "--threads", str(threads), "--repeats", str(repeats)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env, cwd="/")
+    out, err = p.communicate()
+    if p.returncode != 0:
+        return {"error": err.strip().splitlines()[-1] if err.strip() else f"exit {p.returncode}"}
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="sd15", choices=("sd15", "tiny"))
+    ap.add_argument("--work", default=os.path.join(HERE, "..", "out", "sd_latency"))
+    ap.add_argument("--threads", default=f"1,{os.cpu_count()}")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--dir", help=argparse.SUPPRESS)
+    args, _ = ap.parse_known_args(argv)
+    if args.path:
+        args.threads = int(args.threads)
+        child(args)
+        return 0
+    from fewstep.report import machine, write_results
+
+    cfg = SD15_UNET if args.config == "sd15" else TINY_UNET
+    folder = os.path.abspath(os.path.join(args.work, args.config))
+    t0 = time.perf_counter()
+    build_pipeline(folder, cfg)
+    built = time.perf_counter() - t0
+    os.makedirs(os.path.join(folder, "onnx"), exist_ok=True)
+    exports = {"unet_only": export_unet(folder, os.path.join(folder, "onnx", "unet.onnx"))}
+    t0 = time.perf_counter()
+    eng = os.path.join(folder, "onnx", "fewstep.onnx")
+    p = subprocess.run([sys.executable, "-m", "fewstep", "export", "--model", folder, "--solver", "dpmpp-2m",
+                        "--nfe", str(NFE), "--out", eng], capture_output=True, text=True, cwd="/")
+    if p.returncode == 0:
+        size = sum(os.path.getsize(os.path.join(folder, "onnx", f)) for f in os.listdir(os.path.join(folder, "onnx"))
+                   if f.startswith("fewstep.onnx"))
+        exports["fewstep_sampler"] = {"export_seconds": round(time.perf_counter() - t0, 1), "bytes": size}
+    else:
+        exports["fewstep_sampler"] = {"error": p.stderr.strip()[-400:]}
+    rows = []
+    for threads in (int(t) for t in args.threads.split(",")):
+        for path in ("fewstep", "ort_loop", "eager"):
+            r = run_child(path, folder, args.config, threads, args.repeats)
+            rows.append({"path": path, "threads": threads, **r})
+            print(path, threads, {k: v for k, v in r.items() if k != "bench"}, flush=True)
+    n_params = None
+    try:
+        from diffusers import UNet2DConditionModel
+
+        n_params = sum(p.numel() for p in UNet2DConditionModel(**cfg).parameters())
+    except Exception:  # noqa: BLE001 - only for the header line
+        pass
+    res = {"config": args.config, "unet": cfg, "unet_parameters": n_params, "nfe": NFE, "guidance": GUIDANCE,
+           "batch": 1, "build_seconds": round(built, 1), "exports": exports, "rows": rows,
+           "machine": machine(None, ort=True)}
+    stem = "sd15_latency" if args.config == "sd15" else "sd_latency_tiny"
+    write_results(args.out, stem, res, markdown(res))
+    print(f"-> {os.path.join(args.out, stem)}.json/.md")
+    return 0
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    out = [f"# SD 1.5 UNet ({r['config']}, {r['unet_parameters'] or '?':,} parameters, random weights) on the CPU",
+           "", f"DPM-Solver++(2M), {r['nfe']} evaluations, CFG W = {r['guidance']} (2 rows per call), batch 1, "
+           f"latents out; medians. Machine: {m['cpu']}, {m['cores']} cores (shared with other jobs; load average "
+           f"{m['load_average'][0]:.1f} at the end), torch {m['torch']}, onnxruntime {m['onnxruntime']}. "
+           "Generated by `python benchmarks/sd_latency.py" + ("" if r["config"] == "sd15" else " --config tiny")
+           + "`.", "", "| export | seconds | size |", "|---|---:|---:|"]
+    for k, e in r["exports"].items():
+        out.append(f"| {k} | {e.get('export_seconds', '–')} | "
+                   + (f"{e['bytes'] / 1e9:.2f} GB" if "bytes" in e else e.get("error", "–")[:80]) + " |")
+    out += ["", "| threads | (a) fewstep engine, C++ | (b) UNet ONNX + Python scheduler | (c) diffusers eager | "
+            "(a)÷(b) | (a)÷(c) | peak RSS a / b / c (MiB) |", "|---:|---:|---:|---:|---:|---:|---|"]
+    for t in sorted({x["threads"] for x in r["rows"]}):
+        by = {x["path"]: x for x in r["rows"] if x["threads"] == t}
+        med = {k: by.get(k, {}).get("median_s") for k in ("fewstep", "ort_loop", "eager")}
+
+        def f(v):
+            return "–" if v is None else f"{v:.3f} s"
+
+        def ratio(a, b):
+            return "–" if a is None or b is None else f"{a / b:.2f}"
+
+        rss = " / ".join(str(by.get(k, {}).get("peak_rss_mib", "–")) for k in ("fewstep", "ort_loop", "eager"))
+        out.append(f"| {t} | {f(med['fewstep'])} | {f(med['ort_loop'])} | {f(med['eager'])} | "
+                   f"{ratio(med['fewstep'], med['ort_loop'])} | {ratio(med['fewstep'], med['eager'])} | {rss} |")
+    errs = [f"- {x['path']} at {x['threads']} thread(s): {x['error']}" for x in r["rows"] if "error" in x]
+    if errs:
+        out += ["", "Paths that did not run:", *errs]
+    out += ["", "Peak RSS: each path's own process (or its fewstep-run child), `getrusage` ru_maxrss."]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
