@@ -11,3 +11,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def gmm():
+    """The shipped `--model gmm` (exact mixture). Modules that need another mixture define their own."""
+    from fewstep.runtime.models import load
+
+    return load("gmm")
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The shipped digits teacher as `--model digits` loads it."""
+    from fewstep.runtime.models import load
+
+    return load("digits")

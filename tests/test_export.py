@@ -24,19 +24,8 @@ from fewstep.export.tensorrt import TensorRTUnavailable, build_tensorrt, ort_ten
 from fewstep.export.triton_repo import parse_pbtxt, write_triton_repo  # noqa: E402
 from fewstep.export.verify import VerifyError, engine_tolerance, verify  # noqa: E402
 from fewstep.runtime import sample  # noqa: E402
-from fewstep.runtime.models import load  # noqa: E402
 from fewstep.runtime.plan import Row  # noqa: E402
 from fewstep.runtime.solvers import build  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load("digits")
-
-
-@pytest.fixture(scope="module")
-def gmm():
-    return load("gmm")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 from fewstep.cli import main
 from fewstep.runtime.executor import sample
 from fewstep.runtime.gmm import GMM
-from fewstep.runtime.models import Model, load
+from fewstep.runtime.models import Model
 from fewstep.runtime.plan import MAX_HISTORY, Plan
 from fewstep.runtime.solvers import SolverError, build, fittable
 from fewstep.training import dode, iia, timesteps
@@ -24,11 +24,6 @@ from fewstep.training.fit import FitConfig, fit
 from fewstep.training.fitcore import Batch, FitError, run, scaled, subdivide, to_plan
 
 M, S, ST = 0.7, 0.5, 80.0  # Gaussian data N(M, S²) per dimension; σ_T
-
-
-@pytest.fixture(scope="module")
-def gmm():
-    return load("gmm")
 
 
 @pytest.fixture(scope="module")
