@@ -11,6 +11,7 @@ one-row stochastic sampler reading z, noise, guidance, two float conditioning te
 import ctypes
 import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -445,6 +446,32 @@ def test_fewstep_run_native_inputs(cond, native, tmp_path):
              ([*files, "--input", "text_embeds"], "--input must be NAME=FILE.npy"),
              ([*files, *flags(x=tmp_path / "none.npy")], "cannot open input file for 'x'"),
              ([*files, "--guidance", "2"], "--guidance and --input guidance")]
+    # --embeddings: the float tensors from one safetensors file, time_ids from its .npy
+    from safetensors.numpy import save_file
+
+    save_file({k: v for k, v in given.items() if k != "time_ids"}, str(tmp_path / "e.safetensors"))
+    p = subprocess.run([exe, cond, "--seed", str(seed), "--embeddings", tmp_path / "e.safetensors",
+                        *flags(time_ids=good["time_ids"]), "--out", tmp_path / "s.npy"], env=_env(),
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), _want(cond, seed, b, given))
+    save_file({"time_ids": given["time_ids"].astype(np.float16)}, str(tmp_path / "f16.safetensors"))
+    (tmp_path / "garbage.safetensors").write_bytes(b"\xff" * 16)
+
+    def raw(header: str, data: bytes = b"") -> Path:
+        path = tmp_path / f"raw{len(header)}.safetensors"
+        path.write_bytes(len(header).to_bytes(8, "little") + header.encode() + data)
+        return path
+
+    far = raw('{"guidance": {"dtype": "F32", "shape": [3], "data_offsets": [0, 1000000000000]}}', b"\0" * 12)
+    deep = raw("[" * 100_000 + "]" * 100_000)
+    emb = ["--embeddings", tmp_path / "e.safetensors", *flags(time_ids=good["time_ids"])]
+    cases += [(["--embeddings", tmp_path / "garbage.safetensors"], "not a .safetensors file"),
+              (["--embeddings", tmp_path / "f16.safetensors"], 'is "F16"; fewstep-run reads F32 and I64'),
+              (["--embeddings", far], "do not fit its shape and the file"),
+              (["--embeddings", deep], "nested too deeply"),
+              ([*emb, *flags(guidance=good["guidance"])], "--input guidance: the embeddings file holds"),
+              (emb[:2], "missing input 'time_ids'")]
     for args, match in cases:
         q = subprocess.run([exe, cond, *map(str, args), "--out", tmp_path / "e.npy"], env=_env(), capture_output=True,
                            text=True)

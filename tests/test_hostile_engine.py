@@ -186,12 +186,13 @@ def _metadata_edit(draw):
     key = draw(st.sampled_from(["fewstep.plan", "fewstep.contract"]))
     if draw(st.integers(0, 4)) == 0:
         return key, draw(st.text(max_size=80))  # not JSON at all
-    return key, draw(st.sampled_from(["row", "top"])), draw(st.text(max_size=12) | st.sampled_from(
+    return key, draw(st.sampled_from(["row", "top", "input"])), draw(st.text(max_size=12) | st.sampled_from(
         ["sigma", "a", "c", "q", "p", "g", "guidance", "rows", "nfe", "n_stochastic", "sample_shape",
-         "num_classes", "null_label", "guidance_input", "sigma_init", "compute_dtype", "format"])), draw(_value)
+         "num_classes", "null_label", "guidance_input", "sigma_init", "compute_dtype", "format", "inputs", "name",
+         "shape", "dtype"])), draw(_value)
 
 
-@settings(max_examples=30, deadline=None, derandomize=True, database=None,
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(edit=_metadata_edit())
 def test_fuzz_engine_metadata(eng, tmp_path_factory, edit):
@@ -203,6 +204,8 @@ def test_fuzz_engine_metadata(eng, tmp_path_factory, edit):
     else:
         obj = json.loads(_meta(eng["good"], key))
         target = obj["rows"][0] if edit[1] == "row" and key == "fewstep.plan" else obj
+        if edit[1] == "input" and key == "fewstep.contract":  # one entry of the contract's input list
+            target = obj["inputs"][-1]
         target[edit[2]] = edit[3]
         text = json.dumps(obj)
     path = _with_meta(eng["good"], tmp_path_factory.mktemp("fz") / "e.onnx", key, text)

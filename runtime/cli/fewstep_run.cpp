@@ -1,6 +1,6 @@
 // fewstep-run: sample an exported engine from the command line. Uses only the public C++ wrapper.
 //   fewstep-run ENGINE --seed S --n N [--class C|none] [--guidance W] [--noise Z.npy] [--input NAME=X.npy]...
-//               --out X.npy
+//               [--embeddings E.safetensors] --out X.npy
 //               [--threads T] [--provider cpu|cuda|tensorrt] [--device D] [--cuda-graph]
 //               [--cache-dir DIR] [--ort-library PATH] [--bench N]
 // Exit codes, as `fewstep`: 0 ok; 2 bad input (arguments, files, the engine, the ONNX Runtime library or
@@ -21,6 +21,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "fewstep.hpp"
 
 namespace {
@@ -31,13 +33,14 @@ struct Usage : std::runtime_error {
 
 const char* kHelp =
     "usage: fewstep-run ENGINE [--seed S] [--n N] [--class C|none] [--guidance W] [--noise Z.npy] [--out X.npy]\n"
-    "                   [--input NAME=FILE.npy]... [--threads T] [--provider cpu|cuda|tensorrt] [--device D] [--cuda-graph]\n"
+    "                   [--input NAME=FILE.npy]... [--embeddings FILE.safetensors] [--threads T] [--provider cpu|cuda|tensorrt] [--device D] [--cuda-graph]\n"
     "                   [--cache-dir DIR] [--ort-library PATH] [--bench N]\n"
     "Samples N images from an exported fewstep engine with Philox seed S (default 0; N: the noise file's, else 1).\n"
     "Without --class a class-conditional engine draws classes 0,1,2,... in turn (like `fewstep sample`);\n"
     "--class none samples unconditionally (the null label). --version prints the library version.\n"
     "--input NAME=FILE.npy (repeatable): a named input of the engine (e.g. encoder_hidden_states), float32 or\n"
     "int64 of the engine's shape at this N; without --n / --noise, N is its leading size.\n"
+    "--embeddings FILE.safetensors: named inputs from a safetensors file (F32 / I64; tensor name = input name).\n"
     "Exit codes: 0 ok, 2 bad input, 3 the result is not finite (nothing written), 1 internal error.\n"
     "--bench N: time N more runs after one warm-up and print p50/p90/p99 latency and samples/s.\n"
     "ONNX Runtime: --ort-library, else $FEWSTEP_ORT_LIBRARY, else the onnxruntime package beside libfewstep,\n"
@@ -113,6 +116,79 @@ Npy read_npy(const std::string& path, const std::string& what) {
   return a;
 }
 
+// Nesting depth of JSON text outside strings; the safetensors header is refused past 64 levels before any
+// parser sees it (a hostile header may nest 10^6 deep).
+int json_depth(const std::string& t) {
+  int depth = 0, worst = 0;
+  bool in_str = false;
+  for (size_t i = 0; i < t.size(); ++i) {
+    const char ch = t[i];
+    if (in_str) {
+      if (ch == '\\') ++i;
+      else if (ch == '"') in_str = false;
+    } else if (ch == '"') in_str = true;
+    else if (ch == '[' || ch == '{') worst = std::max(worst, ++depth);
+    else if (ch == ']' || ch == '}') --depth;
+  }
+  return worst;
+}
+
+// The tensors of a .safetensors file (8-byte little-endian header length, JSON header, data), each F32 or I64,
+// as named arrays. Every size and offset is checked against the file before anything is read or allocated.
+std::vector<std::pair<std::string, Npy>> read_safetensors(const std::string& path) {
+  const std::string what = "embeddings file " + path;
+  struct stat st{};
+  if (stat(path.c_str(), &st) != 0) throw Usage("cannot open " + what + ": " + std::strerror(errno));
+  if (!S_ISREG(st.st_mode)) throw Usage(what + ": not a regular file");
+  std::ifstream f(path, std::ios::binary);
+  unsigned char lb[8];
+  if (!f || !f.read(reinterpret_cast<char*>(lb), 8)) throw Usage(what + ": not a .safetensors file (too short)");
+  uint64_t hlen = 0;
+  for (int i = 7; i >= 0; --i) hlen = (hlen << 8) | lb[i];
+  const uint64_t size = uint64_t(st.st_size);
+  if (hlen > (uint64_t(1) << 24) || 8 + hlen > size)
+    throw Usage(what + ": not a .safetensors file (header length " + std::to_string(hlen) + ")");
+  std::string h(size_t(hlen), '\0');
+  if (!f.read(&h[0], std::streamsize(hlen))) throw Usage(what + ": truncated header");
+  if (json_depth(h) > 64) throw Usage(what + ": header nested too deeply");
+  const nlohmann::json j = nlohmann::json::parse(h, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) throw Usage(what + ": the header is not a JSON object");
+  const uint64_t data_size = size - 8 - hlen;
+  std::vector<std::pair<std::string, Npy>> out;
+  for (const auto& [name, t] : j.items()) {
+    if (name == "__metadata__") continue;
+    const std::string w = what + ": tensor '" + name.substr(0, 64) + "'";
+    if (!t.is_object() || !t.contains("dtype") || !t.contains("shape") || !t.contains("data_offsets"))
+      throw Usage(w + ": needs dtype, shape and data_offsets");
+    const nlohmann::json &dt = t["dtype"], &shape = t["shape"], &off = t["data_offsets"];
+    Npy a;
+    if (dt == "I64") a.dtype = FEWSTEP_DTYPE_INT64;
+    else if (dt != "F32") throw Usage(w + " is " + dt.dump() + "; fewstep-run reads F32 and I64 tensors");
+    if (!shape.is_array() || shape.size() > 16) throw Usage(w + ": bad shape");
+    uint64_t n = 1;
+    for (const auto& d : shape) {
+      if (!d.is_number_unsigned() || d.get<uint64_t>() > (uint64_t(1) << 40) ||
+          (d.get<uint64_t>() && n > (uint64_t(1) << 40) / d.get<uint64_t>()))
+        throw Usage(w + ": bad shape");
+      a.shape.push_back((long long)d.get<uint64_t>());
+      n *= d.get<uint64_t>();
+    }
+    const uint64_t item = a.dtype == FEWSTEP_DTYPE_INT64 ? 8 : 4;
+    if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() || !off[1].is_number_unsigned())
+      throw Usage(w + ": bad data_offsets");
+    const uint64_t begin = off[0].get<uint64_t>(), end = off[1].get<uint64_t>();
+    if (begin > end || end > data_size || end - begin != n * item)
+      throw Usage(w + ": data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) +
+                  ") do not fit its shape and the file");
+    a.count = size_t(n);
+    a.storage.resize(size_t((n * item + 7) / 8));
+    f.seekg(std::streamoff(8 + hlen + begin));
+    if (!f.read(reinterpret_cast<char*>(a.storage.data()), std::streamsize(n * item))) throw Usage(w + ": truncated");
+    out.emplace_back(name, std::move(a));
+  }
+  return out;
+}
+
 void write_npy(const std::string& path, const std::vector<long long>& shape, const float* data, size_t n) {
   std::string dims;
   for (long long d : shape) dims += std::to_string(d) + ", ";
@@ -181,6 +257,7 @@ struct Args {
   long long cls = 0;
   double guidance = 1.0;
   std::vector<std::pair<std::string, std::string>> inputs;  // --input NAME=FILE.npy, in order
+  std::string embeddings_path;                               // --embeddings FILE.safetensors
   fewstep::EngineOptions opt;
 };
 
@@ -212,6 +289,7 @@ bool parse_args(int argc, char** argv, Args& a) {
     }
     else if (arg == "--guidance") a.has_guidance = true, a.guidance = parse_float(next(), "--guidance");
     else if (arg == "--noise") a.noise_path = next();
+    else if (arg == "--embeddings") a.embeddings_path = next();
     else if (arg == "--input") {
       const std::string v = next();
       const size_t eq = v.find('=');
@@ -259,19 +337,22 @@ Npy read_noise(const std::string& path, const fewstep_engine_info& info, long lo
   return z;
 }
 
-// --input NAME=FILE.npy, each read as it is; the C API checks names, dtypes, shapes and values against the
-// engine. Without --n and --noise the batch is the leading size of the first input whose own leading
-// dimension is the engine's batch.
+// --embeddings FILE.safetensors and --input NAME=FILE.npy, each read as it is; the C API checks names, dtypes,
+// shapes and values against the engine. Without --n and --noise the batch is the leading size of the first
+// (in the engine's order) given input whose leading dimension is the engine's batch.
 std::vector<std::pair<std::string, Npy>> read_inputs(const Args& a, const fewstep::Engine& engine, long long& batch) {
   std::vector<std::pair<std::string, Npy>> out;
-  const std::vector<fewstep::InputInfo> declared = engine.inputs();
+  if (!a.embeddings_path.empty()) out = read_safetensors(a.embeddings_path);
+  const size_t from_file = out.size();
   for (const auto& [name, path] : a.inputs) {
+    for (size_t i = 0; i < from_file; ++i)
+      if (out[i].first == name) throw Usage("--input " + name + ": the embeddings file holds '" + name + "' too");
     out.emplace_back(name, read_npy(path, "input file for '" + name + "'"));
-    const Npy& x = out.back().second;
-    if (batch == 0 && !x.shape.empty())
-      for (const fewstep::InputInfo& d : declared)
-        if (d.name == name && !d.shape.empty() && d.shape[0] < 0) batch = x.shape[0];
   }
+  const std::vector<fewstep::InputInfo> declared = engine.inputs();
+  for (const fewstep::InputInfo& d : declared)  // the engine's order: the first batch-led input sets N
+    for (const auto& [name, x] : out)
+      if (batch == 0 && d.name == name && !d.shape.empty() && d.shape[0] < 0 && !x.shape.empty()) batch = x.shape[0];
   return out;
 }
 
