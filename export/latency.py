@@ -93,30 +93,26 @@ def interleaved(paths: dict, repeats: int, gap_ms: float = GAP_MS, warmup: int =
     return times
 
 
-def latency(model: str, plan, batch: int = 1, repeats: int = 30, threads: int = 1, gap_ms: float = GAP_MS,
-            spinning: bool = True, guidance: list[float] | None = None, quiet: bool = True) -> dict:
-    """Median latency (µs) of one sampler run by four paths, measured side by side in interleaved rounds
-    with an idle gap before every call, then a wait until the process is quiet (``interleaved``), at each W in
-    ``guidance`` (default: 1 and 2 for an engine with a guidance input, else the engine as it is).
+NOTES = ("Interleaved rounds (the order rotates each round); before every timed call gap_ms of idle time, then a "
+         "wait until the process burns no CPU (the previous path's ONNX Runtime / OpenMP workers spin for ~100–200 ms "
+         "after a run on a loaded box), so no path shares its cores with them; medians. network_only = the step graph "
+         "in ONNX Runtime from Python (one session.run per evaluation) × NFE; ort_python = the sampler graph's raw "
+         "session.run on precomputed inputs; cpp_runtime = _C.Engine.sample (Philox z/noise, then one ORT run); "
+         "python_executor = fewstep.runtime.sample, eager torch. At W = 1 an engine with a guidance input runs its "
+         "B-row branch (the executor's work), at W ≠ 1 the 2B-row CFG branch.")
 
-    ``spinning`` False sets ``session.intra_op.allow_spinning = 0`` on the Python ONNX Runtime sessions (the
-    C++ runtime runs ONNX Runtime's defaults, spinning on)."""
+
+def _engines(teacher, plan, threads: int, spinning: bool):
+    """The plan exported (sampler and step graph, in a temporary directory) and loaded: ONNX Runtime sessions
+    from Python for both, and the sampler in the C++ runtime."""
     import tempfile
 
-    import numpy as np
     import onnxruntime as ort
-    import torch
 
-    from .. import _C
-    from ..runtime.executor import sample as py_sample
-    from ..runtime.models import load
     from ..runtime.run import load_engine
-    from .onnx import example_inputs, export_onnx
+    from .onnx import export_onnx
 
-    teacher = load(model)
     den = teacher.denoiser
-    if threads:
-        torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         sampler_path, step_path = os.path.join(tmp, "sampler.onnx"), os.path.join(tmp, "step.onnx")
         res = export_onnx(den, plan, sampler_path, sample_shape=teacher.shape, num_classes=teacher.num_classes,
@@ -131,6 +127,47 @@ def latency(model: str, plan, batch: int = 1, repeats: int = 30, threads: int = 
         sess = ort.InferenceSession(sampler_path, so, providers=["CPUExecutionProvider"])
         step_sess = ort.InferenceSession(step_path, so, providers=["CPUExecutionProvider"])
         eng = load_engine(sampler_path, threads=threads)
+    return res, step, sess, step_sess, eng
+
+
+def _by_guidance(med: dict, ws, nfe: int) -> dict:
+    """Medians per W and the ratios the README quotes."""
+    per_w = {}
+    for w in ws:
+        tag = "" if w is None else f"W={w:g} "
+        m = {k[len(tag):]: v for k, v in med.items() if k.startswith(tag)}
+        per_w[tag.strip() or "plan"] = {
+            "median_us": {"network_only_x_nfe": m["network_only"] * nfe, "network_only_per_eval": m["network_only"],
+                          "python_executor": m["python_executor"], "ort_python": m["ort_python"],
+                          "cpp_runtime": m["cpp_runtime"]},
+            "ratios": {"cpp_over_python_executor": m["cpp_runtime"] / m["python_executor"],
+                       "cpp_over_ort_python": m["cpp_runtime"] / m["ort_python"],
+                       "cpp_over_nfe_x_network": m["cpp_runtime"] / (m["network_only"] * nfe)},
+        }
+    return per_w
+
+
+def latency(model: str, plan, batch: int = 1, repeats: int = 30, threads: int = 1, gap_ms: float = GAP_MS,
+            spinning: bool = True, guidance: list[float] | None = None, quiet: bool = True) -> dict:
+    """Median latency (µs) of one sampler run by four paths, measured side by side in interleaved rounds
+    with an idle gap before every call, then a wait until the process is quiet (``interleaved``), at each W in
+    ``guidance`` (default: 1 and 2 for an engine with a guidance input, else the engine as it is).
+
+    ``spinning`` False sets ``session.intra_op.allow_spinning = 0`` on the Python ONNX Runtime sessions (the
+    C++ runtime runs ONNX Runtime's defaults, spinning on)."""
+    import numpy as np
+    import torch
+
+    from .. import _C
+    from ..runtime.executor import sample as py_sample
+    from ..runtime.models import load
+    from .onnx import example_inputs
+
+    teacher = load(model)
+    den = teacher.denoiser
+    if threads:
+        torch.set_num_threads(threads)
+    res, step, sess, step_sess, eng = _engines(teacher, plan, threads, spinning)
     contract = res.contract
     has_w = contract["guidance_input"]
     ws = list(guidance) if guidance else ([1.0, 2.0] if has_w else [None])
@@ -160,33 +197,14 @@ def latency(model: str, plan, batch: int = 1, repeats: int = 30, threads: int = 
         ref = py_exec().numpy()
         checks[tag.strip() or "plan"] = float(np.abs(cpp - ref).max() / np.abs(ref).max())
     times = interleaved(paths, repeats, gap_ms, quiet=quiet)
-    med = {k: _median_us(v) for k, v in times.items()}
-    per_w = {}
-    for w in ws:
-        tag = "" if w is None else f"W={w:g} "
-        m = {k[len(tag):]: v for k, v in med.items() if k.startswith(tag)}
-        per_w[tag.strip() or "plan"] = {
-            "median_us": {"network_only_x_nfe": m["network_only"] * nfe, "network_only_per_eval": m["network_only"],
-                          "python_executor": m["python_executor"], "ort_python": m["ort_python"],
-                          "cpp_runtime": m["cpp_runtime"]},
-            "ratios": {"cpp_over_python_executor": m["cpp_runtime"] / m["python_executor"],
-                       "cpp_over_ort_python": m["cpp_runtime"] / m["ort_python"],
-                       "cpp_over_nfe_x_network": m["cpp_runtime"] / (m["network_only"] * nfe)},
-        }
+    per_w = _by_guidance({k: _median_us(v) for k, v in times.items()}, ws, nfe)
     return {
         "model": teacher.name, "plan": plan.name, "nfe": nfe, "batch": batch, "threads": threads,
         "repeats": repeats, "gap_ms": gap_ms, "wait_quiet": quiet, "ort_spinning": spinning,
         "machine": machine(threads, ort=True),
         "fewstep": _C.version(), "guidance_input": has_w, "by_guidance": per_w,
         "cpp_equals_ort_python": same, "cpp_vs_executor_max_rel_err": checks,
-        "notes": "Interleaved rounds (the order rotates each round); before every timed call gap_ms of idle time, "
-                 "then a wait until the process burns no CPU (the previous path's ONNX Runtime / OpenMP workers "
-                 "spin for ~100–200 ms after a run on a loaded box), so no path shares its cores with them; "
-                 "medians. network_only = the step graph in ONNX Runtime from Python (one session.run per "
-                 "evaluation) × NFE; ort_python = the sampler graph's raw session.run on precomputed inputs; "
-                 "cpp_runtime = _C.Engine.sample (Philox z/noise, then one ORT run); python_executor = "
-                 "fewstep.runtime.sample, eager torch. At W = 1 an engine with a guidance input runs its B-row "
-                 "branch (the executor's work), at W ≠ 1 the 2B-row CFG branch.",
+        "notes": NOTES,
         "cuda": "not measured (no GPU): pip install onnxruntime-gpu; fewstep-run ENGINE --provider cuda --bench 200",
         "tensorrt": "not measured (no GPU): fewstep-run ENGINE --provider tensorrt --cache-dir trt_cache --bench 200",
     }

@@ -136,24 +136,11 @@ def run(model: nn.Module, loss_fn: Callable, loop: LoopConfig, out_dir: str, see
         t0 = time.perf_counter()
         for step in range(start, loop.steps):
             gen.manual_seed(step_seed(seed, step, rank))
-            for g in opt.param_groups:
-                g["lr"] = loop.lr * min(1.0, (step + 1) / max(1, loop.warmup)) \
-                    * ((1.0 - step / loop.steps) if loop.lr_decay else 1.0)
-            loss = loss_fn(net, gen, loop.batch // world)
-            if not torch.isfinite(loss):
-                raise TrainError(f"{desc}: the loss became {float(loss)} at step {step}; the last checkpoint "
+            loss = _step(net, model, ema, opt, loss_fn, gen, loop, step, world, decay)
+            if not math.isfinite(loss):
+                raise TrainError(f"{desc}: the loss became {loss} at step {step}; the last checkpoint "
                                  f"in {out_dir} is intact (lower --lr?)")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip)
-            opt.step()
-            if ema is not None:
-                k = min(decay, (1 + step) / (10 + step))
-                with torch.no_grad():
-                    for pe, pm in zip(ema.parameters(), model.parameters()):
-                        pe.lerp_(pm, 1 - k)
-            li = float(loss.detach())
-            loss_avg = li if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * li
+            loss_avg = loss if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * loss
             bar.update(1)
             bar.set_postfix(loss=f"{loss_avg:.4g}")
             done = step + 1
@@ -168,6 +155,27 @@ def run(model: nn.Module, loss_fn: Callable, loop: LoopConfig, out_dir: str, see
     final = ema if ema is not None else model
     return final, {"steps": max(loop.steps, start), "loss": loss_avg, "wall_seconds": round(wall, 1),
                    "world_size": world, "rank": rank, "threads": torch.get_num_threads()}
+
+
+def _step(net, model, ema, opt, loss_fn, gen, loop: LoopConfig, step: int, world: int, decay: float) -> float:
+    """One optimisation step (LR warm-up / decay, clipped gradients, Adam, EMA); returns the loss (a loss that
+    is not finite returns before anything is updated)."""
+    for g in opt.param_groups:
+        g["lr"] = loop.lr * min(1.0, (step + 1) / max(1, loop.warmup)) \
+            * ((1.0 - step / loop.steps) if loop.lr_decay else 1.0)
+    loss = loss_fn(net, gen, loop.batch // world)
+    if not torch.isfinite(loss):
+        return float(loss)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip)
+    opt.step()
+    if ema is not None:
+        k = min(decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - k)
+    return float(loss.detach())
 
 
 def _resume(out_dir: str, record: dict, loop: LoopConfig, model, ema, opt, params) -> tuple[int, float, float]:
