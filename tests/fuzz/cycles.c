@@ -47,6 +47,25 @@ int main(int argc, char** argv) {
     if (fewstep_sample(e, 0, 0, NULL, NULL, out, 4096) != FEWSTEP_ERR_INVALID_ARGUMENT) return fail("batch 0");
     if (info.num_classes && fewstep_sample(e, 0, 4, wrong, NULL, out, 4096) != FEWSTEP_ERR_OUT_OF_RANGE)
       return fail("bad label");
+    { /* the generic path (fewstep_sample_inputs), its listing and its error paths */
+      int64_t bshape[1] = {4};
+      fewstep_input in[2];
+      fewstep_input_info ii;
+      size_t j, n = fewstep_engine_input_count(e);
+      in[0].name = "class_labels", in[0].shape = bshape, in[0].ndim = 1, in[0].dtype = FEWSTEP_DTYPE_INT64;
+      in[0].data = labels;
+      in[1] = in[0];
+      in[1].name = "nope";
+      for (j = 0; j < n; ++j)
+        if (fewstep_engine_input_info(e, j, &ii) != FEWSTEP_OK) return fail("input info");
+      if (info.num_classes && !info.guidance_input &&
+          fewstep_sample_inputs(e, (uint64_t)k, 4, in, 1, out, 4096) != FEWSTEP_OK)
+        return fail("sample_inputs");
+      if (fewstep_sample_inputs(e, 0, 4, in + 1, 1, out, 4096) != FEWSTEP_ERR_INVALID_ARGUMENT)
+        return fail("unknown input");
+      if (fewstep_sample_inputs(e, 0, 4, in, 0, out, 4096) == FEWSTEP_OK && info.num_classes)
+        return fail("missing input");
+    }
     fewstep_engine_free(e);
     e = (fewstep_engine*)1;
     if (fewstep_engine_load(bad[k % (nbad ? nbad : 1)], &p, &e) == FEWSTEP_OK || e != NULL) return fail("bad file loaded");
