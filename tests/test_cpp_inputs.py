@@ -381,6 +381,7 @@ def _edit_inputs(fn):
     ("huge", _edit_inputs(lambda i: i[3].update(shape=["batch", 2**31, 2**31])), r"more than 2\^31 values"),
     ("not a list", {**CONTRACT, "inputs": {"z": 1}}, "inputs must be a list"),
     ("no name", _edit_inputs(lambda i: i[3].pop("name")), r"inputs\[3\].name must be"),
+    ("control character", _edit_inputs(lambda i: i[3].update(name="encoder\nhidden")), r"inputs\[3\].name must be"),
 ])
 def test_contract_inputs_checked_at_load(tmp_path, name, contract, match):
     path = tmp_path / "e.onnx"

@@ -452,10 +452,10 @@ EngineInput parse_listed_input(const Json& j, const std::string& path, size_t i)
   if (!j.is_object()) bad_contract(path, where + " must be an object {name, dtype, shape}");
   EngineInput in;
   const Json* name = member(j, "name");
+  // Printable names only: every message that names an input stays one line.
   if (!name || !name->is_string() || name->get_ref<const std::string&>().empty() ||
-      name->get_ref<const std::string&>().size() > 256 ||
-      name->get_ref<const std::string&>().find('\0') != std::string::npos)
-    bad_contract(path, where + ".name must be a non-empty string of at most 256 characters");
+      name->get_ref<const std::string&>().size() > 256 || printable(name->get<std::string>()) != name->get<std::string>())
+    bad_contract(path, where + ".name must be a non-empty string of at most 64 printable characters");
   in.name = name->get<std::string>();
   const std::string w = where + " ('" + printable(in.name) + "')";
   const Json* dt = member(j, "dtype");
