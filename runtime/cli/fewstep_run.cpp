@@ -33,7 +33,8 @@ struct Usage : std::runtime_error {
 
 const char* kHelp =
     "usage: fewstep-run ENGINE [--seed S] [--n N] [--class C|none] [--guidance W] [--noise Z.npy] [--out X.npy]\n"
-    "                   [--input NAME=FILE.npy]... [--embeddings FILE.safetensors] [--threads T] [--provider cpu|cuda|tensorrt] [--device D] [--cuda-graph]\n"
+    "                   [--input NAME=FILE.npy]... [--embeddings FILE.safetensors]\n"
+    "                   [--threads T] [--provider cpu|cuda|tensorrt] [--device D] [--cuda-graph]\n"
     "                   [--cache-dir DIR] [--ort-library PATH] [--bench N]\n"
     "Samples N images from an exported fewstep engine with Philox seed S (default 0; N: the noise file's, else 1).\n"
     "Without --class a class-conditional engine draws classes 0,1,2,... in turn (like `fewstep sample`);\n"
