@@ -114,6 +114,72 @@ def test_every_family_gives_a_valid_plan_never_worse_on_heldout(gmm, family):
     assert pv["winner"] in ("learned", "closed-form") and pv["init_method"] == "dode"
 
 
+@pytest.mark.parametrize("family", fittable())
+def test_fast_init_is_never_worse_than_the_base_solver(gmm, family):
+    """The default init (heuristic grid + D-ODE on 16 samples) keeps a grid or the λ's only where they lower the
+    error on those samples, so it is never worse than the base solver there, and it is a valid Plan of the NFE."""
+    den = gmm.denoiser
+    nfe = 5 if family == "heun" else 4  # Heun: odd NFE
+    b = learned.make_batch(gmm, 16, 0, None, None)
+    ref = learned.reference_target(gmm, b, den.sigma_max)
+    plan, info = learned.fast_init(family, nfe, den, b, ref)
+    _valid(plan)
+    base = build(family, nfe, den.sigma_min, den.sigma_max)
+    assert plan.nfe == nfe and info["rmse"] <= rms(run(base, den, b), ref)
+
+
+def test_default_fit_uses_the_fast_init_and_couples_the_grid(gmm):
+    plan = fit_learned(gmm, "dpmpp-2m", 4, batch=40, heldout=20)
+    pv = plan.provenance
+    assert pv["init_method"] == "fast" and pv["init_info"]["batch"] == 16 and pv["grid_coupled"]
+    _valid(plan)
+    assert pv["heldout_rmse"] <= pv["heldout_rmse_init"]
+
+
+def test_coupled_grid_moves_the_base_rows_with_the_sigmas(gmm):
+    """After ``couple`` the coefficients are unchanged at the current σ's, and moving the grid moves them as the
+    family's own plan on the new grid: a first-order (finite-difference) linearisation, so at a step Δ = 1e-3 in
+    log-gap units the mismatch is O(Δ² + hΔ) ≈ 1e-3 of the change itself; 1 % leaves a 10× margin and fails if
+    the rows did not move (mismatch = the whole change) or moved the wrong way. Uncoupled, the rows stay put."""
+    den = gmm.denoiser
+    init = build("dpmpp-2m", 4, den.sigma_min, den.sigma_max)
+    params = learned._Params(init, 2)
+    c0 = params.coefs().detach().clone()
+    assert params.couple("dpmpp-2m")
+    assert torch.equal(params.coefs().detach(), c0)
+    th = params.theta.detach().numpy().copy() + 1e-3
+    want = torch.from_numpy(params._build_coefs(th))
+    with torch.no_grad():
+        params.theta.add_(1e-3)
+    got = params.coefs().detach()
+    change = float((want - c0).abs().max())
+    assert change > 0 and float((got - want).abs().max()) <= 1e-2 * change
+    loose = learned._Params(init, 2)
+    with torch.no_grad():
+        loose.theta.add_(1e-3)
+    assert torch.equal(loose.coefs().detach(), c0) and not loose.couple(None)
+
+
+def test_patience_stops_and_evals_scale_the_steps(gmm):
+    """The target is the init plan's own endpoint (computed by the same differentiable run, so bitwise the init's
+    prediction), so its held-out error is 0 and no phase can beat it: with
+    patience 1 learning stops after the first phase and keeps the init. ``evals`` of half the planned network
+    evaluations halves every phase's steps (rounded up)."""
+    den = gmm.denoiser
+    true = build("dpmpp-2m", 3, den.sigma_min, den.sigma_max)
+    b = Batch(torch.randn(60, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64), None, None,
+              torch.float64)
+    with torch.no_grad():
+        tgt = learned.endpoint(learned._Params(true, 2), den, b, b.z, None)
+    tr, he = learned._split(b, slice(0, 40)), learned._split(b, slice(40, 60))
+    planned = 2 * (6 + 4) * 8 * true.nfe  # rounds · (coef + grid steps) · minibatch · NFE
+    cfg = LearnConfig(rounds=2, coef_steps=6, grid_steps=4, minibatch=8, patience=1, evals=planned // 2, history=2)
+    out, info = learn(true, den, tr, tgt[:40], he, tgt[40:], cfg, family="dpmpp-2m")
+    assert info["heldout_rmse_init"] == 0.0 and info["winner"] == "closed-form" and out is true
+    assert info["stopped_early"] and info["step_fraction"] == 0.5 and info["steps"] == 3
+    assert [t for t, _ in info["phases"]] == ["init", "round 1 coef"]
+
+
 def test_guided_plan_keeps_w_on_every_row(gmm):
     plan = fit_learned(gmm, "ddim", 3, LearnConfig(rounds=1), init_method="dode", cls=1, guidance=2.0, batch=40,
                        heldout=20)
@@ -170,7 +236,9 @@ def test_history_bound_and_budget(gmm):
 
 
 def test_bad_config_is_named():
-    for kw, match in ((dict(loss="l1"), "--loss"), (dict(optimizer="sgd"), "--optimizer"), (dict(reg=-1.0), "--reg"),
+    for kw, match in ((dict(patience=0), "--patience"), (dict(evals=0), "--evals"), (dict(warmup=-1), "--warmup"),
+                      (dict(lr_nfe=0), "--lr-nfe"), (dict(loss="l1"), "--loss"), (dict(optimizer="sgd"), "--optimizer"),
+                      (dict(reg=-1.0), "--reg"),
                       (dict(rounds=-1), "--rounds"), (dict(history=11), "--history"), (dict(budget=0.0), "--budget")):
         with pytest.raises(FitError, match=match):
             LearnConfig(**kw).check()

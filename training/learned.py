@@ -38,6 +38,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from ..errors import FewstepError
 from ..runtime.executor import call_denoiser, run_rows
 from ..runtime.plan import MAX_HISTORY, Plan, Row, atomic_write_bytes
 from .fitcore import Batch, FitError, check_int, make_batch, reference_target, rms, run, with_guidance
@@ -55,15 +56,27 @@ class LearnConfig:
     loss: str = "l2"  # "l2" | "ld3"
     slack: float = 0.05  # LD3 ball radius: RMS of the per-sample offset of z
     reg: float = 1e-2  # weight of the pull toward the closed-form rows
-    rounds: int = 2  # coefficient + grid phases
-    coef_steps: int = 20
+    rounds: int = 3  # coefficient + grid phases
+    coef_steps: int = 10
     grid_steps: int = 10
     lr: float = 2e-2  # Adam, in units of each coefficient's scale (see _Params)
-    grid_lr: float = 1e-2  # Adam, on the log-σ gap parameters (5e-2 overshot on digits DDIM-4, 2e-3 too slow: GMM)
+    # Adam, on the log-σ gap parameters. With the grid coupled to the base rows (``couple``) a fast init needs
+    # big moves: 1e-1 took digits DPM-Solver++(2M)-4 to held-out RMSE 0.057, 1e-2 to 0.080 (fit_learned_notes.md).
+    grid_lr: float = 1e-1
+    # Both step sizes are scaled by min(1, lr_nfe / NFE): E rows move together, so the endpoint moves ~E times
+    # as far per step; at 10 NFE (digits) 2e-2 / 1e-1 made the first phase worse, 5e-3 / 2e-2 improved every one.
+    lr_nfe: int | None = 4
     optimizer: str = "adam"
-    minibatch: int | None = 32  # samples per Adam step (None: the whole fitting batch)
+    minibatch: int | None = 16  # samples per Adam step (None: the whole fitting batch)
     budget: float | None = None  # wall-clock seconds for the optimisation (None: no limit)
+    # Network evaluations (one sample through one row, forward + backward) for all gradient steps together;
+    # the steps of every phase shrink alike to fit. 2400 ≈ 5 CPU s on digits (2.2 ms each at minibatch 16,
+    # fit_learned_notes.md), what is left of 10 s after the fast init and the held-out checks at 10 NFE.
+    evals: int | None = 2400
     history: int | None = None  # K of the learned rows (None: max(init's K, min(E − 1, 2)))
+    patience: int | None = 2  # stop after this many phases in a row without a held-out gain (None: never)
+    couple: bool = True  # the grid phase moves the base solver's rows with the σ's (_Params.couple)
+    warmup: int = 3  # Adam steps of linear learning-rate warm-up at the start of every phase
 
     def check(self) -> LearnConfig:
         if self.loss not in LOSSES:
@@ -80,8 +93,16 @@ class LearnConfig:
                 raise FitError(f"--{name.replace('_', '-')} must be an integer ≥ 0, got {v!r}")
         if self.minibatch is not None and self.minibatch < 1:
             raise FitError(f"--minibatch must be ≥ 1, got {self.minibatch}")
+        if self.lr_nfe is not None and (isinstance(self.lr_nfe, bool) or self.lr_nfe < 1):
+            raise FitError(f"--lr-nfe must be ≥ 1, got {self.lr_nfe!r}")
+        if self.evals is not None and (isinstance(self.evals, bool) or self.evals < 1):
+            raise FitError(f"--evals must be ≥ 1, got {self.evals!r}")
         if self.budget is not None and not (math.isfinite(self.budget) and self.budget > 0):
             raise FitError(f"--budget must be > 0 seconds, got {self.budget}")
+        if self.patience is not None and (isinstance(self.patience, bool) or self.patience < 1):
+            raise FitError(f"--patience must be ≥ 1, got {self.patience!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise FitError(f"--warmup must be an integer ≥ 0, got {self.warmup!r}")
         if self.history is not None and not 0 <= self.history <= MAX_HISTORY:
             raise FitError(f"--history must be in 0..{MAX_HISTORY}, got {self.history}")
         return self
@@ -184,8 +205,82 @@ class _Params:
             gaps = gaps[1:]
         self.theta = torch.tensor(np.log(np.maximum(gaps, 1e-12)), dtype=torch.float64, requires_grad=True)
 
+        self.family = None  # set by ``couple``: the grid phase then moves the base solver's rows with the σ's
+        self.jac = torch.zeros(len(vals), self.theta.numel(), dtype=torch.float64)
+        self.anchor = self.theta.detach().clone()
+
     def coefs(self) -> torch.Tensor:
-        return self.coef0 + self.scale * self.delta
+        return self.coef0 + self.scale * self.delta + self.jac @ (self.theta - self.anchor)
+
+    def _build_coefs(self, theta: np.ndarray) -> np.ndarray | None:
+        """The coefficient vector of the base family's plan on the grid that ``theta`` gives (None: that plan does
+        not have the init's row structure, so nothing is coupled)."""
+        from ..runtime.solvers import get
+
+        top = math.log(self.init.sigma_init)
+        logs = top - np.cumsum(np.exp(theta))
+        sig = np.exp(np.concatenate([[top], logs]) if self.fixed_top else logs)
+        from .fitcore import compile_plan
+
+        try:
+            built = get(self.family).build(np.append([sig[self.row_sig[e]] for e in self.grid_rows], 0.0))
+            ss = {r.s for r in self.init.rows}
+            if len(ss) == 1 and any(r.s not in ss for r in built.rows):
+                # the init was compiled in the s = 1 history form (fitcore.to_plan): the same rows re-expressed
+                built = compile_plan(built, (), s=next(iter(ss)))
+            rows = built.rows
+        except (ValueError, FewstepError):
+            return None
+        if len(rows) != len(self.init.rows):
+            return None
+        out = np.zeros(len(self.coef0))
+        for e, (r, r0, (i0, np_, nq)) in enumerate(zip(rows, self.init.rows, self.layout)):
+            if r.s != r0.s or r.sigma != sig[self.row_sig[e]] or len(r.p) > np_ or len(r.q) > nq:
+                return None
+            out[i0] = r.a
+            out[i0 + 1:i0 + 1 + len(r.p)] = r.p
+            out[i0 + 1 + np_] = r.c
+            out[i0 + 2 + np_:i0 + 2 + np_ + len(r.q)] = r.q
+        return out
+
+    def couple(self, family: str | None) -> bool:
+        """Linearise the base family's rows in the grid parameters around the current θ (finite differences, step
+        1e-4 in log-gap units: the rows are smooth in the σ's, so the O(h) error is ~1e-4 of a coefficient's own
+        change, far below an optimiser step), keeping ``coefs()`` unchanged. A grid phase with fixed a, c, p, q
+        moves the σ's under coefficients computed for other σ's (DPM-Solver's step ratios), which on digits
+        2 NFE stalled at held-out RMSE 0.16–0.17 where the rebuilt-per-grid Nelder–Mead reaches 0.11. Returns
+        whether the rows are coupled (False: the init's rows are not the family's structure; σ's move alone)."""
+        if family is None or self.theta.numel() == 0:
+            return False
+        self.family = family
+        from .fitcore import FitError, grid_of
+
+        try:
+            grid = grid_of(self.init)[:-1]
+        except FitError:
+            return False
+        sig0 = sorted({r.sigma for r in self.init.rows}, reverse=True)
+        if any(g not in sig0 for g in grid):
+            return False
+        self.grid_rows = [next(e for e, r in enumerate(self.init.rows) if r.sigma == g) for g in grid]
+        th = self.theta.detach().numpy().copy()
+        b0 = self._build_coefs(th)
+        if b0 is None:
+            return False
+        jac = np.zeros((len(b0), len(th)))
+        for j in range(len(th)):
+            t1 = th.copy()
+            t1[j] += 1e-4
+            b1 = self._build_coefs(t1)
+            if b1 is None:
+                return False
+            jac[:, j] = (b1 - b0) / 1e-4
+        with torch.no_grad():
+            now = self.coefs()
+            self.jac = torch.from_numpy(jac)
+            self.anchor = self.theta.detach().clone()
+            self.coef0 = now - self.scale * self.delta
+        return True
 
     def sigmas(self) -> torch.Tensor:
         top = math.log(self.init.sigma_init)
@@ -212,12 +307,13 @@ class _Params:
         return Plan(name=name, sigma_init=self.init.sigma_init, rows=tuple(rows), provenance=provenance)
 
     def state(self):
-        return self.delta.detach().clone(), self.theta.detach().clone()
+        return self.delta.detach().clone(), self.theta.detach().clone(), self.coef0, self.jac, self.anchor
 
     def load(self, state) -> None:
         with torch.no_grad():
             self.delta.copy_(state[0])
             self.theta.copy_(state[1])
+        self.coef0, self.jac, self.anchor = state[2:]
 
 
 def endpoint(params: _Params, den, batch: Batch, z: torch.Tensor, cond) -> torch.Tensor:
@@ -276,12 +372,13 @@ class _Objective:
     """The training loss of ``params`` on ``train`` (relative to the init's, plus the regulariser) and, for LD3,
     the per-sample offsets of the student's noise inside the slack ball (z units, RMS ≤ ``slack``)."""
 
-    def __init__(self, params: _Params, den, train: Batch, ref: torch.Tensor, cfg: LearnConfig):
+    def __init__(self, params: _Params, den, train: Batch, ref: torch.Tensor, cfg: LearnConfig, mse0: float):
         self.params, self.den, self.train, self.ref, self.cfg = params, den, train, ref, cfg
         self.shift = torch.zeros_like(train.z, requires_grad=True) if cfg.loss == "ld3" else None
-        with torch.no_grad():
-            mse0 = float(_mse(endpoint(params, den, train, train.z, train.cond), ref))
-        self.norm = max(mse0, 1e-30)  # relative to the init's loss, so ``reg`` means the same on every model
+        # Relative to the init's loss, so ``reg`` means the same on every model. ``mse0`` is the init's held-out
+        # MSE, which the caller has anyway: another run over the training batch only to normalise cost 100·NFE
+        # network calls, up to 1 s of a 10-NFE digits fit (fit_learned_notes.md).
+        self.norm = max(mse0, 1e-30)
 
     def __call__(self, idx=None) -> torch.Tensor:
         t = self.train
@@ -322,6 +419,9 @@ def _phase(obj: _Objective, var: list, lr: float, nsteps: int, gen, deadline: fl
         return nsteps, False
     opt = _Adam(var, lr=lr)
     for i in range(nsteps):
+        # Warm-up: Adam's first steps move every parameter by about lr whatever its gradient's size, which
+        # knocks a well-tuned long plan off its optimum (fit_learned_notes.md).
+        opt.lr = lr * min(1.0, (i + 1) / cfg.warmup) if cfg.warmup else lr
         idx = None
         if cfg.minibatch is not None and cfg.minibatch < n:
             idx = torch.randperm(n, generator=gen)[:cfg.minibatch]
@@ -335,7 +435,7 @@ def _phase(obj: _Objective, var: list, lr: float, nsteps: int, gen, deadline: fl
 
 
 def learn(init: Plan, den, train: Batch, ref: torch.Tensor, held: Batch, held_ref: torch.Tensor,
-          cfg: LearnConfig, say: Callable[[str], None] = lambda s: None, seed: int = 0):
+          cfg: LearnConfig, say: Callable[[str], None] = lambda s: None, seed: int = 0, family: str | None = None):
     """Optimise ``init``'s rows on ``train``; returns (best plan on ``held``, info). ``init`` itself is a
     candidate, so the result is never worse than it on ``held`` (as the run_rows endpoint measures it)."""
     cfg = cfg.check()
@@ -343,17 +443,28 @@ def learn(init: Plan, den, train: Batch, ref: torch.Tensor, held: Batch, held_re
     deadline = None if cfg.budget is None else t0 + cfg.budget
     k = cfg.history if cfg.history is not None else max(init.history, min(init.nfe - 1, 2))
     params = _Params(init, max(k, init.history))
-    obj = _Objective(params, den, train, ref, cfg)
+    with torch.no_grad():
+        x0 = endpoint(params, den, held, held.z, held.cond)
+    init_err = rms(x0, held_ref)
+    n_train = train.z.shape[0]
+    obj = _Objective(params, den, train, ref, cfg, float(_mse(x0, held_ref)) if math.isfinite(init_err) else 1.0)
     gen = torch.Generator().manual_seed(seed)
-    best = {"err": _heldout_rms(params, den, held, held_ref), "state": params.state(), "phase": "init"}
-    init_err = best["err"]
-    history, steps, out_of_time = [("init", init_err)], 0, False
+    best = {"err": init_err, "state": params.state(), "phase": "init"}
+    history, steps, out_of_time, stale, coupled = [("init", init_err)], 0, False, 0, False
+    # The evaluation budget scales every phase down alike (rounded up, so each still takes a step).
+    planned = cfg.rounds * (cfg.coef_steps + cfg.grid_steps) * min(cfg.minibatch or n_train, n_train) * init.nfe
+    frac = 1.0 if cfg.evals is None or planned <= cfg.evals else cfg.evals / planned
     for rnd in range(cfg.rounds):
         for kind in ("coef", "grid"):
-            nsteps = cfg.coef_steps if kind == "coef" else cfg.grid_steps
+            nsteps = math.ceil(frac * (cfg.coef_steps if kind == "coef" else cfg.grid_steps))
             if out_of_time or nsteps == 0 or (kind == "grid" and params.theta.numel() == 0):
                 continue
+            if cfg.patience is not None and stale >= cfg.patience:
+                break
+            if kind == "grid":
+                coupled = params.couple(family) or coupled
             var, lr = ([params.delta], cfg.lr) if kind == "coef" else ([params.theta], cfg.grid_lr)
+            lr *= 1.0 if cfg.lr_nfe is None else min(1.0, cfg.lr_nfe / init.nfe)
             done, out_of_time = _phase(obj, var, lr, nsteps, gen, deadline)
             steps += done
             err = _heldout_rms(params, den, held, held_ref)
@@ -361,6 +472,9 @@ def learn(init: Plan, den, train: Batch, ref: torch.Tensor, held: Batch, held_re
             history.append((tag, err))
             if math.isfinite(err) and err < best["err"]:
                 best.update(err=err, state=params.state(), phase=tag)
+                stale = 0
+            else:
+                stale += 1
             say(f"learned {tag}: held-out RMSE {err:.4g} (closed-form {init_err:.4g}, best {best['err']:.4g}) "
                 f"{time.perf_counter() - t0:.1f} s")
             out_of_time = out_of_time or (deadline is not None and time.perf_counter() > deadline)
@@ -369,7 +483,10 @@ def learn(init: Plan, den, train: Batch, ref: torch.Tensor, held: Batch, held_re
     plan = params.plan(init.name, dict(init.provenance)) if won else init
     info = {"winner": "learned" if won else "closed-form", "heldout_rmse_init": init_err,
             "heldout_rmse": best["err"], "best_phase": best["phase"], "steps": steps, "history_k": params.k,
-            "out_of_budget": out_of_time, "learn_seconds": round(time.perf_counter() - t0, 3),
+            "out_of_budget": out_of_time,
+            "grid_coupled": coupled, "step_fraction": frac,
+            "stopped_early": cfg.patience is not None and stale >= cfg.patience,
+            "learn_seconds": round(time.perf_counter() - t0, 3),
             "phases": [[t, v] for t, v in history], "learn_config": asdict(cfg)}
     if won:
         info["sigmas"] = [float(v) for v in params.sigmas().detach()]
@@ -380,12 +497,65 @@ def learn(init: Plan, den, train: Batch, ref: torch.Tensor, held: Batch, held_re
 # the `fewstep fit --method learned` entry point
 
 
+FAST_INIT_BATCH = 16
+
+
+def fast_init(family: str, nfe: int, den, batch: Batch, ref: torch.Tensor, guidance: float | None = None,
+              schedule: str | None = None, n: int = FAST_INIT_BATCH) -> tuple[Plan, dict]:
+    """The cheap start for ``learn`` (``--init-method fast``): a heuristic grid and D-ODE on ``n`` samples.
+
+    Grid: the family's step count on EDM's ρ = 7 schedule of one step more, its last σ (σ_min) dropped, so the
+    last evaluation is not spent at σ_min where D is the identity (digits DPM-Solver++(2M), held-out RMSE of the
+    plain solver: 2 NFE 0.50 → 0.27, 4 NFE 0.23 → 0.16, 10 NFE 0.056 → 0.037); kept only if it beats the base
+    grid on the ``n`` samples. D-ODE's λ's are then fitted on the ``n`` samples and kept if they help there.
+    Each λ is one scalar fitted by least squares over n·dim residual entries (12,544 for 16 digits), so 16
+    samples pin it as well as D-ODE's 100: measured held-out RMSE 0.2441 / 0.1795 / 0.0376 (10 samples) vs
+    0.2408 / 0.1795 / 0.0381 (100) at 2 / 4 / 10 NFE, at a tenth of the cost. The grid itself is left to the
+    gradient phases (the Nelder–Mead of ``timesteps`` costs 45–416 CPU s on digits). Returns (plan, info)."""
+    from ..runtime import schedules
+    from ..runtime.solvers import build, get
+    from . import dode
+    from .fitcore import grid_of, safeguard
+
+    base = with_guidance(build(family, nfe, den.sigma_min, den.sigma_max, schedule=schedule), guidance)
+    steps = len(grid_of(base)) - 1
+    small, sref = _split(batch, slice(0, min(n, batch.z.shape[0]))), ref[:n]
+    info = {"grid": "base", "batch": small.z.shape[0]}
+    plan, err = base, rms(run(base, den, small), sref)
+    smin, smax = float(den.sigma_min), float(grid_of(base)[0])
+    best = {"rho": 7.0, "end": smin}
+
+    def trial(rho: float, end: float) -> None:
+        nonlocal plan, err
+        if not smin <= end < smax:
+            return
+        cand = with_guidance(get(family).build(schedules.edm(steps, end, smax, rho)), guidance)
+        if cand.nfe != nfe:
+            return
+        e = rms(run(cand, den, small), sref)
+        if e < err:
+            plan, err = cand.replace(name=base.name, provenance=base.provenance), e
+            best.update(rho=rho, end=end)
+            info["grid"] = f"edm rho {rho:g} to {end:.4g}"
+
+    if steps > 1:
+        for end in (smin, 0.01, 0.03, 0.1, 0.3, 1.0):
+            trial(7.0, end)
+        if steps > 2:
+            for rho in (3.0, 5.0, 10.0, 15.0):
+                trial(rho, best["end"])
+    fitted, dinfo = dode.fit_dode(plan, family, den, small)
+    kept, sg = safeguard(plan, fitted, dinfo.pop("slots"), den, small, sref, alphas=(1.0, 0.0))
+    info.update(dode_alpha=sg["alpha"], rmse_plain=err, rmse=sg["fit_rmse_kept"], lambdas=dinfo["lambdas"])
+    return kept, info
+
+
 def _split(b: Batch, sl: slice) -> Batch:
     return Batch(b.z[sl], None if b.cond is None else b.cond[sl], b.guidance, b.dtype)
 
 
 def fit_learned(teacher, solver: str, nfe: int, cfg: LearnConfig = LearnConfig(), init: Plan | None = None,
-                init_method: str = "timesteps+dode", batch: int = 100, heldout: int = 50, cls: int | None = None,
+                init_method: str = "fast", batch: int = 100, heldout: int = 50, cls: int | None = None,
                 guidance: float | None = None, seed: int = 0, schedule: str | None = None,
                 progress: Callable[[str], None] | None = None, **fit_kw) -> Plan:
     """Learn ``solver`` at ``nfe`` on ``teacher``: closed-form fit (``init_method``, or the plan ``init``) on the
@@ -428,7 +598,12 @@ def fit_learned(teacher, solver: str, nfe: int, cfg: LearnConfig = LearnConfig()
     train, held = _split(full, slice(0, batch)), _split(full, slice(batch, total))
     ref, held_ref = full_ref[:batch], full_ref[batch:]
     t_init = time.perf_counter()
-    if init is None:
+    init_info = None
+    if init is None and init_method == "fast":
+        say("fast init: heuristic grid + D-ODE")
+        init, init_info = fast_init(fam, nfe, den, train, ref, guidance, schedule)
+        init_source = "fast"
+    elif init is None:
         say(f"closed-form init: {init_method}")
         cache = {(teacher.content_hash, batch, seed, cls, guidance, base.sigma_init): (train, ref)}
         init = fit(teacher, FitConfig(fam, nfe, init_method, batch=batch, cls=cls, guidance=guidance, seed=seed,
@@ -437,8 +612,8 @@ def fit_learned(teacher, solver: str, nfe: int, cfg: LearnConfig = LearnConfig()
     else:
         init_source = "given"
     init_seconds = time.perf_counter() - t_init
-    plan, info = learn(init, den, train, ref, held, held_ref, cfg, say=say, seed=seed)
-    fit_err = rms(run(plan, den, train), ref)
+    plan, info = learn(init, den, train, ref, held, held_ref, cfg, say=say, seed=seed,
+                       family=fam if cfg.couple else None)
     prov = dict(init.provenance)
     prov.update({
         "fitted": True, "method": "learned", "init_method": init_source, "init_seconds": round(init_seconds, 3),
@@ -446,8 +621,7 @@ def fit_learned(teacher, solver: str, nfe: int, cfg: LearnConfig = LearnConfig()
         "base_solver": fam, "teacher": teacher.name,
         "teacher_hash": teacher.content_hash, "batch": batch, "heldout": heldout, "seed": seed,
         "guidance": guidance, "class": cls, "fewstep_version": fewstep.__version__,
-        "fit_rmse": fit_err, "fit_rmse_base": rms(run(base, den, train), ref),
-        "fit_seconds": round(time.perf_counter() - t0, 3), **info,
+        "init_info": init_info, "fit_seconds": round(time.perf_counter() - t0, 3), **info,
     })
     tag = "learned" if cfg.loss == "l2" else f"learned-{cfg.loss}"
     return plan.replace(name=f"{fam}-{nfe}-{tag}", provenance=prov)
