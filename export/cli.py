@@ -45,6 +45,10 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--batch", type=_batch, default=None, metavar="dynamic|N",
                    help="dynamic batch (default) or a fixed batch N")
     p.add_argument("--step-graph", action="store_true", help="export D(x, sigma, class[, guidance]) -> x0")
+    p.add_argument("--decode", action="store_true",
+                   help="pipelines: append the VAE decoder (the engine maps noise + embeddings to pixels)")
+    p.add_argument("--external-data", action="store_true",
+                   help="weights in OUT.data beside the .onnx (automatic above 2 GiB, the protobuf limit)")
     p.add_argument("--verify", action="store_true",
                    help="check the engine in ONNX Runtime (CPU) against the Python executor; exit 1 if it fails")
     p.add_argument("--tensorrt", action="store_true", help="also build a TensorRT engine (OUT with .plan)")
@@ -60,7 +64,7 @@ def register(sub, bench_sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from .onnx import check_out_path, export_onnx, load_teacher, require_onnx
+    from .onnx import check_out_path, export_model, load_teacher, require_onnx
 
     require_onnx()
     out = check_out_path(args.out)
@@ -85,9 +89,8 @@ def cmd_export(args) -> int:
     plan = resolve_plan(args, teacher, optional=args.step_graph)
     if sys.stderr.isatty():  # progress on a terminal only: piped stderr keeps errors to one line
         print(f"fewstep export: tracing {plan.name} ({plan.nfe} evaluations) ...", file=sys.stderr, flush=True)
-    res = export_onnx(teacher.denoiser, plan, out, sample_shape=teacher.shape, num_classes=teacher.num_classes,
-                      dtype=args.dtype, batch=args.batch, step_graph=args.step_graph,
-                      teacher_hash=teacher.content_hash, force=args.force)
+    res = export_model(teacher, plan, out, decode=args.decode, dtype=args.dtype, batch=args.batch,
+                       step_graph=args.step_graph, force=args.force, external_data=args.external_data or None)
     c = res.contract
     ins = ", ".join(f"{s['name']}{s['shape']}" for s in c["inputs"])
     what = "step graph" if args.step_graph else f"{plan.name}, {c['nfe']} NFE"

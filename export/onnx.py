@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import FewstepError
-from ..runtime.denoisers import GUIDANCE_INPUT, cfg_combine, guidance_applies
+from ..runtime.denoisers import GUIDANCE_INPUT, cat_cond, cfg_combine, guidance_applies
 from ..runtime.executor import run_rows
 from ..runtime.plan import Plan, atomic_write_bytes
 
@@ -68,14 +68,33 @@ class ModelInfo:
     sample_shape: tuple[int, ...]
     num_classes: int | None  # class-conditional: labels 0..num_classes−1
     null_label: int | None  # the label meaning "no class" (classifier-free guidance), None: no CFG
+    # Named conditioning inputs (name, per-sample shape, dtype) of a text pipeline, passed to the denoiser as a
+    # dict; CFG's unconditional half then reads the same names prefixed "negative_" (inputs of their own).
+    cond_inputs: tuple[tuple[str, tuple[int, ...], str], ...] = ()
 
     @property
     def conditional(self) -> bool:
-        return self.num_classes is not None
+        return self.num_classes is not None or bool(self.cond_inputs)
 
     @property
     def guided(self) -> bool:
-        return self.conditional and self.null_label is not None
+        return bool(self.cond_inputs) or (self.num_classes is not None and self.null_label is not None)
+
+    def cond_names(self, cfg: bool) -> list[str]:
+        """The conditioning inputs of a graph, in order; ``cfg``: the graph does classifier-free guidance."""
+        if not self.cond_inputs:
+            return ["class_labels"] if self.num_classes is not None else []
+        names = [c[0] for c in self.cond_inputs]
+        return names + ([NEGATIVE + n for n in names] if cfg else [])
+
+    def cond_from(self, named: dict):
+        """The denoiser's conditioning from the graph's named inputs: a dict, the class labels, or None."""
+        if not self.cond_inputs:
+            return named.get("class_labels")
+        return {k: v for k, v in named.items() if k in set(self.cond_names(True))}
+
+
+NEGATIVE = "negative_"  # the unconditional twin of a named conditioning input (runtime/pipelines.py)
 
 
 def find_null_label(denoiser) -> int | None:
@@ -136,9 +155,9 @@ class _Evaluator(nn.Module):
             wv = w.reshape(-1).to(torch.float32) if isinstance(w, torch.Tensor) \
                 else torch.full_like(col, w, dtype=torch.float32)
             return self.plain(u, sigma, (cond, wv), consts)
-        null = torch.full_like(cond, self.info.null_label)
+        # The denoiser's own unconditional input: the null label, or the negative_* inputs of a pipeline.
         sig2 = torch.cat([sigma, sigma]) if isinstance(sigma, torch.Tensor) else sigma
-        both = self.plain(torch.cat([u, u]), sig2, torch.cat([null, cond]), consts)
+        both = self.plain(torch.cat([u, u]), sig2, cat_cond(self.den.null_cond(cond), cond), consts)
         return cfg_combine(both[:n], both[n:], w)
 
 
@@ -147,9 +166,16 @@ def plan_takes_guidance(plan: Plan) -> bool:
     return any(r.guidance is None for r in plan.rows)
 
 
-class SamplerGraph(nn.Module):
-    """The Plan unrolled: forward(z[, noise][, class_labels][, guidance]) → sample (float32 interface).
+def plan_fixes_cfg(plan: Plan) -> bool:
+    """True when some row fixes a W ≠ 1 of its own (CFG in the graph whatever the inputs)."""
+    return any(r.guidance is not None and r.guidance != 1.0 for r in plan.rows)
 
+
+class SamplerGraph(nn.Module):
+    """The Plan unrolled: forward(z[, noise][, conditioning…][, guidance]) → sample (float32 interface).
+
+    Conditioning: class_labels, or a pipeline's named inputs (and their negative_* twins when the graph does
+    CFG). ``decoder`` (latents → pixels, a pipeline's VAE) is appended: the output is then the image.
     ``unit_guidance`` traces the graph for a call whose every W is 1: rows that read W from the input
     evaluate the plain conditional model (B rows), as the executor does at W = 1.
     """
@@ -157,30 +183,37 @@ class SamplerGraph(nn.Module):
     unit_guidance = False
 
     def __init__(self, denoiser, plan: Plan, info: ModelInfo, dtype: torch.dtype = torch.float32,
-                 guidance_input: bool | None = None):
+                 guidance_input: bool | None = None, decoder: nn.Module | None = None):
         super().__init__()
         self.plan, self.info, self.dtype = plan, info, dtype
         self.ev = _Evaluator(denoiser, info, dtype)
+        self.decoder = decoder
+        if decoder is not None:
+            with torch.no_grad():  # what the decoder makes of one latent: the engine's output shape
+                self.decoded_shape = tuple(decoder(torch.zeros(1, *info.sample_shape, dtype=dtype)).shape[1:])
         self.n_stochastic = len(plan.stochastic_rows)
         # A guidance input exists only where a row reads it: an input the trace never reads is dropped
         # from the ONNX graph, and the contract must list exactly the graph's inputs.
         self.guidance_input = info.guided and plan_takes_guidance(plan) if guidance_input is None else guidance_input
         self.consts = [self.ev.row_constants(r.sigma) for r in plan.rows]
-        self.input_names = ["z"] + (["noise"] if self.n_stochastic else []) \
-            + (["class_labels"] if info.conditional else []) + (["guidance"] if self.guidance_input else [])
+        cfg = info.guided and (bool(self.guidance_input) or plan_fixes_cfg(plan))
+        self.input_names = ["z"] + (["noise"] if self.n_stochastic else []) + info.cond_names(cfg) \
+            + (["guidance"] if self.guidance_input else [])
 
     def forward(self, *inputs):
         named = dict(zip(self.input_names, inputs))
         dt = self.dtype
         z = named["z"].to(dt)
         noise = named["noise"].to(dt) if self.n_stochastic else None
-        cond = named.get("class_labels")
+        cond = self.info.cond_from(named)
         gw = named.get("guidance")
         if gw is not None:
             gw = None if self.unit_guidance else gw.to(dt).reshape(-1, *([1] * (z.ndim - 1)))
         # The executor's own loop (runtime/executor.py), so the graph does the same ops in the same order.
         x = run_rows(self.plan, self.plan.sigma_init * z,
                      lambda e, row, u: self._evaluate(u, row, cond, gw, self.consts[e]), noise)
+        if self.decoder is not None:
+            x = self.decoder(x)
         return x.to(torch.float32)
 
     def _evaluate(self, u, row, cond, gw, consts):
@@ -201,14 +234,15 @@ class StepGraph(nn.Module):
         self.info, self.dtype = info, dtype
         self.ev = _Evaluator(denoiser, info, dtype)
         self.guidance_input = info.guided if guidance_input is None else guidance_input
-        self.input_names = ["x", "sigma"] + (["class_labels"] if info.conditional else []) \
+        self.decoder = None
+        self.input_names = ["x", "sigma"] + info.cond_names(bool(self.guidance_input)) \
             + (["guidance"] if self.guidance_input else [])
 
     def forward(self, *inputs):
         named = dict(zip(self.input_names, inputs))
         x = named["x"].to(self.dtype)
         sigma = named["sigma"]  # kept float32: the adapter does its σ maths in float64 and casts the scalings
-        cond = named.get("class_labels")
+        cond = self.info.cond_from(named)
         gw = None if self.unit_guidance else named.get("guidance")
         if not guidance_applies(cond, gw):
             d = self.ev.plain(x, sigma, cond, None)
@@ -236,10 +270,16 @@ def contract_for(graph: nn.Module, kind: str, batch: int | None, plan: Plan | No
             inputs.append({"name": name, "dtype": "float32", "shape": [b]})
         elif name == "class_labels":
             inputs.append({"name": name, "dtype": "int64", "shape": [b]})
+        else:  # a named conditioning input (or its negative_ twin): [batch, *its shape]
+            spec = {c[0]: c for c in info.cond_inputs}[name[len(NEGATIVE):] if name.startswith(NEGATIVE) else name]
+            inputs.append({"name": name, "dtype": spec[2], "shape": [b, *spec[1]]})
     out_name = "sample" if kind == "sampler" else "x0"
+    out_shape = _shape(b, *ss)
+    if getattr(graph, "decoder", None) is not None:
+        out_name, out_shape = "image", _shape(b, *graph.decoded_shape)
     return {
         "inputs": inputs,
-        "outputs": [{"name": out_name, "dtype": "float32", "shape": _shape(b, *ss)}],
+        "outputs": [{"name": out_name, "dtype": "float32", "shape": out_shape}],
         "sample_shape": ss,
         "nfe": plan.nfe if (plan is not None and kind == "sampler") else 1,
         "n_stochastic": len(plan.stochastic_rows) if (plan is not None and kind == "sampler") else 0,
@@ -276,6 +316,10 @@ def example_inputs(contract: dict, batch: int, seed: int = 0, guidance: float = 
             out[name] = (np.arange(batch) % contract["num_classes"]).astype(np.int64)
         elif name == "guidance":
             out[name] = np.full((batch,), guidance, np.float32)
+        else:  # named conditioning: standard normal test values, one Philox stream per input after the noise's
+            k = [s["name"] for s in contract["inputs"]].index(name)
+            vals = _noise.randn(seed, batch, tuple(spec["shape"][1:]), 1 + contract["n_stochastic"] + k)
+            out[name] = vals.astype(np.dtype(spec["dtype"]))
     return out
 
 
@@ -328,8 +372,10 @@ def check_model_runs(graph: nn.Module, contract: dict) -> None:
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
         raise ExportError(f"the model does not run on inputs of shape {contract['sample_shape']} "
                           f"(sample shape / channels mismatch?): {str(exc).splitlines()[0]}") from None
-    if tuple(out.shape) != (2, *contract["sample_shape"]):
-        raise ExportError(f"the model maps samples of shape {contract['sample_shape']} to {tuple(out.shape[1:])}")
+    want = contract["outputs"][0]["shape"][1:]
+    if tuple(out.shape) != (2, *want):
+        raise ExportError(f"the model maps samples of shape {contract['sample_shape']} to {tuple(out.shape[1:])}, "
+                          f"expected {tuple(want)}")
 
 
 # --- export -------------------------------------------------------------------------------------------
@@ -352,10 +398,38 @@ def _prepare(denoiser, dtype):
     return den
 
 
+def _prepare_decoder(decoder, dtype):
+    if decoder is None:
+        return None
+    dec = copy.deepcopy(decoder).eval().requires_grad_(False)
+    return dec.to(dtype)
+
+
+# ONNX files are one protobuf, which cannot exceed 2 GiB: bigger models keep their weights in one external data
+# file beside the .onnx (ONNX Runtime reads it from the model's directory). The margin leaves room for the
+# graph itself and the metadata (the plan JSON) next to the weights.
+PROTOBUF_LIMIT = 2**31 - 1
+EXTERNAL_DATA_ABOVE = PROTOBUF_LIMIT - 64 * 2**20
+
+
+def _param_bytes(*modules) -> int:
+    seen, total = set(), 0
+    for m in modules:
+        if m is None:
+            continue
+        for t in [*m.parameters(), *m.buffers()]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
 def export_onnx(denoiser, plan: Plan | None, path, *, sample_shape, num_classes: int | None = None,
                 dtype="fp32", batch: int | None = None, step_graph: bool = False, teacher_hash: str | None = None,
                 force: bool = False, guidance_input: bool | None = None, conditional: bool | None = None,
-                extra_metadata: dict | None = None, unit_guidance_branch: bool = True) -> ExportResult:
+                extra_metadata: dict | None = None, unit_guidance_branch: bool = True,
+                cond_inputs: list[dict] | None = None, decoder: nn.Module | None = None,
+                external_data: bool | None = None) -> ExportResult:
     """Export ``plan`` over ``denoiser`` (or, with ``step_graph``, the denoiser alone) to ``path``.
 
     batch None = dynamic (dim_param "batch"), else that fixed batch. ``guidance_input`` /
@@ -363,41 +437,86 @@ def export_onnx(denoiser, plan: Plan | None, path, *, sample_shape, num_classes:
     A guidance input that feeds classifier-free guidance gets a B-row branch for calls whose every W is 1
     (``branch_on_unit_guidance``); ``unit_guidance_branch=False`` leaves it out (2B rows at any W: the
     comparison benchmarks/guidance_branch.py measures).
-    Every check runs before the file is written; the file is written atomically.
+    ``cond_inputs``: a pipeline's named conditioning inputs ({name, shape per sample, dtype}, ``Model.cond_inputs``);
+    the engine takes them (and, with CFG, their ``negative_`` twins). ``decoder``: latents → pixels appended
+    (the engine's output is then ``image``). ``external_data``: weights in ``<out>.data`` beside the .onnx
+    (None: when the weights pass 2 GiB − 64 MiB, the protobuf limit less a margin).
+    Every check runs before the file is written; the file (and its data file) is written atomically.
     """
     onnx = require_onnx()
     dt = parse_dtype(dtype)
     path = check_out_path(path)
     info = _check_request(denoiser, plan, sample_shape, num_classes, batch, step_graph, teacher_hash, force,
-                          guidance_input, conditional)
+                          guidance_input, conditional, cond_inputs)
+    if decoder is not None and step_graph:
+        raise ExportError("--decode appends the VAE decoder to a sampler; a step graph returns x0 latents")
     den = _prepare(denoiser, dt)
+    dec = _prepare_decoder(decoder, dt)
     if step_graph:
         graph, kind = StepGraph(den, info, dt, guidance_input), "step"
         sigma_init = plan.sigma_init if plan is not None else float(getattr(denoiser, "sigma_max", 80.0))
     else:
-        graph, kind, sigma_init = SamplerGraph(den, plan, info, dt, guidance_input), "sampler", plan.sigma_init
+        graph, kind = SamplerGraph(den, plan, info, dt, guidance_input, dec), "sampler"
+        sigma_init = plan.sigma_init
     contract = contract_for(graph, kind, batch, plan, sigma_init)
     check_model_runs(graph, contract)
+    weights = _param_bytes(den, dec)
+    if graph.guidance_input and graph.ev.cfg_combine and unit_guidance_branch:
+        weights *= 2  # each If branch keeps its own copy (branch_on_unit_guidance)
+    external = weights > EXTERNAL_DATA_ABOVE if external_data is None else bool(external_data)
 
     t0 = time.perf_counter()
-    model = _trace_graph(onnx, graph, contract, batch, dt, denoiser, unit_guidance_branch)
+    model = _trace_graph(onnx, graph, contract, batch, dt, denoiser, unit_guidance_branch, large=external)
     _check_interface(onnx, model, contract)
     meta = {"fewstep.format": FORMAT, "fewstep.kind": kind, "fewstep.teacher_hash": teacher_hash or "",
             "fewstep.contract": json.dumps(contract)}
     if plan is not None:
         meta["fewstep.plan"] = plan.to_json()
-    data = _finish(onnx, model, {**meta, **(extra_metadata or {})}, dt)
-    atomic_write_bytes(path, data)
-    return ExportResult(path, time.perf_counter() - t0, len(data), contract)
+    model = _finish(onnx, model, {**meta, **(extra_metadata or {})}, dt, check=not external)
+    if external:
+        size = _save_external(onnx, model, path, dt)
+    else:
+        data = model.SerializeToString()
+        atomic_write_bytes(path, data)
+        size = len(data)
+    return ExportResult(path, time.perf_counter() - t0, size, contract)
+
+
+def _save_external(onnx, model, path: str, dt) -> int:
+    """``path`` plus its weights in ``<name>.data`` beside it, both complete before either is in place: saved in a
+    temporary directory next to the target, checked there (the full ONNX check reads a model > 2 GiB from its
+    path), then renamed — the data file first, so the .onnx never names a data file that is not there."""
+    import shutil
+    import tempfile
+
+    d, base = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.", dir=d)
+    try:
+        tpath = os.path.join(tmp, base)
+        onnx.save_model(model, tpath, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=base + ".data", size_threshold=1024)
+        _check_onnx(onnx, tpath, dt)
+        size = os.path.getsize(tpath) + os.path.getsize(tpath + ".data")
+        os.replace(tpath + ".data", os.path.join(d, base + ".data"))
+        os.replace(tpath, path)
+        return size
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_request(denoiser, plan, sample_shape, num_classes, batch, step_graph, teacher_hash, force,
-                   guidance_input, conditional) -> ModelInfo:
+                   guidance_input, conditional, cond_inputs=None) -> ModelInfo:
     """Every check of an export request that needs no tracing; returns what the model takes."""
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise ExportError(f"--batch must be 'dynamic' or an integer ≥ 1, got {batch!r}")
+    named = tuple((str(c["name"]), tuple(int(v) for v in c["shape"]), str(c["dtype"])) for c in cond_inputs or ())
+    if named and num_classes is not None:
+        raise ExportError("a model takes class labels or named conditioning inputs, not both")
+    if named and not denoiser.has_null_cond():
+        raise ExportError("named conditioning inputs need a denoiser whose null conditioning reads their "
+                          "negative_ twins")
     info = ModelInfo(tuple(int(s) for s in sample_shape), num_classes,
-                     find_null_label(denoiser) if num_classes is not None else None)
+                     find_null_label(denoiser) if num_classes is not None else None, named)
     if conditional and not info.conditional:
         raise ExportError("class labels were asked for, but the model is not class-conditional")
     if conditional is False and info.conditional:
@@ -413,7 +532,7 @@ def _check_request(denoiser, plan, sample_shape, num_classes, batch, step_graph,
     return info
 
 
-def _trace_graph(onnx, graph, contract: dict, batch, dt, denoiser, unit_guidance_branch: bool):
+def _trace_graph(onnx, graph, contract: dict, batch, dt, denoiser, unit_guidance_branch: bool, large: bool = False):
     """The graph as an ONNX model: traced at an example batch ≥ 2 (batch-1 special cases stay out of the
     trace), the batch axis dynamic unless fixed, and for a CFG guidance input a W = 1 branch of B rows."""
     feeds = example_inputs(contract, batch if batch is not None else 2)
@@ -423,20 +542,21 @@ def _trace_graph(onnx, graph, contract: dict, batch, dt, denoiser, unit_guidance
     if batch is None:
         dyn = {s["name"]: {s["shape"].index("batch"): "batch"} for s in contract["inputs"]}
         dyn[out_name] = {0: "batch"}
-    model = _trace(onnx, graph, args, out_name, dyn, dt, denoiser)
+    model = _trace(onnx, graph, args, out_name, dyn, dt, denoiser, large)
     if unit_guidance_branch and graph.guidance_input and graph.ev.cfg_combine:
         # W = 1 needs no unconditional half: trace the B-row graph too and branch on the guidance input.
         graph.unit_guidance = True
         try:
-            unit = _trace(onnx, graph, args, out_name, dyn, dt, denoiser)
+            unit = _trace(onnx, graph, args, out_name, dyn, dt, denoiser, large)
         finally:
             graph.unit_guidance = False
         model = branch_on_unit_guidance(onnx, model, unit)
     return model
 
 
-def _finish(onnx, model, meta: dict, dt) -> bytes:
-    """Metadata in, the full ONNX check (naming the first op the opset does not allow), serialised."""
+def _finish(onnx, model, meta: dict, dt, check: bool = True):
+    """Metadata in and the full ONNX check (naming the first op the opset does not allow); ``check=False``
+    leaves the check to the caller (a model over 2 GiB is checked from its saved path)."""
     import fewstep
 
     del model.metadata_props[:]
@@ -445,30 +565,48 @@ def _finish(onnx, model, meta: dict, dt) -> bytes:
         p.key, p.value = k, v
     model.producer_name = "fewstep"
     model.producer_version = fewstep.__version__
+    if check:
+        _check_onnx(onnx, model, dt)
+    return model
+
+
+def _check_onnx(onnx, model, dt) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"--dtype {DTYPE_NAMES[dt]}: the exported graph is not valid ONNX opset {_opset(dt)}: "
                           f"{str(exc).strip().splitlines()[0]}") from None
-    return model.SerializeToString()
 
 
 def _opset(dt) -> int:
     return OPSET_BF16 if dt == torch.bfloat16 else OPSET
 
 
-def _trace(onnx, graph: nn.Module, args, out_name: str, dyn, dt, denoiser):
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        # TracerWarnings flag Python branches on shapes; the dynamic-batch tests at 1, 7 and 64 are the check.
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(graph, args, buf, dynamo=False, opset_version=_opset(dt),
-                              input_names=list(graph.input_names), output_names=[out_name], dynamic_axes=dyn,
-                              do_constant_folding=True)
-        except Exception as exc:  # the exporter raises many types; name the model and the first line
-            raise ExportError(f"ONNX export of {type(denoiser).__name__} failed: {str(exc).splitlines()[0]}") from None
-    return onnx.load_from_string(buf.getvalue())
+def _trace(onnx, graph: nn.Module, args, out_name: str, dyn, dt, denoiser, large: bool = False):
+    """The traced ONNX model. ``large``: traced to a file in a temporary directory (torch writes weights past the
+    protobuf limit as external data there) and loaded back with its weights, as one in-memory model."""
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="fewstep-trace-") if large else None
+    target = os.path.join(tmp, "graph.onnx") if large else io.BytesIO()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            # TracerWarnings flag Python branches on shapes; the dynamic-batch tests at 1, 7 and 64 are the check.
+            warnings.simplefilter("ignore")
+            try:
+                torch.onnx.export(graph, args, target, dynamo=False, opset_version=_opset(dt),
+                                  input_names=list(graph.input_names), output_names=[out_name], dynamic_axes=dyn,
+                                  do_constant_folding=True)
+            except Exception as exc:  # the exporter raises many types; name the model and the first line
+                raise ExportError(f"ONNX export of {type(denoiser).__name__} failed: "
+                                  f"{str(exc).splitlines()[0]}") from None
+        if large:
+            return onnx.load(target)
+        return onnx.load_from_string(target.getvalue())
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def branch_on_unit_guidance(onnx, full, unit):
@@ -556,11 +694,22 @@ def read_metadata(path) -> dict:
     return out
 
 
-def export_teacher(model: str, plan: Plan | None, path, **kw) -> ExportResult:
-    """``export_onnx`` for a `--model` name (digits | gmm | PATH) as the CLI resolves it."""
+def export_teacher(model: str, plan: Plan | None, path, decode: bool = False, **kw) -> ExportResult:
+    """``export_onnx`` for a `--model` name (digits | gmm | PATH) as the CLI resolves it; ``decode``: a pipeline's
+    VAE decoder appended."""
     teacher = load_teacher(model)
+    return export_model(teacher, plan, path, decode=decode, **kw)
+
+
+def export_model(teacher, plan: Plan | None, path, decode: bool = False, **kw) -> ExportResult:
+    """``export_onnx`` for a loaded ``runtime.models.Model``: its shape, labels or named conditioning, hash."""
+    decoder = None
+    if decode:
+        decoder = teacher.decoder()
+        if decoder is None:
+            raise ExportError(f"--decode: {teacher.name} has no VAE (its samples are already pixels)")
     return export_onnx(teacher.denoiser, plan, path, sample_shape=teacher.shape, num_classes=teacher.num_classes,
-                       teacher_hash=teacher.content_hash, **kw)
+                       teacher_hash=teacher.content_hash, cond_inputs=teacher.cond_inputs, decoder=decoder, **kw)
 
 
 def load_teacher(model: str, steps: int | None = None):

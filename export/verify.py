@@ -135,7 +135,8 @@ def engine_tolerance(path, guidance: float = 1.5) -> float:
 
     meta = read_metadata(path)
     c, plan = meta["fewstep.contract"], meta["fewstep.plan"]
-    return tolerance(c["compute_dtype"], rounding_depth(onnx.load(os.fspath(path))), _guidances(plan, c, guidance))
+    graph = onnx.load(os.fspath(path), load_external_data=False)  # the graph only: weights are not needed
+    return tolerance(c["compute_dtype"], rounding_depth(graph), _guidances(plan, c, guidance))
 
 
 def _guidances(plan, contract, guidance):
@@ -210,12 +211,27 @@ def reference(teacher, meta: dict, feeds: dict, guidance: float | None) -> np.nd
 
     c = meta["fewstep.contract"]
     t = lambda k: torch.from_numpy(feeds[k]) if k in feeds else None  # noqa: E731
-    cond = t("class_labels")
+    cond = conditioning(c, feeds)
     if meta["fewstep.kind"] == "step":
         return call_denoiser(teacher.denoiser, t("x"), t("sigma"), cond, guidance if c["guidance_input"] else None) \
             .numpy()
-    return sample(meta["fewstep.plan"], teacher.denoiser, t("z"), cond=cond,
-                  guidance=guidance if c["guidance_input"] else None, noise=t("noise")).numpy()
+    x = sample(meta["fewstep.plan"], teacher.denoiser, t("z"), cond=cond,
+               guidance=guidance if c["guidance_input"] else None, noise=t("noise"))
+    if c["outputs"][0]["name"] == "image":  # the engine ends with the pipeline's VAE decoder
+        x = teacher.decoder()(x)
+    return x.numpy()
+
+
+STATE_INPUTS = frozenset({"z", "x", "noise", "sigma", "guidance"})
+
+
+def conditioning(contract: dict, feeds: dict):
+    """The executor's conditioning from an engine's feeds: class labels (a tensor), every other input that is not
+    the state, noise, σ or W by name (a dict, as a pipeline's denoiser takes it), or None."""
+    names = [s["name"] for s in contract["inputs"] if s["name"] not in STATE_INPUTS]
+    if names == ["class_labels"]:
+        return torch.from_numpy(feeds["class_labels"])
+    return {k: torch.from_numpy(feeds[k]) for k in names} or None
 
 
 def verify(path, model: str | None = None, batch: int = 7, seed: int = 0, guidance: float = 1.5,
@@ -241,7 +257,7 @@ def verify(path, model: str | None = None, batch: int = 7, seed: int = 0, guidan
             import onnx
             from onnx.reference import ReferenceEvaluator
 
-            ev = ReferenceEvaluator(onnx.load(path))
+            ev = ReferenceEvaluator(onnx.load(path))  # external data, if any, loads from beside the file
             run = lambda f: ev.run(None, f)[0]  # noqa: E731
         else:
             sess = session(path, threads=threads)

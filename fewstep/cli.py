@@ -48,9 +48,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _add_model_plan(p: argparse.ArgumentParser) -> None:
-    from .runtime.cli_args import add_sampler, class_arg
+    from .runtime.cli_args import add_conditioning, add_sampler, class_arg
 
     add_sampler(p)
+    add_conditioning(p)
     p.add_argument("--class", dest="cls", type=class_arg,
                    help="class label for conditional models, or 'none' (the null label: unconditional)")
     p.add_argument("--guidance", type=float, help="CFG scale W: D_u + W·(D_c − D_u); 1 = plain conditional")
@@ -71,19 +72,21 @@ def _inputs(args, teacher, plan):
     from .runtime.sampling import make_inputs
 
     z = _read_noise(args.noise) if args.noise else None
-    return make_inputs(teacher, plan, _count(args, z), args.seed, args.cls, z)
+    return make_inputs(teacher, plan, _count(args, z, teacher), args.seed, args.cls, z)
 
 
-def _count(args, z) -> int:
+def _count(args, z, teacher=None) -> int:
     if args.n is not None:
         return args.n
     if z is not None and z.ndim >= 1:
         return z.shape[0]
-    return args.default_n
+    given = getattr(getattr(teacher, "cond_source", None), "default_n", None)  # one sample per prompt / row
+    return given or args.default_n
 
 
-def save_grid(path: str, images, ncol: int | None = None, scale: int = 4) -> None:
-    """Tile [N, C, H, W] images in [−1, 1] into a PNG (nearest-neighbour upscaled)."""
+def save_grid(path: str, images, ncol: int | None = None, scale: int = 4, captions=None) -> None:
+    """Tile [N, C, H, W] images in [−1, 1] into a PNG (nearest-neighbour upscaled); ``captions``: one line of
+    text under each image (prompts)."""
     import math
 
     import numpy as np
@@ -104,9 +107,49 @@ def save_grid(path: str, images, ncol: int | None = None, scale: int = 4) -> Non
     img = ((np.clip(grid, -1, 1) + 1) * 127.5).round().astype(np.uint8)
     img = img.repeat(scale, 0).repeat(scale, 1)
     pil = Image.fromarray(img[..., 0] if c == 1 else img)
+    if captions is not None:
+        pil = _captioned(pil, captions, nrow, ncol, (h + pad) * scale, (w + pad) * scale, pad * scale)
     buf = io.BytesIO()
     pil.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
+
+
+def _captioned(pil, captions, nrow: int, ncol: int, cell_h: int, cell_w: int, pad: int):
+    """The grid with a text band under each row: each image's caption, cut to the cell width."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    band = 14
+    out = Image.new("RGB", (pil.width, pil.height + nrow * band), "white")
+    draw = ImageDraw.Draw(out)
+    for r in range(nrow):
+        out.paste(pil.crop((0, r * cell_h, pil.width, (r + 1) * cell_h + pad)).convert("RGB"), (0, r * (cell_h + band)))
+        for col in range(ncol):
+            i = r * ncol + col
+            if i >= len(captions):
+                break
+            text = str(captions[i]).replace("\n", " ")
+            while text and draw.textlength(text, font=font) > cell_w - 2:
+                text = text[:-2] + "…" if len(text) > 1 else ""
+            draw.text((col * cell_w + pad, (r + 1) * cell_h + pad + r * band), text, fill="black", font=font)
+    return out
+
+
+def save_images(out_dir: str, images) -> list[str]:
+    """One PNG per [C, H, W] image in [−1, 1]: DIR/00000.png, …"""
+    import numpy as np
+    from PIL import Image
+
+    from .runtime.plan import atomic_write_bytes
+
+    paths = []
+    for i, x in enumerate(np.asarray(images, dtype=np.float32)):
+        img = ((np.clip(x.transpose(1, 2, 0), -1, 1) + 1) * 127.5).round().astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).save(buf, format="PNG")
+        paths.append(os.path.join(out_dir, f"{i:05d}.png"))
+        atomic_write_bytes(paths[-1], buf.getvalue())
+    return paths
 
 
 def check_out_dir(path: str) -> None:
@@ -144,11 +187,26 @@ def cmd_sample(args) -> int:
     x = run_plan(teacher, plan, inputs, args.guidance)
     secs = time.perf_counter() - t0
     check_finite(x, f"{plan.name} on {teacher.name}", NONFINITE_HINT)
+    decoder = None if getattr(args, "latents", False) else teacher.decoder()
+    images = None
+    if decoder is not None:  # latents → pixels through the pipeline's VAE
+        import torch
+
+        with torch.no_grad():
+            images = torch.cat([decoder(x[i:i + 8]) for i in range(0, x.shape[0], 8)])
+        check_finite(images, f"decoding {teacher.name}'s latents", NONFINITE_HINT)
     _prepare_out_dir(args.out)
     arr = x.detach().cpu().numpy().astype("float32")
     save_npy(os.path.join(args.out, "samples.npy"), arr)
     extra = ""
-    if teacher.is_image:
+    if images is not None:
+        imgs = images.float().numpy()
+        save_images(args.out, imgs)
+        captions = teacher.cond_source.captions(len(imgs)) if teacher.cond_source is not None else None
+        save_grid(os.path.join(args.out, "grid.png"), imgs[:100], scale=1,
+                  captions=captions[:100] if captions else None)
+        extra = f", {len(imgs)} PNG images + grid {os.path.join(args.out, 'grid.png')}"
+    elif teacher.is_image and teacher.pipeline is None:
         save_grid(os.path.join(args.out, "grid.png"), arr[:100])
         extra = f", grid {os.path.join(args.out, 'grid.png')}"
     print(f"{plan.name}: {arr.shape[0]} samples of {teacher.name} at NFE {plan.nfe} in {secs:.2f} s "
@@ -163,7 +221,7 @@ def cmd_eval(args) -> int:
     teacher = load_model(args)
     plan = resolve_plan(args, teacher)
     z = _read_noise(args.noise) if args.noise else None
-    res = evaluate(teacher, plan, _count(args, z), args.seed, args.cls, args.guidance, z)
+    res = evaluate(teacher, plan, _count(args, z, teacher), args.seed, args.cls, args.guidance, z)
     bad = [k for k, v in res.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         raise NonFiniteError(f"{plan.name} on {teacher.name}: {', '.join(bad)} not finite")
@@ -206,7 +264,8 @@ def cmd_solvers(args) -> int:
 
     for s in solvers().values():
         also = aliases_of(s.name)
-        print(f"{s.name:16s} {s.summary}" + (f"  [also: {', '.join(also)}]" if also else ""))
+        print(f"{s.name:16s} {s.summary}" + (f"  [also: {', '.join(also)}]" if also else "")
+              + ("" if s.fittable else "  (not fittable)"))
     print("names are matched case-insensitively, with '_' for '-' and k-diffusion's sample_ prefix")
     return 0
 
@@ -229,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="sample a model with a solver or a plan")
     _add_model_plan(s)
-    s.add_argument("--out", required=True, help="output directory (samples.npy, grid.png)")
+    s.add_argument("--out", required=True, help="output directory (samples.npy, grid.png; pipelines: one PNG "
+                                                "per sample too)")
+    s.add_argument("--latents", action="store_true", help="pipelines: write latents only (no VAE decode)")
     s.set_defaults(fn=cmd_sample, default_n=64)
 
     e = sub.add_parser("eval", help="sample and score: RMSE vs a reference solve, FD-digits / sliced W2")

@@ -72,10 +72,13 @@ def student_steps(args) -> int | None:
 
 
 def load_model(args):
-    """The ``--model`` of ``args`` (a distilled bundle's student when ``--nfe`` alone names one)."""
+    """The ``--model`` of ``args`` (a distilled bundle's student when ``--nfe`` alone names one), with the
+    command's text conditioning bound to it."""
     from .models import load
 
-    return load(args.model, steps=student_steps(args))
+    model = load(args.model, steps=student_steps(args))
+    apply_conditioning(args, model)
+    return model
 
 
 def student_plan(args, model):
@@ -112,3 +115,39 @@ def resolve_plan(args, model, optional: bool = False):
     if optional and not args.solver and args.nfe is None:
         return None
     raise ArgumentError("choose a sampler: --solver NAME --nfe N, or --plan FILE")
+
+
+def add_conditioning(p: argparse.ArgumentParser) -> None:
+    """Text conditioning for pipeline models (``--model DIR`` with model_index.json)."""
+    g = p.add_argument_group("text-to-image pipelines (--model DIR with model_index.json)")
+    g.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="prompt, encoded by the pipeline's text encoders; repeat for one per sample (cycled)")
+    g.add_argument("--negative-prompt", action="append", metavar="TEXT",
+                   help="the unconditional half of --guidance (default: the empty prompt); repeatable")
+    g.add_argument("--embeddings", metavar="FILE.safetensors",
+                   help="precomputed conditioning: the engine's input names ([N or 1, …] float tensors; "
+                        "negative_<name> for the unconditional half), instead of --prompt")
+
+
+def apply_conditioning(args, model) -> None:
+    """Bind --prompt / --negative-prompt / --embeddings to ``model`` (``Model.cond_source``); refuse them on a model
+    that takes no text."""
+    prompts, negs, emb = getattr(args, "prompt", None), getattr(args, "negative_prompt", None), \
+        getattr(args, "embeddings", None)
+    if model.pipeline is None:
+        if prompts or negs or emb:
+            raise ArgumentError(f"--prompt / --negative-prompt / --embeddings: {model.name} is not a text-to-image "
+                                f"pipeline")
+        return
+    from .noise import MAX_ELEMENTS
+    from .pipelines import CondSource, check_prompts, read_embeddings
+
+    if emb and (prompts or negs):
+        raise ArgumentError("give either --prompt (with --negative-prompt) or --embeddings, not both")
+    if negs and not prompts:
+        raise ArgumentError("--negative-prompt needs --prompt")
+    if emb:
+        model.cond_source = CondSource(model.pipeline, embeddings=read_embeddings(emb, model.pipeline.cond_inputs,
+                                                                                  MAX_ELEMENTS))
+    elif prompts:
+        model.cond_source = CondSource(model.pipeline, check_prompts(prompts), check_prompts(negs))

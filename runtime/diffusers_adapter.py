@@ -165,26 +165,9 @@ class DiffusersUNet(nn.Module):
         return out[:, : x_in.shape[1]] if self.split else out
 
 
-# --- public entry points ------------------------------------------------------------------
-def from_diffusers(unet: nn.Module, scheduler_config, *, null_label: int | None = None,
-                   uncond: torch.Tensor | None = None, sigma_min: float | None = None,
-                   sigma_max: float | None = None) -> Denoiser:
-    """Wrap a diffusers unet as the denoiser its scheduler config says it was trained for.
-
-    null_label: the class label meaning "no class" (classifier-free guidance with a
-    class-conditional UNet2DModel). uncond: the unconditional encoder hidden states for a
-    UNet2DConditionModel (e.g. the empty-prompt embedding, [1, seq, dim]). Without them
-    guidance ≠ 1 raises. sigma_min / sigma_max override the defaults taken from the config.
-    """
-    name = type(unet).__name__
-    if name not in UNET_CLASSES:
-        raise ValueError(f"from_diffusers: expected one of {UNET_CLASSES}, got {name}")
-    net = DiffusersUNet(unet)
-    if null_label is not None and net.cond_kind != "class_labels":
-        raise ValueError(f"from_diffusers: null_label given but {name} takes no class labels")
-    if uncond is not None and net.cond_kind != "encoder_hidden_states":
-        raise ValueError(f"from_diffusers: uncond given but {name} takes no encoder hidden states")
-    null = null_label if null_label is not None else uncond
+def denoiser_for(net: nn.Module, scheduler_config, null=None) -> Denoiser:
+    """The denoiser adapter a scheduler config says ``net`` (``F(x_in, t, cond)``) was trained for; ``null``:
+    the stored unconditional input (a class label or a tensor), None for none."""
     cfg = scheduler_config_dict(scheduler_config)
     kind = _kind(cfg)
     if kind == "flow":
@@ -209,6 +192,30 @@ def from_diffusers(unet: nn.Module, scheduler_config, *, null_label: int | None 
         if pred not in VP_DENOISERS:
             raise ValueError(f"scheduler config: unknown prediction_type {pred!r}; supported: {sorted(VP_DENOISERS)}")
         den = VP_DENOISERS[pred](net, alphas_cumprod_from_config(cfg), null_cond_value=null)
+    return den
+
+
+# --- public entry points ------------------------------------------------------------------
+def from_diffusers(unet: nn.Module, scheduler_config, *, null_label: int | None = None,
+                   uncond: torch.Tensor | None = None, sigma_min: float | None = None,
+                   sigma_max: float | None = None) -> Denoiser:
+    """Wrap a diffusers unet as the denoiser its scheduler config says it was trained for.
+
+    null_label: the class label meaning "no class" (classifier-free guidance with a
+    class-conditional UNet2DModel). uncond: the unconditional encoder hidden states for a
+    UNet2DConditionModel (e.g. the empty-prompt embedding, [1, seq, dim]). Without them
+    guidance ≠ 1 raises. sigma_min / sigma_max override the defaults taken from the config.
+    """
+    name = type(unet).__name__
+    if name not in UNET_CLASSES:
+        raise ValueError(f"from_diffusers: expected one of {UNET_CLASSES}, got {name}")
+    net = DiffusersUNet(unet)
+    if null_label is not None and net.cond_kind != "class_labels":
+        raise ValueError(f"from_diffusers: null_label given but {name} takes no class labels")
+    if uncond is not None and net.cond_kind != "encoder_hidden_states":
+        raise ValueError(f"from_diffusers: uncond given but {name} takes no encoder hidden states")
+    null = null_label if null_label is not None else uncond
+    den = denoiser_for(net, scheduler_config, null)
     if sigma_min is not None:
         den.sigma_min = float(sigma_min)
     if sigma_max is not None:

@@ -43,9 +43,24 @@ class Model:
     shape: tuple[int, ...]  # one sample's shape
     num_classes: int | None  # class-conditional models: labels 0..num_classes−1
     content_hash: str
-    kind: str  # "digits" | "gmm" | "diffusers"
+    kind: str  # "digits" | "gmm" | "diffusers" (a unet folder or a text-to-image pipeline: see ``pipeline``)
     plans: dict[str, Plan] | None = None  # a distilled student's own samplers: "deterministic", "stochastic"
     reference_denoiser: nn.Module | None = None  # what the reference solve runs (None: this denoiser)
+    # A text-to-image pipeline (runtime/pipelines.py): named conditioning inputs, text encoders, VAE.
+    pipeline: object | None = None
+    # The conditioning a run uses when none is given: n → named tensors [n, …] (set from --prompt/--embeddings).
+    cond_source: object | None = None
+
+    @property
+    def cond_inputs(self) -> list[dict] | None:
+        """Named conditioning inputs ({name, shape (per sample), dtype}); None: class labels or nothing."""
+        if self.pipeline is None:
+            return None
+        return [c.spec() for c in self.pipeline.cond_inputs]
+
+    def decoder(self):
+        """Latents → pixels (the pipeline's VAE), or None for a model that samples pixels itself."""
+        return self.pipeline.decoder() if self.pipeline is not None else None
 
     @property
     def is_image(self) -> bool:
@@ -94,6 +109,8 @@ def _load(model: str, steps: int | None) -> Model:
         for f in ("digits_teacher.safetensors", "student.safetensors"):
             if os.path.exists(os.path.join(model, f)):
                 return _digits(os.path.join(model, f))
+        if _is_text_pipeline(model):
+            return _pipeline(model)
         if os.path.exists(os.path.join(model, "model_index.json")) or os.path.exists(os.path.join(model, "unet")) \
                 or os.path.exists(os.path.join(model, "config.json")):
             return _diffusers(model)
@@ -188,3 +205,31 @@ def _diffusers(path: str) -> Model:
         h.update(v.detach().cpu().numpy().tobytes())
     ncls = getattr(cfg, "num_class_embeds", None)
     return Model(path, den, (cfg.in_channels, size, size), ncls, "sha256:" + h.hexdigest(), "diffusers")
+
+
+def _is_text_pipeline(path: str) -> bool:
+    """A pipeline folder whose backbone takes text conditioning (a plain UNet2DModel pipeline stays `_diffusers`)."""
+    from .files import load_json
+
+    idx = os.path.join(path, "model_index.json")
+    if not os.path.isfile(idx):
+        return False
+    index = load_json(idx, "model_index.json", 1 << 20)
+    if not isinstance(index, dict):
+        return False
+    for name in ("unet", "transformer"):
+        ent = index.get(name)
+        if isinstance(ent, list) and len(ent) == 2 and ent[1] in ("UNet2DConditionModel", "SD3Transformer2DModel"):
+            return True
+    return False
+
+
+def _pipeline(path: str) -> Model:
+    from .pipelines import PipelineError, content_hash, load_pipeline, pipeline_denoiser
+
+    try:
+        pipe = load_pipeline(path)
+    except PipelineError as exc:
+        raise ModelError(str(exc)) from None
+    return Model(path, pipeline_denoiser(pipe), pipe.sample_shape, None, content_hash(pipe.backbone), "diffusers",
+                 pipeline=pipe)

@@ -22,7 +22,7 @@ from .plan import Plan
 class Inputs:
     z: torch.Tensor  # [N, ...] float32 standard normal
     noise: torch.Tensor | None  # [S, N, ...] or None
-    labels: torch.Tensor | None  # [N] long or None (unconditional)
+    labels: torch.Tensor | None  # [N] long, named conditioning tensors [N, …] (a dict), or None (unconditional)
 
 
 def make_inputs(teacher: Model, plan: Plan, n: int, seed: int, cls: int | None = None,
@@ -46,7 +46,14 @@ def make_inputs(teacher: Model, plan: Plan, n: int, seed: int, cls: int | None =
             raise InputError("noise file: contains NaN or inf")
         zz = z
     labels = None
-    if cls == "none":  # the null label: unconditional sampling of a class-conditional model
+    if teacher.cond_inputs is not None:  # named conditioning (a text pipeline): from --prompt / --embeddings
+        if cls is not None:
+            raise InputError(f"--class: {teacher.name} takes text conditioning (--prompt or --embeddings), "
+                             f"not class labels")
+        if teacher.cond_source is None:
+            raise InputError(f"{teacher.name} is text-conditioned: pass --prompt TEXT or --embeddings FILE")
+        labels = teacher.cond_source(n)
+    elif cls == "none":  # the null label: unconditional sampling of a class-conditional model
         null = getattr(teacher.denoiser, "null_label", None)
         if teacher.num_classes is None or null is None:
             raise InputError(f"--class none: {teacher.name} has no null label (no unconditional sampling)")
@@ -69,6 +76,12 @@ def check_guidance(teacher: Model, guidance: float | None, labels) -> None:
         return
     if not math.isfinite(guidance):
         raise InputError(f"--guidance must be finite, got {guidance}")
+    if isinstance(labels, dict):  # named conditioning: CFG's unconditional half is the negative_* tensors
+        try:
+            teacher.denoiser.null_cond(labels)
+        except ValueError as exc:
+            raise InputError(f"--guidance {guidance}: {exc}") from None
+        return
     if teacher.num_classes is None:
         raise InputError(f"--guidance {guidance}: {teacher.name} is not conditional, guidance needs a class input")
     if labels is None:

@@ -196,5 +196,7 @@ def fit(teacher, config: FitConfig, *, progress: Callable[[str], None] | None = 
     })
     if want_ts:
         prov["schedule"] = "learned"
+    if getattr(teacher, "cond_source", None) is not None:  # a pipeline's prompts / embeddings names
+        prov["conditioning"] = teacher.cond_source.describe()
     tag = cfg.method.replace("+", "-")
     return plan.replace(name=f"{family}-{cfg.nfe}-{tag}", provenance=prov)

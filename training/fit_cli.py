@@ -25,6 +25,9 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="Philox seed of the fitting noise")
     p.add_argument("--out", required=True, help="output plan JSON")
     p.add_argument("--quiet", action="store_true")
+    from ..runtime.cli_args import add_conditioning
+
+    add_conditioning(p)  # a pipeline's fitting batch: its prompts (cycled over the samples) or embeddings
     _learned_args(p)
     p.set_defaults(fn=cmd_fit)
 
@@ -59,6 +62,7 @@ def _learned_args(p) -> None:
 
 
 def _cmd_fit_learned(args, say) -> int:
+    from ..runtime.cli_args import apply_conditioning
     from ..runtime.models import load
     from .fit import parse_method
     from .fitcore import FitError
@@ -78,6 +82,7 @@ def _cmd_fit_learned(args, say) -> int:
         if v is not None and v < 1:
             raise FitError(f"{flag} must be ≥ 1, got {v}")
     teacher = load(args.model)
+    apply_conditioning(args, teacher)
     if teacher.kind == "gmm":
         import torch
 
@@ -99,6 +104,7 @@ def cmd_fit(args) -> int:
 
     import torch
 
+    from ..runtime.cli_args import apply_conditioning
     from ..runtime.files import check_writable_file
     from ..runtime.models import load
     from .fit import FitConfig, fit, parse_method
@@ -119,6 +125,7 @@ def cmd_fit(args) -> int:
             raise FitError(f"{flag} must be ≥ 1, got {v}")
     check_writable_file(args.out)
     teacher = load(args.model)
+    apply_conditioning(args, teacher)
     if teacher.kind == "gmm":
         # The exact GMM's ops are tiny: intra-op threads only contend (7 ms vs 0.08 ms per softmax on 2 busy cores).
         torch.set_num_threads(1)
