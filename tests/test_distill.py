@@ -193,7 +193,9 @@ def test_progressive_bundle_layout_and_loading(bundle):
 
 
 def test_ship_bundle_leaves_training_state_behind(bundle, tmp_path):
-    files = progressive.ship_bundle(str(bundle), str(tmp_path / "ship"))
+    from fewstep.training.bundle import ship
+
+    files = ship(str(bundle), str(tmp_path / "ship"))
     assert all("train_state" not in f for f in files)
     t = load(str(tmp_path / "ship"), steps=2)
     assert t.content_hash == load(str(bundle), steps=2).content_hash

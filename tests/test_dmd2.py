@@ -257,7 +257,9 @@ def test_bundle_loads_samples_exports_and_runs(bundle, tmp_path, capsys):
     assert p.stdout.strip().endswith(") ok"), p.stdout
     p = run(capsys, "run", tmp_path / "e4.onnx", "--batch", 6, "--seed", 5, "--class", 3, "--out", tmp_path / "r.npy")
     np.testing.assert_allclose(np.load(tmp_path / "r.npy"), x, rtol=0, atol=2e-4)
-    files = dmd2.ship_bundle(b, str(tmp_path / "ship"))
+    from fewstep.training.bundle import ship
+
+    files = ship(b, str(tmp_path / "ship"))
     assert all("train_state" not in f and "dmd2_nets" not in f for f in files)
     assert load(str(tmp_path / "ship"), steps=1).content_hash == load(b, steps=1).content_hash
 

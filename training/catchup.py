@@ -42,8 +42,8 @@ from torch.nn import functional as F
 from ..runtime.digits_net import FLOW_FORMAT, NULL_LABEL, STUDENT_FILE, DigitsUNet, UNetConfig, make_flow_denoiser
 from ..runtime.plan import Plan, atomic_write_text
 from . import trainer
+from .bundle import INDEX, INDEX_FORMAT
 from .guided import DistillError, run_info, write_student
-from .progressive import INDEX, INDEX_FORMAT
 
 HEADS = {"none": 0, "rk2": 1, "rk3": 2}  # extra (alignment) heads beyond the main velocity
 METHODS = ("cud", "fm")

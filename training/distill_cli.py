@@ -195,19 +195,8 @@ def cmd_catchup(args) -> int:
 
 
 def cmd_ship(args) -> int:
-    import json
+    from .bundle import ship
 
-    from .progressive import INDEX, ship_bundle
-
-    try:
-        with open(os.path.join(args.src, INDEX)) as f:
-            method = json.load(f).get("method")
-    except (OSError, ValueError):
-        method = None  # ship_bundle names the problem
-    if method == "dmd2":
-        from .dmd2 import ship_bundle
-    elif method == "catchup":
-        from .catchup import ship_bundle
-    for f in ship_bundle(args.src, args.dest):
+    for f in ship(args.src, args.dest):
         print(f)
     return 0

@@ -41,10 +41,11 @@ from torch.nn import functional as F
 
 from ..runtime.denoisers import GUIDANCE_INPUT
 from ..runtime.digits_net import STUDENT_FILE, STUDENT_FORMAT
-from ..runtime.plan import Plan, Row, atomic_write_text
+from ..runtime.plan import Plan, Row
 from . import trainer
+from .bundle import INDEX_FORMAT, write_index
 from .guided import DistillError, run_info, student_from_teacher, write_student
-from .progressive import INDEX, INDEX_FORMAT, grid, sigma_of_t
+from .progressive import grid, sigma_of_t
 
 NETS_FILE = "dmd2_nets.safetensors"  # the final G + μ_fake + head: a later (multi-step) stage starts from it
 TEACHER_DIR = "teacher"
@@ -439,28 +440,7 @@ def train_bundle(out_dir: str, base: DMD2Config, steps: list[int], iters: list[i
         index["students"][str(k)] = {"weights": f"steps_{k}/{STUDENT_FILE}", "plan": f"steps_{k}/plan.json",
                                      "plan_stochastic": f"steps_{k}/plan.json"}  # the sampler is its own
         if rank == 0:
-            atomic_write_text(os.path.join(out_dir, INDEX), json.dumps(index, indent=1) + "\n")
+            write_index(out_dir, index)
     return index
 
 
-def ship_bundle(src: str, dest: str) -> list[str]:
-    """Copy a DMD2 bundle's sampling artifacts (students + JSON + plans, the teacher copy, the index) to
-    ``dest``, leaving the training state (checkpoints, μ_fake, the classifier) behind."""
-    with open(os.path.join(src, INDEX)) as f:
-        index = json.load(f)
-    if index.get("format") != INDEX_FORMAT or index.get("method") != "dmd2":
-        raise DistillError(f"{src}: not a DMD2 bundle ({INDEX} without method dmd2)")
-    rels = [index["stage1"]]
-    for ent in index["students"].values():
-        rels += [ent["weights"], ent["plan"]]
-    written = []
-    for rel in rels:
-        pairs = [rel] + ([rel[: -len(".safetensors")] + ".json"] if rel.endswith(".safetensors") else [])
-        for r in pairs:
-            out = os.path.join(dest, r)
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-            shutil.copyfile(os.path.join(src, r), out + ".tmp")
-            os.replace(out + ".tmp", out)
-            written.append(out)
-    atomic_write_text(os.path.join(dest, INDEX), json.dumps(index, indent=1) + "\n")
-    return [*written, os.path.join(dest, INDEX)]

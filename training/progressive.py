@@ -28,14 +28,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..runtime.digits_net import NULL_LABEL, STUDENT_FILE, STUDENT_FORMAT, GuidedDenoiser
-from ..runtime.plan import Plan, Row, atomic_write_text
+from ..runtime.plan import Plan, Row
 from . import trainer
+from .bundle import INDEX_FORMAT, write_index
 from .data import load_digits_split
 from .guided import DistillError, run_info, student_call, write_student
 
 RHO = 7.0
-INDEX = "students.json"
-INDEX_FORMAT = "fewstep.students/1"
 
 
 def sigma_of_t(t: torch.Tensor | float, sigma_min: float, sigma_max: float) -> torch.Tensor:
@@ -198,35 +197,5 @@ def train_progressive(out_dir: str, student: str, config: ProgressiveConfig | No
                                      "plan_stochastic": os.path.relpath(os.path.join(d, "plan_stochastic.json"),
                                                                         out_dir)}
         if rank == 0:
-            atomic_write_text(os.path.join(out_dir, INDEX), json.dumps(index, indent=1) + "\n")
+            write_index(out_dir, index)
     return index
-
-
-def ship_bundle(src: str, dest: str) -> list[str]:
-    """Copy a bundle's sampling artifacts (students, their JSON and Plans, the stage-1 student, the
-    index) from ``src`` to ``dest``, leaving training state behind; returns the files written."""
-    import shutil
-
-    with open(os.path.join(src, INDEX)) as f:
-        index = json.load(f)
-    if index.get("format") != INDEX_FORMAT:
-        raise DistillError(f"{src}: not a student bundle (no {INDEX})")
-    files = {os.path.join(src, index["stage1"]): "guided/" + STUDENT_FILE}
-    for ent in index["students"].values():
-        for key in ("weights", "plan", "plan_stochastic"):
-            files[os.path.join(src, ent[key])] = ent[key]
-    written = []
-    for s, rel in files.items():
-        pairs = [(s, rel)]
-        if s.endswith(".safetensors"):
-            pairs.append((s[: -len(".safetensors")] + ".json", rel[: -len(".safetensors")] + ".json"))
-        for a, b in pairs:
-            out = os.path.join(dest, b)
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-            tmp = out + ".tmp"
-            shutil.copyfile(a, tmp)
-            os.replace(tmp, out)
-            written.append(out)
-    index = {**index, "stage1": "guided/" + STUDENT_FILE}
-    atomic_write_text(os.path.join(dest, INDEX), json.dumps(index, indent=1) + "\n")
-    return [*written, os.path.join(dest, INDEX)]
