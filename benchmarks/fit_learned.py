@@ -211,9 +211,24 @@ def summary(out: str) -> int:
         for r in dmd["rows"]:
             if r.get("kind") in ("dmd2", "progressive"):
                 add(r["sequential_calls"], r["what"], r.get("rmse_vs_reference"), r["fd_digits"], fd0, src)
+    cud = load("cud_digits.json")
+    if cud:  # catch-up distillation (flow students, Euler): FD against the 300 held-out digits, gap to Heun 35
+        src = f"cud_digits ({cud['n']})"
+        fd0 = next(r["fd_digits"] for r in cud["rows"] if r.get("kind") == "teacher")
+        for r in cud["rows"]:
+            if r.get("kind") in ("flow", "flow-onestep"):
+                add(r["nfe"], f"CUD/flow student {r['what']}", None, r["fd_digits"], fd0, src)
+    speed = load("fit_learned_speed.json")
+    if speed and lf:  # the fast default fit, scored on the same 1000 noises as fit_learned_digits
+        src = f"fit_learned_speed ({speed.get('test_n')})"
+        for r in speed["rows"]:
+            if r["what"] == "fit_learned (defaults)" and "test" in r and speed.get("test_n") == lf["n_heldout"]:
+                add(r["nfe"], f"{r['solver']} learned (fast init)", r["test"]["rmse_vs_reference"],
+                    r["test"]["fd_digits"], lf["reference"]["fd_digits"], src)
     lines = ["# Digits: the best sampler at each number of sequential network calls", "",
              "Across the fitted plans (`fit_learned_digits.json`, `fit_digits_grid.json`) and the distilled students "
-             "(`distill_digits.json`, W = 1; `dmd2_digits.json`, FD only, noise seed 2). The rest are measured on "
+             "(`distill_digits.json`, W = 1; `dmd2_digits.json`, FD only, noise seed 2; `cud_digits.json` when "
+             "present, FD only) and the fast default learned fit (`fit_learned_speed.json`). The rest are measured on "
              "held-out noise seed 1 against the RK4 reference from the same noise, on different sample counts (in "
              "brackets); distill_digits' students against the guided teacher's reference at W = 1 (the same ODE as "
              "the conditional teacher's). FD-digits is biased upward on fewer samples (the reference solve scores "

@@ -7,7 +7,7 @@ Per cell, in one process and one after the other (so under the same load), ``--r
 init with the old defaults and the new ones. Reported: median CPU seconds (time.process_time, one torch thread)
 and wall seconds — the box is shared by several engineers, so wall is 2–3× CPU — and the held-out RMSE (the 50
 samples after the 100 fitting ones; lower is better). ``--profile`` adds a cProfile of one gradient run: time in
-the network's forward, in autograd's backward, and the rest. Writes benchmarks/results/fit_learned_speed.{json,md}.
+the network's forward, in autograd's backward, and the rest. Writes benchmarks/results/fit_learned_speed<tag>.json.
 """
 
 from __future__ import annotations
@@ -76,14 +76,18 @@ def _cell(ctx, solver: str, nfe: int, profile: bool) -> list[dict]:
         rows.append({"solver": solver, "nfe": nfe, **row})
         print(json.dumps(rows[-1]), flush=True)
 
-    inits = {"fast": lambda: fast_init(solver, nfe, den, ctx.train, ctx.ref)[0],
-             "dode": lambda: fit(t, FitConfig(solver, nfe, "dode"), cache={key: (ctx.train, ctx.ref)})}
+    if ctx.e2e_only:
+        inits, phases = {}, {}
+    else:
+        phases = PHASES
+        inits = {"fast": lambda: fast_init(solver, nfe, den, ctx.train, ctx.ref)[0],
+                 "dode": lambda: fit(t, FitConfig(solver, nfe, "dode"), cache={key: (ctx.train, ctx.ref)})}
     got = {}
     for name, fn in inits.items():
         got[name], w, c = _runs(ctx, fn)
         err = rms(run(got[name], den, ctx.held), ctx.href)
         emit({"what": f"init {name}", "wall": w, "cpu": c, "heldout_rmse": err})
-    for name, kw in PHASES.items():
+    for name, kw in phases.items():
         cfg = LearnConfig(**kw)
         (_, info), w, c = _runs(ctx, partial(learn, got["fast"], den, ctx.train, ctx.ref, ctx.held, ctx.href, cfg,
                                              family=solver if cfg.couple else None))
@@ -98,7 +102,7 @@ def _cell(ctx, solver: str, nfe: int, profile: bool) -> list[dict]:
     if ctx.test is not None:
         row["test"] = quality(t, run_plan(t, plan, ctx.test[0]), ctx.test[0], ctx.test[1])
     emit(row)
-    if profile:
+    if profile and "fast" in got:
         emit({"what": "profile new phases", **_profile(lambda: learn(got["fast"], den, ctx.train, ctx.ref, ctx.held,
                                                                      ctx.href, LearnConfig(), family=solver))})
     return rows
@@ -112,6 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--test", type=int, default=0, help="also score the end-to-end plan on this many samples of seed 1")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--e2e-only", action="store_true", help="only the end-to-end default fit")
+    ap.add_argument("--tag", default="", help="suffix of the output file name")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -137,10 +143,10 @@ def main(argv=None) -> int:
     res = {"model": teacher.name, "test_n": args.test, "reference_seconds": [rw, rc], "reps": args.reps, "rows": [],
            "argv": sys.argv[1:] if argv is None else list(argv)}
     ctx = SimpleNamespace(teacher=teacher, den=den, train=train, held=held, ref=ref, href=href, sig0=sig0,
-                          reps=args.reps, test=test)
+                          reps=args.reps, test=test, e2e_only=args.e2e_only)
     for cell in args.cells.split(","):
         res["rows"] += _cell(ctx, cell.split(":")[0], int(cell.split(":")[1]), args.profile)
-        atomic_write_text(os.path.join(args.out, "fit_learned_speed.json"), json.dumps(res, indent=1) + "\n")
+        atomic_write_text(os.path.join(args.out, f"fit_learned_speed{args.tag}.json"), json.dumps(res, indent=1) + "\n")
     return 0
 
 

@@ -3,10 +3,15 @@
 S4S (Frankel et al., ICML 2025) learns a linear multistep solver's coefficients to match a strong teacher from
 pure noise; S4S-Alt alternates coefficients and timesteps. A Plan's rows *are* a linear multistep solver, so
 here the parameters are the rows themselves (a, p, c, q of every row within the history K, and the distinct
-σ's), initialised from the closed-form fit (``fit.fit``, default timesteps + D-ODE) and optimised through the
-reference executor's own loop (``executor.run_rows``) to match the reference solve from the same noise:
+σ's), initialised cheaply (``fast_init``: a heuristic grid and D-ODE on 16 samples; or any closed-form fit of
+``fit.fit``, e.g. timesteps + D-ODE, which costs 45–416 CPU s on digits) and optimised through the reference
+executor's own loop (``executor.run_rows``) to match the reference solve from the same noise:
 
-- coefficient phase (σ's fixed), then grid phase (coefficients fixed), ``rounds`` times, with Adam or L-BFGS;
+- coefficient phase (σ's fixed), then grid phase, ``rounds`` times, with Adam or L-BFGS; in the grid phase the
+  base solver's rows move with the σ's (``_Params.couple``) and the fitted corrections stay, so the grid phase
+  does what the rebuilt-per-grid Nelder–Mead does, from one gradient per step;
+- cost: the network's forward and backward are 97 % of a fit (the rest is Python), so the knobs are network
+  evaluations: minibatch 16, a budget ``evals`` for all steps, ``patience`` phases without a held-out gain;
 - loss: endpoint L2, or LD3's soft loss (Tong et al., ICLR 2025): the student may start from any point of a
   small ball around its noise (per-sample offset δ, ‖δ‖_rms ≤ ``slack``, learned with the plan) and must land on
   the teacher's endpoint of the unperturbed noise;
@@ -69,8 +74,8 @@ class LearnConfig:
     optimizer: str = "adam"
     minibatch: int | None = 16  # samples per Adam step (None: the whole fitting batch)
     budget: float | None = None  # wall-clock seconds for the optimisation (None: no limit)
-    # Network evaluations (one sample through one row, forward + backward) for all gradient steps together;
-    # the steps of every phase shrink alike to fit. 2400 ≈ 5 CPU s on digits (2.2 ms each at minibatch 16,
+    # Network evaluations (one sample through one row, forward + backward) for all gradient steps together:
+    # fewer rounds, then fewer steps per phase, to fit. 2400 ≈ 5 CPU s on digits (2.2 ms each at minibatch 16,
     # fit_learned_notes.md), what is left of 10 s after the fast init and the held-out checks at 10 NFE.
     evals: int | None = 2400
     history: int | None = None  # K of the learned rows (None: max(init's K, min(E − 1, 2)))
@@ -451,10 +456,14 @@ def learn(init: Plan, den, train: Batch, ref: torch.Tensor, held: Batch, held_re
     gen = torch.Generator().manual_seed(seed)
     best = {"err": init_err, "state": params.state(), "phase": "init"}
     history, steps, out_of_time, stale, coupled = [("init", init_err)], 0, False, 0, False
-    # The evaluation budget scales every phase down alike (rounded up, so each still takes a step).
-    planned = cfg.rounds * (cfg.coef_steps + cfg.grid_steps) * min(cfg.minibatch or n_train, n_train) * init.nfe
-    frac = 1.0 if cfg.evals is None or planned <= cfg.evals else cfg.evals / planned
-    for rnd in range(cfg.rounds):
+    # The evaluation budget first drops whole rounds (each phase also costs a held-out check: 50·NFE forward
+    # calls, a third of a 10-NFE fit), then shrinks the phases of what is left alike (rounded up).
+    per_round = (cfg.coef_steps + cfg.grid_steps) * min(cfg.minibatch or n_train, n_train) * init.nfe
+    rounds, frac = cfg.rounds, 1.0
+    if cfg.evals is not None and per_round > 0:
+        rounds = max(1, min(cfg.rounds, math.ceil(cfg.evals / per_round)))
+        frac = min(1.0, cfg.evals / (rounds * per_round))
+    for rnd in range(rounds):
         for kind in ("coef", "grid"):
             nsteps = math.ceil(frac * (cfg.coef_steps if kind == "coef" else cfg.grid_steps))
             if out_of_time or nsteps == 0 or (kind == "grid" and params.theta.numel() == 0):
@@ -484,7 +493,7 @@ def learn(init: Plan, den, train: Batch, ref: torch.Tensor, held: Batch, held_re
     info = {"winner": "learned" if won else "closed-form", "heldout_rmse_init": init_err,
             "heldout_rmse": best["err"], "best_phase": best["phase"], "steps": steps, "history_k": params.k,
             "out_of_budget": out_of_time,
-            "grid_coupled": coupled, "step_fraction": frac,
+            "grid_coupled": coupled, "rounds": rounds, "step_fraction": frac,
             "stopped_early": cfg.patience is not None and stale >= cfg.patience,
             "learn_seconds": round(time.perf_counter() - t0, 3),
             "phases": [[t, v] for t, v in history], "learn_config": asdict(cfg)}
@@ -558,8 +567,9 @@ def fit_learned(teacher, solver: str, nfe: int, cfg: LearnConfig = LearnConfig()
                 init_method: str = "fast", batch: int = 100, heldout: int = 50, cls: int | None = None,
                 guidance: float | None = None, seed: int = 0, schedule: str | None = None,
                 progress: Callable[[str], None] | None = None, **fit_kw) -> Plan:
-    """Learn ``solver`` at ``nfe`` on ``teacher``: closed-form fit (``init_method``, or the plan ``init``) on the
-    first ``batch`` samples of seed ``seed``, then ``learn`` with the next ``heldout`` samples held out.
+    """Learn ``solver`` at ``nfe`` on ``teacher``: start (``init_method``: "fast" = ``fast_init``, or a closed-form
+    fit method; or the plan ``init``) on the first ``batch`` samples of seed ``seed``, then ``learn`` with the next
+    ``heldout`` samples held out. The result is never worse than that start on the held-out samples.
     ``fit_kw``: more ``fit.FitConfig`` fields for the closed-form stage (e.g. ``timestep_evals``)."""
     import fewstep
 
