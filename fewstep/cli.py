@@ -203,8 +203,8 @@ def cmd_sample(args) -> int:
         imgs = images.float().numpy()
         save_images(args.out, imgs)
         captions = teacher.cond_source.captions(len(imgs)) if teacher.cond_source is not None else None
-        save_grid(os.path.join(args.out, "grid.png"), imgs[:100], scale=1,
-                  captions=captions[:100] if captions else None)
+        save_grid(os.path.join(args.out, "grid.png"), imgs[:100], scale=max(1, 128 // imgs.shape[-1]),
+                  captions=captions[:100] if captions else None)  # cells ≥ 128 px wide: room for a caption
         extra = f", {len(imgs)} PNG images + grid {os.path.join(args.out, 'grid.png')}"
     elif teacher.is_image and teacher.pipeline is None:
         save_grid(os.path.join(args.out, "grid.png"), arr[:100])

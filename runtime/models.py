@@ -217,11 +217,10 @@ def _is_text_pipeline(path: str) -> bool:
     index = load_json(idx, "model_index.json", 1 << 20)
     if not isinstance(index, dict):
         return False
-    for name in ("unet", "transformer"):
-        ent = index.get(name)
-        if isinstance(ent, list) and len(ent) == 2 and ent[1] in ("UNet2DConditionModel", "SD3Transformer2DModel"):
-            return True
-    return False
+    unet, transformer = index.get("unet"), index.get("transformer")
+    # any transformer pipeline comes here too, so an unsupported family (Flux, …) is named as such
+    return (isinstance(unet, list) and len(unet) == 2 and unet[1] == "UNet2DConditionModel") \
+        or (isinstance(transformer, list) and len(transformer) == 2 and transformer[1] is not None)
 
 
 def _pipeline(path: str) -> Model:

@@ -456,3 +456,35 @@ def test_learned_plan_takes_prompts(folders):
     plan = fit_learned(m, "ddim", 2, cfg, init_method="dode", batch=3, heldout=2, guidance=1.5)
     assert plan.nfe == 2 and all(r.guidance == 1.5 for r in plan.rows)
     assert plan.provenance["heldout_rmse"] <= plan.provenance["heldout_rmse_init"]
+
+
+def test_broken_folders_are_one_line(folders, tmp_path):
+    import shutil
+
+    from fewstep.errors import FewstepError
+    from fewstep.runtime.models import ModelError
+
+    def broken(edit):
+        d = tmp_path / f"b{len(os.listdir(tmp_path))}"
+        shutil.copytree(folders["sd"], d)
+        edit(d)
+        return str(d)
+
+    def index(d, **kw):
+        idx = json.loads((d / "model_index.json").read_text())
+        idx.update(kw)
+        (d / "model_index.json").write_text(json.dumps(idx))
+
+    cases = [
+        (lambda d: (index(d, unet=[None, None], transformer=["diffusers", "FluxTransformer2DModel"]),
+                    shutil.copytree(d / "unet", d / "transformer"),
+                    (d / "transformer" / "config.json").write_text('{"_class_name": "FluxTransformer2DModel"}')),
+         "FluxTransformer2DModel is not supported"),
+        (lambda d: os.remove(d / "scheduler" / "scheduler_config.json"), "no scheduler/scheduler_config.json"),
+        (lambda d: (d / "unet" / "config.json").write_text("{not json"), "unet config"),
+        (lambda d: os.remove(d / "unet" / "diffusion_pytorch_model.safetensors"), "cannot load it"),
+    ]
+    for edit, msg in cases:
+        with pytest.raises((FewstepError, ModelError), match=msg) as e:  # the CLI's exit-2 errors
+            load(broken(edit))
+        assert "\n" not in str(e.value)
