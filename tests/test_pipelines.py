@@ -488,3 +488,15 @@ def test_broken_folders_are_one_line(folders, tmp_path):
         with pytest.raises((FewstepError, ModelError), match=msg) as e:  # the CLI's exit-2 errors
             load(broken(edit))
         assert "\n" not in str(e.value)
+
+
+def test_missing_transformers_is_one_line(folders, monkeypatch):
+    """Loading, sampling from --embeddings and export need no transformers; prompts name the missing extra."""
+    import sys
+
+    from fewstep.runtime.pipelines import CondSource
+
+    m = load(folders["sd"])
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
+    with pytest.raises(PipelineError, match=r"transformers package .*--embeddings"):
+        CondSource(m.pipeline, ("a cat",))(1)
