@@ -146,7 +146,9 @@ def fit(teacher, config: FitConfig, *, progress: Callable[[str], None] | None = 
     n = cfg.batch or default_batch
     m = cfg.fine or default_fine
     say = progress or (lambda s: None)
-    key = (teacher.content_hash, n, cfg.seed, cfg.cls, guidance, base.sigma_init)
+    src = getattr(teacher, "cond_source", None)  # a pipeline's prompts / embeddings are part of the batch
+    key = (teacher.content_hash, n, cfg.seed, cfg.cls, guidance, base.sigma_init,
+           None if src is None else (repr(src.describe()), id(src)))
     if cache is not None and key in cache:
         b, ref = cache[key]
     else:
