@@ -23,7 +23,6 @@ VAE are loaded only when prompts are encoded or latents decoded.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -139,10 +138,6 @@ class Decoder(nn.Module):
 
 
 # --- the folder -----------------------------------------------------------------------------------
-def is_pipeline(path) -> bool:
-    return os.path.isfile(os.path.join(path, "model_index.json"))
-
-
 def _read_json(path, what):
     from .files import load_json
 
@@ -504,7 +499,3 @@ def save_embeddings(path: str, cond: Mapping[str, torch.Tensor]) -> None:
     from .plan import atomic_write_bytes
 
     atomic_write_bytes(path, save({k: v.detach().to(torch.float32).contiguous() for k, v in cond.items()}))
-
-
-def describe(pipe: Pipeline) -> str:
-    return json.dumps({"family": pipe.family, "inputs": [c.spec() for c in pipe.cond_inputs]})
