@@ -164,8 +164,8 @@ def test_coupled_grid_moves_the_base_rows_with_the_sigmas(gmm):
 def test_patience_stops_and_evals_scale_the_steps(gmm):
     """The target is the init plan's own endpoint (computed by the same differentiable run, so bitwise the init's
     prediction), so its held-out error is 0 and no phase can beat it: with
-    patience 1 learning stops after the first phase and keeps the init. ``evals`` of half a round's network
-    evaluations keeps one round and halves its phases' steps (rounded up); 1.5 rounds' keeps 2 rounds at ¾."""
+    patience 1 learning stops after the first phase and keeps the init. ``evals`` of half the planned network
+    evaluations halves every phase's steps, ¾ of them takes ¾ of the steps (rounded up), over all rounds."""
     den = gmm.denoiser
     true = build("dpmpp-2m", 3, den.sigma_min, den.sigma_max)
     b = Batch(torch.randn(60, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64), None, None,
@@ -174,10 +174,10 @@ def test_patience_stops_and_evals_scale_the_steps(gmm):
         tgt = learned.endpoint(learned._Params(true, 2), den, b, b.z, None)
     tr, he = learned._split(b, slice(0, 40)), learned._split(b, slice(40, 60))
     per_round = (6 + 4) * 8 * true.nfe  # (coef + grid steps) · minibatch · NFE
-    cfg = LearnConfig(rounds=2, coef_steps=6, grid_steps=4, minibatch=8, patience=1, evals=per_round // 2, history=2)
+    cfg = LearnConfig(rounds=2, coef_steps=6, grid_steps=4, minibatch=8, patience=1, evals=per_round, history=2)
     out, info = learn(true, den, tr, tgt[:40], he, tgt[40:], cfg, family="dpmpp-2m")
     assert info["heldout_rmse_init"] == 0.0 and info["winner"] == "closed-form" and out is true
-    assert info["stopped_early"] and info["rounds"] == 1 and info["step_fraction"] == 0.5 and info["steps"] == 3
+    assert info["stopped_early"] and info["rounds"] == 2 and info["step_fraction"] == 0.5 and info["steps"] == 3
     assert [t for t, _ in info["phases"]] == ["init", "round 1 coef"]
     _, info = learn(true, den, tr, tgt[:40], he, tgt[40:], replace(cfg, evals=3 * per_round // 2, patience=None),
                     family="dpmpp-2m")

@@ -74,10 +74,10 @@ class LearnConfig:
     optimizer: str = "adam"
     minibatch: int | None = 16  # samples per Adam step (None: the whole fitting batch)
     budget: float | None = None  # wall-clock seconds for the optimisation (None: no limit)
-    # Network evaluations (one sample through one row, forward + backward) for all gradient steps together:
-    # fewer rounds, then fewer steps per phase, to fit. 2400 ≈ 5 CPU s on digits (2.2 ms each at minibatch 16,
-    # fit_learned_notes.md), what is left of 10 s after the fast init and the held-out checks at 10 NFE.
-    evals: int | None = 2400
+    # Network evaluations (one sample through one row, forward + backward) for all gradient steps together;
+    # every phase's steps shrink alike to fit. 1800 ≈ 4 CPU s on digits (2.2 ms each at minibatch 16,
+    # fit_learned_notes.md), about what is left of 10 s after the fast init and the held-out checks.
+    evals: int | None = 1800
     history: int | None = None  # K of the learned rows (None: max(init's K, min(E − 1, 2)))
     patience: int | None = 2  # stop after this many phases in a row without a held-out gain (None: never)
     couple: bool = True  # the grid phase moves the base solver's rows with the σ's (_Params.couple)
@@ -456,13 +456,13 @@ def learn(init: Plan, den, train: Batch, ref: torch.Tensor, held: Batch, held_re
     gen = torch.Generator().manual_seed(seed)
     best = {"err": init_err, "state": params.state(), "phase": "init"}
     history, steps, out_of_time, stale, coupled = [("init", init_err)], 0, False, 0, False
-    # The evaluation budget first drops whole rounds (each phase also costs a held-out check: 50·NFE forward
-    # calls, a third of a 10-NFE fit), then shrinks the phases of what is left alike (rounded up).
+    # The evaluation budget shrinks every phase alike (rounded up) and keeps all rounds: on digits
+    # DPM-Solver++(2M)-4, 3 rounds of 7 steps reached held-out RMSE 0.056, 2 rounds of 10 only 0.069, though each
+    # phase also costs a held-out check (50·NFE forward calls; fit_learned_notes.md).
     per_round = (cfg.coef_steps + cfg.grid_steps) * min(cfg.minibatch or n_train, n_train) * init.nfe
     rounds, frac = cfg.rounds, 1.0
-    if cfg.evals is not None and per_round > 0:
-        rounds = max(1, min(cfg.rounds, math.ceil(cfg.evals / per_round)))
-        frac = min(1.0, cfg.evals / (rounds * per_round))
+    if cfg.evals is not None and rounds * per_round > cfg.evals:
+        frac = cfg.evals / (rounds * per_round)
     for rnd in range(rounds):
         for kind in ("coef", "grid"):
             nsteps = math.ceil(frac * (cfg.coef_steps if kind == "coef" else cfg.grid_steps))
@@ -506,21 +506,27 @@ def learn(init: Plan, den, train: Batch, ref: torch.Tensor, held: Batch, held_re
 # the `fewstep fit --method learned` entry point
 
 
-FAST_INIT_BATCH = 16
+def fast_init_batch(nfe: int) -> int:
+    """Samples of the fast init: 16, fewer past 5 NFE so its cost (≈ 21·NFE·n forward calls) stays ≈ 1,700."""
+    return max(8, min(16, 80 // nfe))
 
 
 def fast_init(family: str, nfe: int, den, batch: Batch, ref: torch.Tensor, guidance: float | None = None,
-              schedule: str | None = None, n: int = FAST_INIT_BATCH) -> tuple[Plan, dict]:
-    """The cheap start for ``learn`` (``--init-method fast``): a heuristic grid and D-ODE on ``n`` samples.
+              schedule: str | None = None, n: int | None = None) -> tuple[Plan, dict]:
+    """The cheap start for ``learn`` (``--init-method fast``): a heuristic grid and D-ODE on ``n`` samples
+    (``fast_init_batch``: 16 up to 5 NFE, 8 at 10).
 
-    Grid: the family's step count on EDM's ρ = 7 schedule of one step more, its last σ (σ_min) dropped, so the
-    last evaluation is not spent at σ_min where D is the identity (digits DPM-Solver++(2M), held-out RMSE of the
-    plain solver: 2 NFE 0.50 → 0.27, 4 NFE 0.23 → 0.16, 10 NFE 0.056 → 0.037); kept only if it beats the base
-    grid on the ``n`` samples. D-ODE's λ's are then fitted on the ``n`` samples and kept if they help there.
-    Each λ is one scalar fitted by least squares over n·dim residual entries (12,544 for 16 digits), so 16
+    Grid: EDM's schedule over the family's step count, from σ_max down to σ_end ∈ {σ_min, 0.01, 0.03, 0.1, 0.3, 1}
+    at ρ = 7, then ρ ∈ {3, 5, 10, 15} at the best σ_end, forward runs only (≤ 10·NFE·n calls); a candidate is kept
+    only where it beats the base grid on the ``n`` samples. Base EDM spends the last evaluation at σ_min, where D
+    is the identity: on digits DPM-Solver++(2M) the chosen grid's plain held-out RMSE is 0.21 / 0.14 / 0.035 at
+    2 / 4 / 10 NFE against the base grid's 0.50 / 0.23 / 0.056 (the Nelder–Mead of ``timesteps`` costs 45–416
+    CPU s on digits; the gradient phases refine the grid from here). It is compared on the same noises for every
+    candidate (paired), and the candidates differ by 10–50 %, so a few samples rank them. D-ODE's λ's are then
+    fitted on the ``n`` samples and kept if they help there (else the plain solver on that grid).
+    Each λ is one scalar fitted by least squares over n·dim residual entries (6,272 for 8 digits), so 8–16
     samples pin it as well as D-ODE's 100: measured held-out RMSE 0.2441 / 0.1795 / 0.0376 (10 samples) vs
-    0.2408 / 0.1795 / 0.0381 (100) at 2 / 4 / 10 NFE, at a tenth of the cost. The grid itself is left to the
-    gradient phases (the Nelder–Mead of ``timesteps`` costs 45–416 CPU s on digits). Returns (plan, info)."""
+    0.2408 / 0.1795 / 0.0381 (100) at 2 / 4 / 10 NFE, at a tenth of the cost. Returns (plan, info)."""
     from ..runtime import schedules
     from ..runtime.solvers import build, get
     from . import dode
@@ -528,6 +534,7 @@ def fast_init(family: str, nfe: int, den, batch: Batch, ref: torch.Tensor, guida
 
     base = with_guidance(build(family, nfe, den.sigma_min, den.sigma_max, schedule=schedule), guidance)
     steps = len(grid_of(base)) - 1
+    n = fast_init_batch(nfe) if n is None else n
     small, sref = _split(batch, slice(0, min(n, batch.z.shape[0]))), ref[:n]
     info = {"grid": "base", "batch": small.z.shape[0]}
     plan, err = base, rms(run(base, den, small), sref)
