@@ -257,3 +257,23 @@ def test_cli_bad_arguments(tmp_path, capsys):
         p = run(capsys, "distill", "catchup", "--out", out, *args, ok=False)
         assert p.returncode == 2 and msg in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
         assert not out.exists()
+
+
+# --- the shipped bundle ---------------------------------------------------------------------------------
+def test_shipped_digits_cud_out_of_the_box(tmp_path, capsys):
+    assert bundle_steps("digits-cud") == [1, 2, 4, 8, 16]
+    for n in (1, 4):
+        t = load("digits-cud", steps=n)
+        assert isinstance(t.denoiser, FlowDenoiser) and t.plans["deterministic"].nfe == n
+        p = run(capsys, "sample", "--model", "digits-cud", "--nfe", n, "--class", 7, "--n", 10,
+                "--out", tmp_path / f"s{n}")
+        assert f"cud-euler-{n}" in p.stdout and (tmp_path / f"s{n}" / "grid.png").exists()
+    # Quality of the shipped artifact (not a timing): one Euler step (the additionally trained weights) draws the
+    # requested class (scored without eval's reference solve, which costs 96 evaluations per sample).
+    from fewstep.runtime.sampling import make_inputs, run_plan
+    from fewstep.training.evaluate import quality
+
+    t = load("digits-cud", steps=1)
+    inp = make_inputs(t, t.plans["deterministic"], 60, 1)
+    res = quality(t, run_plan(t, t.plans["deterministic"], inp), inp, None)
+    assert res["class_accuracy"] >= 0.9, res
