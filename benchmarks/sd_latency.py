@@ -147,6 +147,36 @@ def export_unet(folder: str, out: str) -> dict:
     return {"export_seconds": round(time.perf_counter() - t0, 1), "bytes": size}
 
 
+EXPORT = """
+import json, resource, sys, time
+from fewstep.export.onnx import export_teacher
+from fewstep.runtime.models import load
+from fewstep.runtime.solvers import build
+from fewstep.training.fitcore import with_guidance
+folder, out, w, nfe = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+den = load(folder).denoiser
+plan = with_guidance(build("dpmpp-2m", nfe, den.sigma_min, den.sigma_max), w)
+t0 = time.perf_counter()
+r = export_teacher(folder, plan, out)
+print(json.dumps({"export_seconds": round(time.perf_counter() - t0, 1), "onnx_bytes": r.bytes,
+                  "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+"""
+
+
+def export_fewstep(folder: str, out: str) -> dict:
+    """The whole sampler as one engine, W = 7.5 written into every row (CFG's two halves in the graph, one copy
+    of the weights; a guidance input would add a W = 1 branch with its own copy). Its own process: peak RSS."""
+    p = subprocess.run([sys.executable, "-c", EXPORT, folder, out, str(GUIDANCE), str(NFE)], capture_output=True,
+                       text=True, cwd="/")
+    if p.returncode != 0:
+        return {"error": (p.stderr.strip() or f"exit {p.returncode}").splitlines()[-1][:300]}
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    d = os.path.dirname(out)
+    res["bytes"] = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)
+                       if f.startswith(os.path.basename(out)))
+    return res
+
+
 def path_ort_loop(folder, unet_cfg, repeats, threads):
     import numpy as np
     import onnxruntime as ort
@@ -185,15 +215,23 @@ def path_fewstep(folder, unet_cfg, repeats, threads):
     # the venv's fewstep-run (pip install), else a development build's
     exe = shutil.which("fewstep-run", path=os.path.dirname(sys.executable)) \
         or os.path.join(HERE, "..", "build", "dev", "fewstep-run")
-    cmd = [exe, os.path.join(d, "fewstep.onnx"), "--n", "1", "--guidance", str(GUIDANCE), "--threads", str(threads),
+    cmd = [exe, os.path.join(d, "fewstep.onnx"), "--n", "1", "--threads", str(threads),
            "--input", f"encoder_hidden_states={os.path.join(d, 'emb.npy')}",
            "--input", f"negative_encoder_hidden_states={os.path.join(d, 'neg.npy')}", "--bench", str(repeats)]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd="/")
+    env = dict(os.environ)
+    if "FEWSTEP_ORT_LIBRARY" not in env:  # a development build has no onnxruntime beside it: the Python package's
+        from fewstep import _C
+
+        env["FEWSTEP_ORT_LIBRARY"] = _C.find_ort_library()
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd="/", env=env)
     if p.returncode != 0:
         raise RuntimeError(f"fewstep-run failed ({p.returncode}): {p.stderr.strip()[-500:]}")
     line = next(ln for ln in p.stdout.splitlines() if "p50" in ln)
     p50 = float(line.split("p50")[1].split()[0].strip(":= ms"))
-    return {"median_s": p50 / 1e3, "source": "fewstep-run --bench p50", "bench": p.stdout.strip()}, {}
+    # the engine's process is fewstep-run, not this Python (which only launched it)
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"median_s": p50 / 1e3, "source": "fewstep-run --bench p50", "bench": p.stdout.strip()}, \
+        {"peak_rss_mib": round(rss / 1024)}
 
 
 def _time(once, repeats: int) -> dict:
@@ -213,11 +251,11 @@ def child(args) -> None:
     cfg = SD15_UNET if args.config == "sd15" else TINY_UNET
     fn = {"eager": lambda: path_eager(args.dir, cfg, args.repeats),
           "ort_loop": lambda: path_ort_loop(args.dir, cfg, args.repeats, args.threads),
-          "fewstep": lambda: path_fewstep(args.dir, cfg, args.repeats, args.threads)}[args.path]
+          "fewstep": lambda: path_fewstep(args.dir, cfg, args.repeats, args.threads),
+          "export_unet": lambda: (export_unet(args.dir, os.path.join(args.dir, "onnx", "unet.onnx")), {})}[args.path]
     res, extra = fn()
-    # this path's peak resident memory: the process itself, or its fewstep-run child
-    rss = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    print(json.dumps({**res, **extra, "peak_rss_mib": round(rss / 1024)}))
+    rss = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # this path's own process
+    print(json.dumps({"peak_rss_mib": rss, **res, **extra}))
 
 
 def run_child(path: str, folder: str, config: str, threads: int, repeats: int) -> dict:
@@ -253,17 +291,10 @@ def main(argv=None) -> int:
     build_pipeline(folder, cfg)
     built = time.perf_counter() - t0
     os.makedirs(os.path.join(folder, "onnx"), exist_ok=True)
-    exports = {"unet_only": export_unet(folder, os.path.join(folder, "onnx", "unet.onnx"))}
-    t0 = time.perf_counter()
+    # each export in its own process too: the parent stays small while the children run
+    exports = {"unet_only": run_child("export_unet", folder, args.config, os.cpu_count(), 0)}
     eng = os.path.join(folder, "onnx", "fewstep.onnx")
-    p = subprocess.run([sys.executable, "-m", "fewstep", "export", "--model", folder, "--solver", "dpmpp-2m",
-                        "--nfe", str(NFE), "--out", eng], capture_output=True, text=True, cwd="/")
-    if p.returncode == 0:
-        size = sum(os.path.getsize(os.path.join(folder, "onnx", f)) for f in os.listdir(os.path.join(folder, "onnx"))
-                   if f.startswith("fewstep.onnx"))
-        exports["fewstep_sampler"] = {"export_seconds": round(time.perf_counter() - t0, 1), "bytes": size}
-    else:
-        exports["fewstep_sampler"] = {"error": p.stderr.strip()[-400:]}
+    exports["fewstep_sampler"] = export_fewstep(folder, eng)
     rows = []
     for threads in (int(t) for t in args.threads.split(",")):
         for path in ("fewstep", "ort_loop", "eager"):
@@ -286,6 +317,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
 def markdown(r: dict) -> str:
     m = r["machine"]
     out = [f"# SD 1.5 UNet ({r['config']}, {r['unet_parameters'] or '?':,} parameters, random weights) on the CPU",
@@ -293,10 +328,11 @@ def markdown(r: dict) -> str:
            f"latents out; medians. Machine: {m['cpu']}, {m['cores']} cores (shared with other jobs; load average "
            f"{m['load_average'][0]:.1f} at the end), torch {m['torch']}, onnxruntime {m['onnxruntime']}. "
            "Generated by `python benchmarks/sd_latency.py" + ("" if r["config"] == "sd15" else " --config tiny")
-           + "`.", "", "| export | seconds | size |", "|---|---:|---:|"]
+           + "`.", "", "| export | seconds | size | peak RSS (MiB) |", "|---|---:|---:|---:|"]
     for k, e in r["exports"].items():
         out.append(f"| {k} | {e.get('export_seconds', '–')} | "
-                   + (f"{e['bytes'] / 1e9:.2f} GB" if "bytes" in e else e.get("error", "–")[:80]) + " |")
+                   + (_size(e["bytes"]) if "bytes" in e else e.get("error", "–")[:80])
+                   + f" | {e.get('peak_rss_mib', '–')} |")
     out += ["", "| threads | (a) fewstep engine, C++ | (b) UNet ONNX + Python scheduler | (c) diffusers eager | "
             "(a)÷(b) | (a)÷(c) | peak RSS a / b / c (MiB) |", "|---:|---:|---:|---:|---:|---:|---|"]
     for t in sorted({x["threads"] for x in r["rows"]}):
@@ -315,7 +351,8 @@ def markdown(r: dict) -> str:
     errs = [f"- {x['path']} at {x['threads']} thread(s): {x['error']}" for x in r["rows"] if "error" in x]
     if errs:
         out += ["", "Paths that did not run:", *errs]
-    out += ["", "Peak RSS: each path's own process (or its fewstep-run child), `getrusage` ru_maxrss."]
+    out += ["", "Peak RSS (`getrusage` ru_maxrss): the process that runs the sampler — fewstep-run for (a), the Python "
+            "process for (b) and (c)."]
     return "\n".join(out) + "\n"
 
 
