@@ -26,6 +26,11 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("base", "closed-form", "learned-l2", "learned-ld3")
+# The learned columns were measured with the LearnConfig defaults of the time (before the fast default, see
+# fit_learned_notes.md "Speed"); pinned so that --append measures new cells the same way (up to the loss's
+# normaliser, now the init's held-out error instead of its fitting-batch error).
+LEARN_FROM_CLOSED_FORM = dict(rounds=2, coef_steps=20, grid_steps=10, grid_lr=1e-2, minibatch=32, patience=None,
+                              warmup=0, evals=None, lr_nfe=None, couple=False)
 
 
 def _timed(fn, *a, **kw):
@@ -103,7 +108,8 @@ def main(argv=None) -> int:
         cf, cf_w, cf_c = _timed(fit, teacher, cf_cfg)
         plans = {"base": (base, 0.0, 0.0, {}), "closed-form": (cf, cf_w, cf_c, {})}
         for loss in ("l2", "ld3"):
-            lp, w, c = _timed(fit_learned, teacher, solver, nfe, LearnConfig(loss=loss), init=cf)
+            lp, w, c = _timed(fit_learned, teacher, solver, nfe, LearnConfig(loss=loss, **LEARN_FROM_CLOSED_FORM),
+                                 init=cf)
             pv = lp.provenance
             plans[f"learned-{loss}"] = (lp, w, c, {k: pv[k] for k in ("winner", "heldout_rmse_init",
                                                                      "heldout_rmse", "best_phase", "steps")})
