@@ -20,8 +20,9 @@ executor's own loop (``executor.run_rows``) to match the reference solve from th
 - rows stay a valid Plan: σ's are ``σ_init·exp(−cumsum(exp θ))`` over the distinct σ's, so positive and in the
   init plan's order (rows sharing a σ keep sharing it), and p/q never reach past the history K ≤ 10;
 - early stopping on a held-out split of the fitting noise (the ``heldout`` samples after the ``batch`` fitting
-  samples of the same Philox seed); the result is the best of {closed-form fit, every phase's end} on that
-  split, so never worse than the closed-form fit there. Provenance ``winner`` says which.
+  samples of the same Philox seed); the result is the best of {the start, every phase's end} on that
+  split, so never worse than the start there. Provenance ``winner`` says which ("closed-form": the start was
+  kept, whichever init it came from; ``init_method`` names it).
 
 The reference solve of the fitting + held-out noise is computed once and kept on disk
 (``$FEWSTEP_CACHE``, default ``~/.cache/fewstep``) under the hash of what it depends on: the teacher's content
@@ -484,7 +485,7 @@ def learn(init: Plan, den, train: Batch, ref: torch.Tensor, held: Batch, held_re
                 stale = 0
             else:
                 stale += 1
-            say(f"learned {tag}: held-out RMSE {err:.4g} (closed-form {init_err:.4g}, best {best['err']:.4g}) "
+            say(f"learned {tag}: held-out RMSE {err:.4g} (start {init_err:.4g}, best {best['err']:.4g}) "
                 f"{time.perf_counter() - t0:.1f} s")
             out_of_time = out_of_time or (deadline is not None and time.perf_counter() > deadline)
     params.load(best["state"])
