@@ -312,9 +312,10 @@ def test_cli_fit_learned(tmp_path, capsys):
     assert math.isfinite(plan.provenance["fit_seconds"])
     rc = _cli("--model", "gmm", "--solver", "ddim", "--nfe", "3", "--method", "learned", "--init", str(out),
               "--rounds", "1", "--coef-steps", "2", "--grid-steps", "0", "--batch", "40", "--heldout", "20",
-              "--out", str(tmp_path / "q.json"), "--quiet")
+              "--evals", "0", "--patience", "1", "--out", str(tmp_path / "q.json"), "--quiet")
     pv = Plan.load(tmp_path / "q.json").provenance
     assert rc == 0 and pv["init_method"] == "given" and pv["init_plan_method"] == "learned"
+    assert pv["learn_config"]["evals"] is None and pv["learn_config"]["patience"] == 1
 
 
 @pytest.mark.parametrize("args,match", [

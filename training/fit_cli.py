@@ -60,6 +60,10 @@ def _learned_args(p) -> None:
     g.add_argument("--budget", type=float, help="wall-clock seconds for the gradient phases (default: no limit)")
     g.add_argument("--heldout", type=int, default=50, help="held-out samples for early stopping (50)")
     g.add_argument("--history", type=int, help="K of the learned rows (default: max(init's K, 2))")
+    g.add_argument("--evals", type=int, default=d.evals,
+                   help=f"network evaluations for all steps ({d.evals}; 0: no limit)")
+    g.add_argument("--patience", type=int, default=d.patience, help=f"phases without a held-out gain before stopping "
+                   f"({d.patience}; 0: never stop)")
 
 
 def _cmd_fit_learned(args, say) -> int:
@@ -71,7 +75,8 @@ def _cmd_fit_learned(args, say) -> int:
 
     cfg = LearnConfig(loss=args.loss, slack=args.slack, reg=args.reg, rounds=args.rounds, coef_steps=args.coef_steps,
                       grid_steps=args.grid_steps, optimizer=args.optimizer, minibatch=args.minibatch,
-                      budget=args.budget, history=args.history).check()
+                      budget=args.budget, history=args.history, evals=args.evals or None,
+                      patience=args.patience or None).check()
     init = None
     if args.init is not None:
         from ..runtime.plan import Plan
