@@ -6,11 +6,11 @@ Digits quality is measured in benchmarks/cud_quality.py; the digits runs here ar
 """
 
 import json
-import subprocess
 
 import numpy as np
 import pytest
 import torch
+from inproc import run  # noqa: E402
 
 from fewstep.runtime import noise as fnoise
 from fewstep.runtime import sample
@@ -18,19 +18,6 @@ from fewstep.runtime.denoisers import FlowDenoiser
 from fewstep.runtime.digits_net import UNetConfig
 from fewstep.runtime.models import bundle_steps, load
 from fewstep.training import catchup, trainer
-
-
-def run(capsys, *args, ok=True):
-    """``fewstep ARGS`` in this process (the CLI's own entry point)."""
-    from fewstep.cli import main
-
-    capsys.readouterr()
-    rc = main([str(a) for a in args])
-    out = capsys.readouterr()
-    p = subprocess.CompletedProcess(args, rc, out.out, out.err)
-    if ok:
-        assert rc == 0, p.stderr[-3000:]
-    return p
 
 
 # --- the targets ------------------------------------------------------------------------------------
@@ -235,7 +222,9 @@ def test_bundle_loads_samples_exports_and_runs(bundle, tmp_path, capsys):
     run(capsys, "run", tmp_path / "e2.onnx", "--n", 6, "--seed", 5, "--class", 3, "--out", tmp_path / "r.npy")
     x2 = sample(load(b, steps=2).plans["deterministic"], t.denoiser, torch.from_numpy(z), cond=torch.full((6,), 3))
     np.testing.assert_allclose(np.load(tmp_path / "r.npy"), x2.numpy(), rtol=0, atol=tol * float(x2.abs().max()))
-    files = catchup.ship_bundle(b, str(tmp_path / "ship"))
+    from fewstep.training.bundle import ship
+
+    files = ship(b, str(tmp_path / "ship"))
     assert all("train_state" not in f and "traj" not in f for f in files)
     assert load(str(tmp_path / "ship"), steps=1).content_hash == one.content_hash
 

@@ -7,11 +7,11 @@ batch (mechanics only).
 
 import json
 import math
-import subprocess
 
 import numpy as np
 import pytest
 import torch
+from inproc import run  # noqa: E402
 from torch import nn
 from torch.nn import functional as F
 
@@ -25,19 +25,6 @@ from fewstep.runtime.solvers import build
 from fewstep.training import dmd2, metrics
 
 WIDTH = 64  # the 2-D test networks' hidden width
-
-
-def run(capsys, *args, ok=True):
-    """``fewstep ARGS`` in this process (the CLI's own entry point; no interpreter start-up per call)."""
-    from fewstep.cli import main
-
-    capsys.readouterr()
-    rc = main([str(a) for a in args])
-    out = capsys.readouterr()
-    p = subprocess.CompletedProcess(args, rc, out.out, out.err)
-    if ok:
-        assert rc == 0, p.stderr[-3000:]
-    return p
 
 
 # --- precision / recall: known answers on constructed sets -------------------------------------------

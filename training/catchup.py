@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -365,29 +364,6 @@ def train_bundle(out_dir: str, cfg: CUDConfig, seed: int = 0, progress: bool = T
     return index
 
 
-def ship_bundle(src: str, dest: str) -> list[str]:
-    """Copy a catch-up bundle's sampling artifacts (weights + JSON, plans, index) to ``dest``; no training
-    state, no trajectories."""
-    with open(os.path.join(src, INDEX)) as f:
-        index = json.load(f)
-    if index.get("format") != INDEX_FORMAT or index.get("method") != "catchup":
-        raise DistillError(f"{src}: not a catch-up bundle ({INDEX} without method catchup)")
-    rels = {index["stage1"]}
-    for ent in index["students"].values():
-        rels |= {ent["weights"], ent["plan"], ent["plan_stochastic"]}
-    written = []
-    for rel in sorted(rels):
-        pairs = [rel] + ([rel[: -len(".safetensors")] + ".json"] if rel.endswith(".safetensors") else [])
-        for r in pairs:
-            out = os.path.join(dest, r)
-            os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-            shutil.copyfile(os.path.join(src, r), out + ".tmp")
-            os.replace(out + ".tmp", out)
-            written.append(out)
-    atomic_write_text(os.path.join(dest, INDEX), json.dumps(index, indent=1) + "\n")
-    return [*written, os.path.join(dest, INDEX)]
-
-
 def _hash(x: torch.Tensor) -> str:
     import hashlib
 
@@ -395,4 +371,4 @@ def _hash(x: torch.Tensor) -> str:
 
 
 __all__ = ["CUDConfig", "CUDNet", "catchup_targets", "euler_plan", "make_loss", "make_flow_denoiser",
-           "train_bundle", "train_main", "train_onestep", "ship_bundle"]
+           "train_bundle", "train_main", "train_onestep"]
