@@ -11,6 +11,16 @@ import os
 import sys
 
 
+def _common(p, defaults, out_help: str, ckpt_help: str | None = None) -> None:
+    """The flags every training stage shares, with the stage's defaults."""
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--batch", type=int, default=defaults.batch)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--ckpt-every", type=int, default=defaults.ckpt_every, help=ckpt_help)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def register(sub, bench_sub) -> None:
     from .guided import GuidedConfig
     from .progressive import ProgressiveConfig
@@ -21,28 +31,18 @@ def register(sub, bench_sub) -> None:
 
     g = dsub.add_parser("guided", help="stage 1: a student that takes the guidance scale W as an input")
     g.add_argument("--teacher", default="digits", help="digits (the shipped teacher) | PATH to a digits checkpoint")
-    g.add_argument("--out", required=True, help="run directory (checkpoints, student.safetensors + .json)")
+    _common(g, g0, "run directory (checkpoints, student.safetensors + .json)")
     g.add_argument("--steps", type=int, default=g0.steps)
-    g.add_argument("--batch", type=int, default=g0.batch)
-    g.add_argument("--lr", type=float, default=g0.lr)
     g.add_argument("--w-min", type=float, default=g0.w_min, help="guidance range (W = 1 + the paper's w)")
     g.add_argument("--w-max", type=float, default=g0.w_max)
-    g.add_argument("--ckpt-every", type=int, default=g0.ckpt_every)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(fn=cmd_guided)
 
     p = dsub.add_parser("progressive", help="stage 2: halve the steps of a guided student down to 1")
     p.add_argument("--student", required=True, help="the stage-1 student (its directory or student.safetensors)")
-    p.add_argument("--out", required=True, help="bundle directory: steps_N/ per halving + students.json")
+    _common(p, p0, "bundle directory: steps_N/ per halving + students.json")
     p.add_argument("--from-steps", type=int, default=p0.from_steps, help="the first teacher's DDIM steps")
     p.add_argument("--to-steps", type=int, default=p0.to_steps)
     p.add_argument("--iters", type=int, default=p0.iters, help="training steps per halving")
-    p.add_argument("--batch", type=int, default=p0.batch)
-    p.add_argument("--lr", type=float, default=p0.lr)
-    p.add_argument("--ckpt-every", type=int, default=p0.ckpt_every)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_progressive)
 
     from .dmd2 import DMD2Config
@@ -50,7 +50,7 @@ def register(sub, bench_sub) -> None:
     m0 = DMD2Config()
     m = dsub.add_parser("dmd2", help="DMD2: 1- and few-step generators matching the teacher's distribution")
     m.add_argument("--teacher", default="digits", help="digits (the shipped teacher) | PATH to a digits checkpoint")
-    m.add_argument("--out", required=True, help="bundle directory: steps_K/ per student + students.json")
+    _common(m, m0, "bundle directory: steps_K/ per student + students.json", ckpt_help="loop steps between checkpoints")
     m.add_argument("--steps", default="1,4", help="the students' step counts, in training order (each starts "
                                                   "from the previous one's networks)")
     m.add_argument("--iters", default="500,150", help="generator updates per student (one count, or one each)")
@@ -60,19 +60,14 @@ def register(sub, bench_sub) -> None:
     m.add_argument("--no-gan", action="store_true", help="no GAN term (ablation)")
     m.add_argument("--gan-g", type=float, default=m0.gan_g, help="generator GAN loss weight")
     m.add_argument("--gan-d", type=float, default=m0.gan_d, help="classifier GAN loss weight")
-    m.add_argument("--batch", type=int, default=m0.batch)
-    m.add_argument("--lr", type=float, default=m0.lr)
     m.add_argument("--ema-halflife", type=float, default=m0.ema_halflife, help="EMA of the weights (loop steps)")
-    m.add_argument("--ckpt-every", type=int, default=m0.ckpt_every, help="loop steps between checkpoints")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(fn=cmd_dmd2)
 
     from .catchup import CUDConfig
 
     c0 = CUDConfig()
     c = dsub.add_parser("catchup", help="catch-up distillation: a flow-velocity model for few Euler steps (no teacher)")
-    c.add_argument("--out", required=True, help="bundle directory: student.safetensors, onestep/, plans, students.json")
+    _common(c, c0, "bundle directory: student.safetensors, onestep/, plans, students.json")
     c.add_argument("--method", default=c0.method, help="cud | fm (the plain flow-matching baseline)")
     c.add_argument("--heads", default=c0.heads, help="Runge–Kutta alignment heads: none | rk2 | rk3")
     c.add_argument("--steps", type=int, default=c0.steps, help="training steps of the flow model")
@@ -80,12 +75,7 @@ def register(sub, bench_sub) -> None:
                    help="additional one-step training on the model's own 16-step samples (0 = none)")
     c.add_argument("--traj-n", type=int, default=c0.traj_n, help="saved 16-step trajectories for it")
     c.add_argument("--delta-max", type=float, default=c0.delta_max, help="catch-up step Δ ~ U(0, DELTA_MAX)")
-    c.add_argument("--batch", type=int, default=c0.batch)
-    c.add_argument("--lr", type=float, default=c0.lr)
     c.add_argument("--extra-lr", type=float, default=c0.extra_lr)
-    c.add_argument("--ckpt-every", type=int, default=c0.ckpt_every)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(fn=cmd_catchup)
 
     s = dsub.add_parser("ship", help="copy a bundle's weights, JSON and plans (no training state) to DEST")
