@@ -48,7 +48,8 @@ class ArgumentError(FewstepError):
     """Arguments that do not fit together (exit 2, one line)."""
 
 
-MODEL_HELP = "digits | digits-guided | digits-dmd2 | gmm | PATH (checkpoint, distilled bundle or diffusers directory)"
+MODEL_HELP = ("digits | digits-guided | digits-dmd2 | digits-cud | gmm | PATH (checkpoint, distilled bundle, diffusers "
+              "model or pipeline folder)")
 
 
 def add_sampler(p: argparse.ArgumentParser, title: str = "sampler (one of)", force: bool = True) -> None:
