@@ -496,6 +496,10 @@ def _save_external(onnx, model, path: str, dt) -> int:
         onnx.save_model(model, tpath, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=base + ".data", size_threshold=1024)
         _check_onnx(onnx, tpath, dt)
+        mask = os.umask(0)
+        os.umask(mask)
+        for f in (tpath, tpath + ".data"):  # ordinary file permissions (onnx writes the data file 0600)
+            os.chmod(f, 0o666 & ~mask)
         size = os.path.getsize(tpath) + os.path.getsize(tpath + ".data")
         os.replace(tpath + ".data", os.path.join(d, base + ".data"))
         os.replace(tpath, path)
