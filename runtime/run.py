@@ -22,7 +22,8 @@ class RunError(FewstepError):
 def load_engine(path: str, threads: int = 0, provider: str = "cpu", device_id: int = 0, cuda_graph: bool = False,
                 cache_dir: str | None = None, ort_library: str | None = None):
     """Load an exported engine into the C++ runtime. ONNX Runtime comes from ``ort_library``, else
-    ``$FEWSTEP_ORT_LIBRARY``, else the installed ``onnxruntime`` / ``onnxruntime-gpu`` package."""
+    ``$FEWSTEP_ORT_LIBRARY``, else the installed ``onnxruntime`` / ``onnxruntime-gpu`` package. ``provider``:
+    cpu | cuda | tensorrt | openvino (the last needs the onnxruntime-openvino build's library)."""
     from .. import _C
 
     if not os.path.exists(path):
@@ -92,9 +93,20 @@ def read_embeddings(path: str) -> dict:
         raise RunError(f"embeddings file {path}: {one_line(exc, 200)}") from None
 
 
+def output_of(engine) -> dict:
+    """The engine's output {name, shape ('batch' first), per_sample}: 'sample' [batch, *sample_shape], or 'image'
+    [batch, 3, H, W] for an engine exported with --decode (an extension built before outputs were read: 'sample')."""
+    out = getattr(engine, "output", None)
+    if out is not None:
+        return out
+    shape = tuple(engine.info["sample_shape"])
+    return {"name": "sample", "shape": ("batch", *shape), "dtype": "float32", "per_sample": int(np.prod(shape))}
+
+
 def sample(engine, seed: int = 0, batch: int | None = None, cls=None, guidance: float | None = None,
            z: np.ndarray | None = None, inputs: dict | None = None) -> np.ndarray:
-    """float32 [batch, *sample_shape] from ``engine`` (a ``_C.Engine``); ``z`` replaces the seed's
+    """float32 of the engine's output shape from ``engine`` (a ``_C.Engine``): [batch, *sample_shape], or
+    [batch, 3, H, W] for a --decode engine (``output_of``); ``z`` replaces the seed's
     initial noise (the stochastic rows still draw from ``seed``), as ``fewstep sample --noise``.
     ``inputs``: the engine's named inputs {name: array} (conditioning tensors such as
     ``encoder_hidden_states``); without ``batch`` or ``z`` the batch is the leading size of the first one
@@ -122,7 +134,7 @@ def sample(engine, seed: int = 0, batch: int | None = None, cls=None, guidance: 
     batch = 1 if batch is None else batch
     if batch < 1:
         raise RunError(f"--n must be ≥ 1, got {batch}")
-    per_sample = int(np.prod(info["sample_shape"]))
+    per_sample = int(output_of(engine)["per_sample"])
     if batch * per_sample > MAX_VALUES:
         raise RunError(f"--n {batch:,}: {batch:,} samples × {per_sample:,} values is more than the "
                        f"{MAX_VALUES:,} values one run may hold")

@@ -27,9 +27,13 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--embeddings", metavar="FILE.safetensors",
                    help="named inputs from a .safetensors file (tensor name = input name), e.g. precomputed "
                         "text embeddings; --input adds others")
-    p.add_argument("--out", required=True, help="output .npy file (float32 [N, *sample_shape])")
+    p.add_argument("--out", required=True, help="output .npy file: the engine's output, float32 [N, *sample_shape] "
+                                                "('sample'), or [N, 3, H, W] ('image') for an engine exported with "
+                                                "--decode")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")
-    p.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "tensorrt"))
+    p.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "tensorrt", "openvino"),
+                   help="ONNX Runtime execution provider (openvino: needs the onnxruntime-openvino build's library, "
+                        "e.g. --ort-library .../onnxruntime/capi/libonnxruntime.so.*)")
     p.add_argument("--device", type=int, default=0, help="CUDA device (cuda / tensorrt)")
     p.add_argument("--ort-library", help="libonnxruntime.so to use (default: the installed onnxruntime package's)")
     p.set_defaults(fn=cmd_run)
@@ -37,7 +41,7 @@ def register(sub, bench_sub) -> None:
 
 def cmd_run(args) -> int:
     from .files import check_writable_file, read_npy, save_npy
-    from .run import MAX_VALUES, RunError, load_engine, read_embeddings, sample
+    from .run import MAX_VALUES, RunError, load_engine, output_of, read_embeddings, sample
 
     check_writable_file(args.out)
     z = read_npy(args.noise, "noise file", MAX_VALUES) if args.noise else None
@@ -59,5 +63,7 @@ def cmd_run(args) -> int:
     x = sample(eng, seed=args.seed, batch=args.batch, cls=args.cls, guidance=args.guidance, z=z, inputs=inputs)
     secs = time.perf_counter() - t0
     save_npy(args.out, x)
-    print(f"{x.shape[0]} samples at NFE {eng.info['nfe']} in {secs * 1e3:.2f} ms -> {args.out}")
+    shape = ", ".join(map(str, x.shape))
+    print(f"{x.shape[0]} samples at NFE {eng.info['nfe']} in {secs * 1e3:.2f} ms: {output_of(eng)['name']} [{shape}] "
+          f"-> {args.out}")
     return 0

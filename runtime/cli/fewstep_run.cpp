@@ -1,7 +1,7 @@
 // fewstep-run: sample an exported engine from the command line. Uses only the public C++ wrapper.
 //   fewstep-run ENGINE --seed S --n N [--class C|none] [--guidance W] [--noise Z.npy] [--input NAME=X.npy]...
 //               [--embeddings E.safetensors] --out X.npy
-//               [--threads T] [--provider cpu|cuda|tensorrt] [--device D] [--cuda-graph]
+//               [--threads T] [--provider cpu|cuda|tensorrt|openvino] [--device D] [--cuda-graph]
 //               [--cache-dir DIR] [--ort-library PATH] [--bench N]
 // Exit codes, as `fewstep`: 0 ok; 2 bad input (arguments, files, the engine, the ONNX Runtime library or
 // provider); 3 the result is not finite (nothing written); 1 an internal error (a bug).
@@ -34,9 +34,11 @@ struct Usage : std::runtime_error {
 const char* kHelp =
     "usage: fewstep-run ENGINE [--seed S] [--n N] [--class C|none] [--guidance W] [--noise Z.npy] [--out X.npy]\n"
     "                   [--input NAME=FILE.npy]... [--embeddings FILE.safetensors]\n"
-    "                   [--threads T] [--provider cpu|cuda|tensorrt] [--device D] [--cuda-graph]\n"
+    "                   [--threads T] [--provider cpu|cuda|tensorrt|openvino] [--device D] [--cuda-graph]\n"
     "                   [--cache-dir DIR] [--ort-library PATH] [--bench N]\n"
     "Samples N images from an exported fewstep engine with Philox seed S (default 0; N: the noise file's, else 1).\n"
+    "--out gets the engine's output, float32: 'sample' [N, *sample_shape], or 'image' [N, 3, H, W] for an engine\n"
+    "exported with --decode (the success line names it).\n"
     "Without --class a class-conditional engine draws classes 0,1,2,... in turn (like `fewstep sample`);\n"
     "--class none samples unconditionally (the null label). --version prints the library version.\n"
     "--input NAME=FILE.npy (repeatable): a named input of the engine (e.g. encoder_hidden_states), float32 or\n"
@@ -45,7 +47,7 @@ const char* kHelp =
     "Exit codes: 0 ok, 2 bad input, 3 the result is not finite (nothing written), 1 internal error.\n"
     "--bench N: time N more runs after one warm-up and print p50/p90/p99 latency and samples/s.\n"
     "ONNX Runtime: --ort-library, else $FEWSTEP_ORT_LIBRARY, else the onnxruntime package beside libfewstep,\n"
-    "else libonnxruntime.so on the search path.\n";
+    "else libonnxruntime.so on the search path. --provider openvino needs the onnxruntime-openvino build's library.\n";
 
 long long parse_int(const std::string& s, const char* what) {
   char* end = nullptr;
@@ -314,7 +316,8 @@ bool parse_args(int argc, char** argv, Args& a) {
       if (p == "cpu") opt.provider = FEWSTEP_PROVIDER_CPU;
       else if (p == "cuda") opt.provider = FEWSTEP_PROVIDER_CUDA;
       else if (p == "tensorrt") opt.provider = FEWSTEP_PROVIDER_TENSORRT;
-      else throw Usage("--provider must be cpu, cuda or tensorrt, got '" + p + "'");
+      else if (p == "openvino") opt.provider = FEWSTEP_PROVIDER_OPENVINO;
+      else throw Usage("--provider must be cpu, cuda, tensorrt or openvino, got '" + p + "'");
     } else if (!arg.empty() && arg[0] == '-') throw Usage("unknown option " + arg);
     else if (a.engine_path.empty()) a.engine_path = arg;
     else throw Usage("unexpected argument " + arg);
@@ -404,7 +407,8 @@ int run(int argc, char** argv) {
   const std::vector<std::pair<std::string, Npy>> given = read_inputs(a, engine, batch);
   if (batch == 0) batch = 1;
   if (batch < 1) throw Usage("--n must be >= 1");
-  if (uint64_t(batch) > (uint64_t(1) << 31) / uint64_t(info.per_sample))  // before the output is allocated
+  const fewstep::OutputInfo output = engine.output();  // the latents, or the image of a --decode engine
+  if (uint64_t(batch) > (uint64_t(1) << 31) / uint64_t(output.per_sample))  // before the output is allocated
     throw Usage("--n " + std::to_string(batch) + ": more than the 2^31 values one run may hold");
   const auto named = [&](const char* name) {
     for (const auto& g : given)
@@ -432,17 +436,20 @@ int run(int argc, char** argv) {
   if (info.guidance_input && !named("guidance")) g.assign(size_t(batch), a.has_guidance ? float(a.guidance) : 1.0f);
   if (!g.empty()) inputs.emplace_back("guidance", std::vector<int64_t>{batch}, g.data());
 
-  const size_t n = size_t(batch) * size_t(info.per_sample);
+  const size_t n = size_t(batch) * size_t(output.per_sample);
   std::vector<float> out(n);
   const auto once = [&] { engine.sample_inputs(a.seed, batch, inputs, out.data(), out.size()); };
   const auto t0 = std::chrono::steady_clock::now();
   once();
   const double first_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   if (!a.out_path.empty()) {
-    std::vector<long long> shape{batch};
-    shape.insert(shape.end(), info.sample_shape, info.sample_shape + info.ndim);
+    const std::vector<int64_t> dims = engine.output_shape(batch);
+    const std::vector<long long> shape(dims.begin(), dims.end());
+    std::string text;
+    for (const long long d : shape) text += (text.empty() ? "" : ", ") + std::to_string(d);
     write_npy(a.out_path, shape, out.data(), n);
-    std::printf("%lld samples at NFE %d in %.2f ms -> %s\n", batch, info.nfe, first_ms, a.out_path.c_str());
+    std::printf("%lld samples at NFE %d in %.2f ms: %s [%s] -> %s\n", batch, info.nfe, first_ms, output.name.c_str(),
+                text.c_str(), a.out_path.c_str());
   }
   if (a.bench > 0) bench(once, a.bench, batch, info.nfe);
   return 0;

@@ -96,7 +96,11 @@ typedef struct fewstep_engine fewstep_engine; /* opaque; fewstep_engine_load / f
 typedef enum fewstep_provider {
   FEWSTEP_PROVIDER_CPU = 0,      /* ONNX Runtime's CPU execution provider */
   FEWSTEP_PROVIDER_CUDA = 1,     /* CUDA EP (needs the onnxruntime-gpu library), CPU fallback for other nodes */
-  FEWSTEP_PROVIDER_TENSORRT = 2  /* TensorRT EP, then CUDA, then CPU for nodes TensorRT does not take */
+  FEWSTEP_PROVIDER_TENSORRT = 2, /* TensorRT EP, then CUDA, then CPU for nodes TensorRT does not take */
+  FEWSTEP_PROVIDER_OPENVINO = 3  /* OpenVINO EP on device_type "CPU" (needs the onnxruntime-openvino build's
+                                    library, e.g. FEWSTEP_ORT_LIBRARY=.../onnxruntime/capi/libonnxruntime.so.*),
+                                    ONNX Runtime's CPU EP for nodes OpenVINO does not take. intra_op_threads
+                                    also sets OpenVINO's own thread count (num_of_threads). */
 } fewstep_provider;
 
 /* Load-time parameters. Always start from fewstep_default_params() and change fields, so code
@@ -106,7 +110,8 @@ typedef struct fewstep_engine_params {
                                    1 = run on the calling thread. Default 0. */
   int32_t inter_op_threads;     /* threads across independent operators; 0 = default. Default 0. */
   fewstep_provider provider;    /* execution provider. Default FEWSTEP_PROVIDER_CPU. */
-  int32_t device_id;            /* CUDA device ordinal for CUDA / TensorRT; ignored on the CPU. Default 0. */
+  int32_t device_id;            /* CUDA device ordinal for CUDA / TensorRT; ignored on the CPU and OpenVINO.
+                                   Default 0. */
   int32_t cuda_graph;           /* non-zero: capture the run in a CUDA graph (CUDA / TensorRT providers;
                                    fixed shapes, so one batch size per engine). Default 0. */
   const char* engine_cache_dir; /* TensorRT engine + timing cache directory; NULL = no cache. Default NULL.
@@ -143,7 +148,8 @@ FEWSTEP_API void fewstep_engine_free(fewstep_engine* engine);
 typedef struct fewstep_engine_info {
   int32_t ndim;                          /* rank of one sample (e.g. 3 for C×H×W), 1..FEWSTEP_MAX_DIMS */
   int64_t sample_shape[FEWSTEP_MAX_DIMS]; /* the first ndim entries are the shape of one sample */
-  int64_t per_sample;                    /* floats per sample: the product of sample_shape */
+  int64_t per_sample;                    /* floats per sample of z: the product of sample_shape (the output's
+                                            size: fewstep_engine_output_info) */
   int64_t fixed_batch;                   /* the only batch the engine takes; 0 = any batch >= 1 */
   int32_t nfe;                           /* network evaluations in the plan */
   int32_t n_stochastic;                  /* plan rows that draw fresh noise (S) */
@@ -173,7 +179,9 @@ FEWSTEP_API const char* fewstep_engine_metadata(const fewstep_engine* engine, co
  *             Must be NULL for an engine that is not class-conditional.
  *   guidance  float[batch] CFG scales W (finite); NULL = 1 (plain conditional). Must be NULL or all
  *             1 for an engine without a guidance input.
- *   out       float[out_len] receives batch * per_sample floats, sample-major, row-major.
+ *   out       float[out_len] receives batch * per_sample floats of the output, sample-major, row-major;
+ *             per_sample of fewstep_engine_output_info (equal to fewstep_engine_info's for a latent
+ *             "sample" output, larger for an "image" of a --decode engine).
  * Returns FEWSTEP_OK; FEWSTEP_ERR_INVALID_ARGUMENT (NULL engine/out, bad batch, labels or guidance),
  * FEWSTEP_ERR_OUT_OF_RANGE (a label out of range, batch over 2^32), FEWSTEP_ERR_BUFFER_TOO_SMALL,
  * FEWSTEP_ERR_BACKEND (the run failed), FEWSTEP_ERR_NONFINITE (the result holds NaN or inf: try a smaller
@@ -198,7 +206,7 @@ FEWSTEP_API fewstep_status fewstep_sample_from(fewstep_engine* engine, uint64_t 
  * and CFG-scale engines; and any conditioning tensors of the model (e.g. encoder_hidden_states float32
  * [batch, 77, 768], text_embeds, time_ids, their negative_* twins for classifier-free guidance). */
 
-/* Element types of inputs: the ONNX TensorProto codes. */
+/* Element types of inputs and the output: the ONNX TensorProto codes. */
 typedef enum fewstep_dtype {
   FEWSTEP_DTYPE_FLOAT32 = 1,
   FEWSTEP_DTYPE_INT64 = 7
@@ -230,6 +238,23 @@ FEWSTEP_API size_t fewstep_engine_input_count(const fewstep_engine* engine);
  * pointer, FEWSTEP_ERR_OUT_OF_RANGE for an index past the count. */
 FEWSTEP_API fewstep_status fewstep_engine_input_info(const fewstep_engine* engine, size_t index,
                                                      fewstep_input_info* out);
+
+/* The engine's output as it declares it (fewstep.contract "outputs", checked against the graph at load; a
+ * contract without the list means "sample" [batch, *sample_shape]): "sample", the latents, for a sampler;
+ * "image" [batch, 3, H, W] for an engine exported with the VAE decoder appended (`fewstep export --decode`).
+ * Every sampling call writes batch * per_sample floats of it to `out`, sample-major, row-major: size out_len
+ * from per_sample here, not from fewstep_engine_info (whose sample_shape and per_sample are the latents',
+ * the shape of z). */
+typedef struct fewstep_output_info {
+  const char* name;                          /* owned by the engine, lives as long as it */
+  int32_t ndim;                              /* 2..FEWSTEP_MAX_DIMS + 1 (the batch, then one sample's sizes) */
+  int64_t shape[FEWSTEP_MAX_INPUT_DIMS];     /* the first ndim entries; shape[0] = -1 (any batch) or fixed_batch */
+  int32_t dtype;                             /* a fewstep_dtype: FEWSTEP_DTYPE_FLOAT32 */
+  int64_t per_sample;                        /* floats per sample: the product of shape[1..ndim-1] */
+} fewstep_output_info;
+
+/* The output of `engine` into *out. FEWSTEP_ERR_INVALID_ARGUMENT for a NULL pointer. */
+FEWSTEP_API fewstep_status fewstep_engine_output_info(const fewstep_engine* engine, fewstep_output_info* out);
 
 /* One named tensor given to fewstep_sample_inputs. Nothing is copied: the caller keeps name, shape and
  * data alive for the call. */

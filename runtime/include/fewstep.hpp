@@ -75,6 +75,14 @@ struct InputInfo {
   fewstep_input_source source;
 };
 
+// The engine's output (fewstep_engine_output_info): "sample" [batch, *sample_shape], or "image"
+// [batch, 3, H, W] for a --decode engine; -1 in shape = the batch. per_sample: floats one sample writes.
+struct OutputInfo {
+  std::string name;
+  std::vector<int64_t> shape;
+  int64_t per_sample;
+};
+
 // One loaded engine; movable, not copyable. sample() may be called from many threads at once.
 class Engine {
  public:
@@ -84,27 +92,37 @@ class Engine {
     check(fewstep_engine_load(path.c_str(), &p, &e));
     handle_.reset(e);
     check(fewstep_engine_get_info(e, &info_));
+    check(fewstep_engine_output_info(e, &output_));
   }
 
   const fewstep_engine_info& info() const noexcept { return info_; }
   std::vector<int64_t> sample_shape() const { return {info_.sample_shape, info_.sample_shape + info_.ndim}; }
+  OutputInfo output() const {
+    return {output_.name, std::vector<int64_t>(output_.shape, output_.shape + output_.ndim), output_.per_sample};
+  }
+  // The output's shape at `batch` (its first entry, the batch, replaced).
+  std::vector<int64_t> output_shape(int64_t batch) const {
+    std::vector<int64_t> s(output_.shape, output_.shape + output_.ndim);
+    s[0] = batch;
+    return s;
+  }
   // A metadata_props value, or "" if absent.
   std::string metadata(const std::string& key) const {
     const char* v = fewstep_engine_metadata(handle_.get(), key.c_str());
     return v ? v : "";
   }
 
-  // Into a caller's buffer of out_len floats (batch * per_sample needed). labels / guidance /
-  // z: nullptr or batch (batch * per_sample for z) values; see fewstep_sample_from.
+  // Into a caller's buffer of out_len floats (batch * output().per_sample needed). labels / guidance /
+  // z: nullptr or batch (batch * info().per_sample for z) values; see fewstep_sample_from.
   void sample(uint64_t seed, int64_t batch, const int64_t* labels, const float* guidance, float* out, size_t out_len,
               const float* z = nullptr) const {
     check(fewstep_sample_from(handle_.get(), seed, batch, z, labels, guidance, out, out_len));
   }
 
-  // Convenience: a new vector of batch * per_sample floats.
+  // Convenience: a new vector of batch * output().per_sample floats.
   std::vector<float> sample(uint64_t seed, int64_t batch, const std::vector<int64_t>& labels = {},
                             const std::vector<float>& guidance = {}) const {
-    std::vector<float> out(size_t(batch > 0 ? batch : 0) * size_t(info_.per_sample));
+    std::vector<float> out(out_size(batch));
     sample(seed, batch, labels.empty() ? nullptr : labels.data(), guidance.empty() ? nullptr : guidance.data(),
            out.data(), out.size());
     return out;
@@ -131,9 +149,9 @@ class Engine {
     check(fewstep_sample_inputs(handle_.get(), seed, batch, c.data(), c.size(), out, out_len));
   }
 
-  // Convenience: a new vector of batch * per_sample floats.
+  // Convenience: a new vector of batch * output().per_sample floats.
   std::vector<float> sample_inputs(uint64_t seed, int64_t batch, const std::vector<Input>& inputs) const {
-    std::vector<float> out(size_t(batch > 0 ? batch : 0) * size_t(info_.per_sample));
+    std::vector<float> out(out_size(batch));
     sample_inputs(seed, batch, inputs, out.data(), out.size());
     return out;
   }
@@ -141,11 +159,22 @@ class Engine {
   fewstep_engine* get() const noexcept { return handle_.get(); }
 
  private:
+  // Floats of the output at `batch` (0 for batch < 1, which the C call refuses); past the runtime's 2^31 values
+  // per run refused here, before allocating.
+  size_t out_size(int64_t batch) const {
+    const uint64_t per = uint64_t(output_.per_sample);
+    if (batch < 1) return 0;
+    if (uint64_t(batch) > (uint64_t(1) << 31) / per)
+      throw Error(FEWSTEP_ERR_OUT_OF_RANGE, "batch " + std::to_string(batch) + " x " + std::to_string(per) +
+                                                " values per sample is more than the 2^31 values one run may hold");
+    return size_t(batch) * size_t(per);
+  }
   struct Free {
     void operator()(fewstep_engine* e) const noexcept { fewstep_engine_free(e); }
   };
   std::unique_ptr<fewstep_engine, Free> handle_;
   fewstep_engine_info info_{};
+  fewstep_output_info output_{};
 };
 
 // Noise from the shared Philox generator (see fewstep_randn).

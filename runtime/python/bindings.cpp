@@ -136,7 +136,8 @@ class PyEngine {
     if (provider == "cpu") o.provider = FEWSTEP_PROVIDER_CPU;
     else if (provider == "cuda") o.provider = FEWSTEP_PROVIDER_CUDA;
     else if (provider == "tensorrt") o.provider = FEWSTEP_PROVIDER_TENSORRT;
-    else throw py::value_error("provider must be 'cpu', 'cuda' or 'tensorrt', got '" + provider + "'");
+    else if (provider == "openvino") o.provider = FEWSTEP_PROVIDER_OPENVINO;
+    else throw py::value_error("provider must be 'cpu', 'cuda', 'tensorrt' or 'openvino', got '" + provider + "'");
     o.device_id = device_id;
     o.cuda_graph = cuda_graph;
     if (!cache_dir.is_none()) o.engine_cache_dir = py::str(cache_dir);
@@ -170,14 +171,14 @@ class PyEngine {
       g = f32arr::ensure(guidance);
       if (!g || g.ndim() != 1 || g.shape(0) != b) throw py::value_error("guidance must be a float array of shape [batch]");
     }
-    std::vector<py::ssize_t> dims{py::ssize_t(b)};
-    dims.insert(dims.end(), info.sample_shape, info.sample_shape + info.ndim);
+    std::vector<py::ssize_t> zdims{py::ssize_t(b)};
+    zdims.insert(zdims.end(), info.sample_shape, info.sample_shape + info.ndim);
     if (!z.is_none()) {
       zz = f32arr::ensure(z);
-      if (!zz || std::vector<py::ssize_t>(zz.shape(), zz.shape() + zz.ndim()) != dims)
+      if (!zz || std::vector<py::ssize_t>(zz.shape(), zz.shape() + zz.ndim()) != zdims)
         throw py::value_error("z must be a float32 array of shape [batch, *sample_shape]");
     }
-    py::array_t<float> out(dims);
+    py::array_t<float> out(output_dims(b));
     float* o = out.mutable_data();
     const size_t n = size_t(out.size());
     const int64_t* lp = labels.is_none() ? nullptr : l.data();
@@ -229,13 +230,7 @@ class PyEngine {
                               std::string(py::str(a.dtype())));
       }
     }
-    const fewstep_engine_info& info = engine_->info();
-    std::vector<py::ssize_t> dims{py::ssize_t(b)};
-    dims.insert(dims.end(), info.sample_shape, info.sample_shape + info.ndim);
-    if (uint64_t(b) > (uint64_t(1) << 31) / uint64_t(info.per_sample))  // before numpy allocates the output
-      throw py::value_error("batch " + std::to_string(b) + " x " + std::to_string(info.per_sample) +
-                            " values per sample is more than the 2^31 values one run may hold");
-    py::array_t<float> out(dims);
+    py::array_t<float> out(output_dims(b));
     float* o = out.mutable_data();
     const size_t n = size_t(out.size());
     try {
@@ -245,6 +240,30 @@ class PyEngine {
       raise(e);
     }
     return out;
+  }
+
+  // The output's shape at batch b: [b, *sample_shape], or [b, 3, H, W] for a --decode engine; refused past the
+  // runtime's 2^31 values per run before numpy allocates it.
+  std::vector<py::ssize_t> output_dims(int64_t b) const {
+    const fewstep::OutputInfo o = engine_->output();
+    if (uint64_t(b) > (uint64_t(1) << 31) / uint64_t(o.per_sample))
+      throw py::value_error("batch " + std::to_string(b) + " x " + std::to_string(o.per_sample) +
+                            " values per sample is more than the 2^31 values one run may hold");
+    const std::vector<int64_t> s = engine_->output_shape(b);
+    return std::vector<py::ssize_t>(s.begin(), s.end());
+  }
+
+  // The engine's output: {name, shape ("batch" for the batch), dtype, per_sample}.
+  py::dict output() const {
+    const fewstep::OutputInfo o = engine_->output();
+    py::list shape;
+    for (const int64_t d : o.shape) shape.append(d < 0 ? py::object(py::str("batch")) : py::object(py::int_(d)));
+    py::dict d;
+    d["name"] = o.name;
+    d["shape"] = py::tuple(shape);
+    d["dtype"] = "float32";
+    d["per_sample"] = o.per_sample;
+    return d;
   }
 
   // The engine's inputs: [{name, shape ("batch" for the batch), dtype, source}], the contract's order.
@@ -311,13 +330,18 @@ PYBIND11_MODULE(_C, m) {
            "for a bad file or argument, RuntimeError when ONNX Runtime fails.")
       .def("sample", &PyEngine::sample, py::arg("seed"), py::arg("batch"), py::arg("labels") = py::none(),
            py::arg("guidance") = py::none(), py::arg("z") = py::none(), py::arg("inputs") = py::none(),
-           "float32 [batch, *sample_shape]: z and noise from the Philox seed (or the given z), as "
+           "float32 of the output's shape (.output: [batch, *sample_shape], or [batch, 3, H, W] for a --decode "
+           "engine): z and noise from the Philox seed (or the given z), as "
            "`fewstep sample --seed`. inputs: {name: array} of the engine's named inputs (see .inputs); with it, "
            "every required input must be given (labels / guidance / z count as class_labels / guidance / z). "
            "Releases the GIL while ONNX Runtime runs.")
       .def_property_readonly("inputs", &PyEngine::inputs,
                              "The engine's inputs: [{name, shape, dtype, source}] ('batch' marks the batch; "
                              "source 'required', 'seed' (z: from the seed unless given) or 'seed_only' (noise)).")
+      .def_property_readonly("output", &PyEngine::output,
+                             "The engine's output: {name, shape, dtype, per_sample} ('batch' marks the batch): "
+                             "'sample' (the latents, [batch, *sample_shape]) or 'image' ([batch, 3, H, W], an "
+                             "engine exported with --decode). sample() returns arrays of this shape.")
       .def_property_readonly("info", &PyEngine::info, "The input contract (dict).")
       .def_property_readonly("plan_json", &PyEngine::plan_json)
       .def("metadata", &PyEngine::metadata, py::arg("key"), "A metadata_props value, or None.");

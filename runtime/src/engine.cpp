@@ -113,10 +113,29 @@ const Ort& ort(const char* requested) {
   return *g_ort;
 }
 
+// ORT's message on one line (an execution provider's may span many: OpenVINO's does): line breaks and the
+// indentation after them become one space.
+std::string one_line(const char* msg) {
+  std::string out;
+  bool gap = false;
+  for (const char* p = msg ? msg : ""; *p; ++p) {
+    if (*p == '\n' || *p == '\r') {
+      gap = true;
+    } else if (gap && (*p == ' ' || *p == '\t')) {
+      continue;
+    } else {
+      if (gap && !out.empty()) out += ' ';
+      gap = false;
+      out += *p;
+    }
+  }
+  return out;
+}
+
 // Turn an OrtStatus into an Error (and release it).
 void check(const OrtApi* api, OrtStatus* st, const char* what, fewstep_status code = FEWSTEP_ERR_BACKEND) {
   if (!st) return;
-  const std::string msg = std::string(what) + ": " + api->GetErrorMessage(st);
+  const std::string msg = std::string(what) + ": " + one_line(api->GetErrorMessage(st));
   api->ReleaseStatus(st);
   throw Error(code, msg);
 }
@@ -154,6 +173,14 @@ struct EngineInput {
   uint64_t fixed_count = 1;               // product of the non-batch sizes, <= kMaxValues
 };
 
+// The engine's one output: 'sample' [batch, *sample_shape] (the latents), or what the contract lists, e.g.
+// 'image' [batch, 3, H, W] of an engine with the VAE decoder appended (`fewstep export --decode`).
+struct EngineOutput {
+  std::string name = "sample";
+  std::vector<int64_t> shape;  // [-1 (the batch) or the fixed batch, *per-sample sizes]
+  int64_t per_sample = 0;      // product of the per-sample sizes: the floats one sample writes
+};
+
 // 2^31 values (8 GiB of float32 per buffer) is far past any real sampler and keeps every size in range.
 constexpr uint64_t kMaxValues = uint64_t(1) << 31;
 
@@ -173,7 +200,9 @@ struct fewstep_engine {
   std::vector<fewstep_impl::EngineInput> inputs;  // the contract's order (z [noise] [class_labels] [guidance] if unlisted)
   std::vector<fewstep_input_info> input_infos;    // the same, for fewstep_engine_input_info (names point into inputs)
   std::vector<const char*> input_names;           // inputs[i].name, for OrtApi::Run
-  const char* output_name = "sample";
+  fewstep_impl::EngineOutput output;              // checked against the graph at load
+  fewstep_output_info output_info{};              // the same, for fewstep_engine_output_info (name points into output)
+  const char* output_name = "sample";             // output.name, for OrtApi::Run
 
   ~fewstep_engine() {
     if (session) api->ReleaseSession(session);
@@ -446,17 +475,21 @@ std::vector<EngineInput> implied_inputs(fewstep_engine* e, const std::string& pa
   return out;
 }
 
+// The "name" of a listed input or output. Printable names only: every message that names one stays one line.
+std::string listed_name(const Json& j, const std::string& path, const std::string& where) {
+  const Json* name = member(j, "name");
+  if (!name || !name->is_string() || name->get_ref<const std::string&>().empty() ||
+      name->get_ref<const std::string&>().size() > 256 || printable(name->get<std::string>()) != name->get<std::string>())
+    bad_contract(path, where + ".name must be a non-empty string of at most 64 printable characters");
+  return name->get<std::string>();
+}
+
 // Entry i of the contract's "inputs": {name, dtype "float32" | "int64", shape of "batch" and sizes >= 1}.
 EngineInput parse_listed_input(const Json& j, const std::string& path, size_t i) {
   const std::string where = "inputs[" + std::to_string(i) + "]";
   if (!j.is_object()) bad_contract(path, where + " must be an object {name, dtype, shape}");
   EngineInput in;
-  const Json* name = member(j, "name");
-  // Printable names only: every message that names an input stays one line.
-  if (!name || !name->is_string() || name->get_ref<const std::string&>().empty() ||
-      name->get_ref<const std::string&>().size() > 256 || printable(name->get<std::string>()) != name->get<std::string>())
-    bad_contract(path, where + ".name must be a non-empty string of at most 64 printable characters");
-  in.name = name->get<std::string>();
+  in.name = listed_name(j, path, where);
   const std::string w = where + " ('" + printable(in.name) + "')";
   const Json* dt = member(j, "dtype");
   const std::string dts = dt && dt->is_string() ? dt->get<std::string>() : "";
@@ -553,6 +586,72 @@ void bind_inputs(fewstep_engine* e, const std::string& path, const Json& c, cons
   }
 }
 
+// The engine's output: the contract's "outputs" (one float32 tensor [batch, *sizes]; the batch entry as the
+// inputs write it: "batch", or the fixed batch) or, for a contract without the list, 'sample'
+// [batch, *sample_shape]. 'sample' is always the latents: any other shape for it is refused. The graph must
+// have that output with that dtype, rank and every static size. Sizes are bounded before any product:
+// at most FEWSTEP_MAX_DIMS sizes per sample, each and their product <= 2^31.
+void bind_output(fewstep_engine* e, const std::string& path, const Json& c, const std::vector<InputSpec>& graph) {
+  const fewstep_engine_info& info = e->info;
+  const int64_t b = info.fixed_batch ? info.fixed_batch : -1;
+  std::vector<int64_t> latents{b};
+  latents.insert(latents.end(), info.sample_shape, info.sample_shape + info.ndim);
+  EngineOutput& out = e->output;
+  const Json* listed = member(c, "outputs");
+  if (!listed) {
+    out.shape = latents;
+    out.per_sample = info.per_sample;
+  } else {
+    if (!listed->is_array() || listed->size() != 1)
+      bad_contract(path, "outputs must be a list of one output {name, dtype, shape}");
+    const Json& j = (*listed)[0];
+    if (!j.is_object()) bad_contract(path, "outputs[0] must be an object {name, dtype, shape}");
+    out.name = listed_name(j, path, "outputs[0]");
+    const std::string w = "outputs[0] ('" + out.name + "')";
+    const Json* dt = member(j, "dtype");
+    if (!dt || !dt->is_string() || dt->get_ref<const std::string&>() != "float32")
+      bad_contract(path, w + ": dtype must be \"float32\"");
+    const Json* shape = member(j, "shape");
+    if (!shape || !shape->is_array() || shape->size() < 2 || shape->size() > FEWSTEP_MAX_DIMS + 1)
+      bad_contract(path, w + ": shape must be the batch and 1.." + std::to_string(FEWSTEP_MAX_DIMS) + " sizes");
+    const Json& lead = (*shape)[0];
+    const bool dynamic = lead.is_string() && lead.get_ref<const std::string&>() == "batch";
+    if (dynamic != (b < 0) || (!dynamic && num(&lead) != double(b)))
+      bad_contract(path, w + ": the first shape entry must be " +
+                             (b < 0 ? std::string("\"batch\"") : "the engine's fixed batch " + std::to_string(b)));
+    out.shape = {b};
+    uint64_t per_sample = 1;
+    for (size_t d = 1; d < shape->size(); ++d) {
+      out.shape.push_back(json_int(&(*shape)[d], path, (w + ": shape entries").c_str(), 1, int64_t(kMaxValues)));
+      if (per_sample > kMaxValues / uint64_t(out.shape.back()))
+        bad_contract(path, w + ": shape holds more than 2^31 values per sample");
+      per_sample *= uint64_t(out.shape.back());
+    }
+    out.per_sample = int64_t(per_sample);
+    if (out.name == "sample" && out.shape != latents)
+      bad_contract(path, w + " has shape " + shape_text(out.shape) + ", but 'sample' is the latents " +
+                             shape_text(latents) + " (sample_shape)");
+  }
+  const InputSpec* g = find_spec(graph, out.name.c_str());
+  const std::string w = "output '" + out.name + "'";
+  if (!g) bad_contract(path, "the graph has no " + w);
+  if (g->type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) bad_contract(path, w + " is not float32 in the graph");
+  if (g->dims.size() != out.shape.size())
+    bad_contract(path, w + " has rank " + std::to_string(out.shape.size()) + ", the graph's " +
+                           std::to_string(g->dims.size()));
+  for (size_t d = 0; d < out.shape.size(); ++d)
+    if (g->dims[d] >= 0 && g->dims[d] != out.shape[d])  // a static graph batch under a dynamic engine too
+      bad_contract(path, w + " has shape " + shape_text(out.shape) + ", the graph's " + shape_text(g->dims) +
+                             (out.name == "sample" ? " (sample_shape does not match the graph)" : ""));
+  fewstep_output_info& oi = e->output_info;
+  oi.name = out.name.c_str();
+  oi.ndim = int32_t(out.shape.size());
+  std::copy(out.shape.begin(), out.shape.end(), oi.shape);
+  oi.dtype = FEWSTEP_DTYPE_FLOAT32;
+  oi.per_sample = out.per_sample;
+  e->output_name = out.name.c_str();
+}
+
 // Parse the metadata and check it against the graph; fills e->info and the input list.
 void read_contract(fewstep_engine* e, const std::string& path, const std::vector<InputSpec>& inputs,
                    const std::vector<InputSpec>& outputs) {
@@ -563,12 +662,28 @@ void read_contract(fewstep_engine* e, const std::string& path, const std::vector
   // The graph must be what the contract says: these checks turn a mismatched file into a
   // clear load error instead of a failure (or worse, a silent misuse) at sample time.
   bind_inputs(e, path, c, inputs);
-  expect_tensor(path, e->info, find_spec(outputs, "sample"), "sample", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 1);
+  bind_output(e, path, c, outputs);
   if (e->info.null_label >= 0 && e->info.num_classes > 0 && e->info.null_label < e->info.num_classes)
     bad_contract(path, "null_label must not be one of the classes 0..num_classes-1");
 }
 
-void append_provider(const OrtApi* api, OrtSessionOptions* so, const fewstep_engine_params& p) {
+void append_provider(const OrtApi* api, OrtSessionOptions* so, const fewstep_engine_params& p, const std::string& lib) {
+  if (p.provider == FEWSTEP_PROVIDER_OPENVINO) {
+    // OpenVINO on the CPU in float32 (its CPU plugin would otherwise pick bf16 where the CPU has it, outside the
+    // engine's export tolerance); its own thread pool runs the nodes it takes, so the thread count goes to it too.
+    const std::string threads = std::to_string(p.intra_op_threads);
+    std::vector<const char*> keys{"device_type", "precision"}, vals{"CPU", "FP32"};
+    if (p.intra_op_threads) keys.push_back("num_of_threads"), vals.push_back(threads.c_str());
+    if (OrtStatus* st = api->SessionOptionsAppendExecutionProvider_OpenVINO_V2(so, keys.data(), vals.data(), keys.size())) {
+      const std::string msg = one_line(api->GetErrorMessage(st));
+      api->ReleaseStatus(st);
+      throw Error(FEWSTEP_ERR_UNSUPPORTED,
+                  "OpenVINO execution provider: not available in the ONNX Runtime library " + lib + " (" + msg +
+                      "); it needs the onnxruntime-openvino build: point FEWSTEP_ORT_LIBRARY (or ort_library / "
+                      "--ort-library) at its onnxruntime/capi/libonnxruntime.so.*");
+    }
+    return;
+  }
   const std::string dev = std::to_string(p.device_id);
   if (p.provider == FEWSTEP_PROVIDER_TENSORRT) {
     OrtTensorRTProviderOptionsV2* trt = nullptr;
@@ -602,9 +717,9 @@ void append_provider(const OrtApi* api, OrtSessionOptions* so, const fewstep_eng
 fewstep_engine* load(const char* path_c, const fewstep_engine_params& p) {
   const std::string path = path_c;
   if (p.intra_op_threads < 0 || p.inter_op_threads < 0 || p.device_id < 0 ||
-      p.provider < FEWSTEP_PROVIDER_CPU || p.provider > FEWSTEP_PROVIDER_TENSORRT)
+      p.provider < FEWSTEP_PROVIDER_CPU || p.provider > FEWSTEP_PROVIDER_OPENVINO)
     throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "fewstep_engine_params: threads and device_id must be >= 0 and "
-                                              "provider one of FEWSTEP_PROVIDER_CPU / _CUDA / _TENSORRT");
+                                              "provider one of FEWSTEP_PROVIDER_CPU / _CUDA / _TENSORRT / _OPENVINO");
   // ONNX Runtime crashes (SIGSEGV) or hangs creating 10^5 threads; past 4x the cores threads only spin.
   const int cap = std::max(8, 4 * int(std::thread::hardware_concurrency()));
   if (p.intra_op_threads > cap || p.inter_op_threads > cap)
@@ -627,7 +742,7 @@ fewstep_engine* load(const char* path_c, const fewstep_engine_params& p) {
   check(api, api->CreateSessionOptions(&so.p), "CreateSessionOptions");
   if (p.intra_op_threads) check(api, api->SetIntraOpNumThreads(so.p, p.intra_op_threads), "SetIntraOpNumThreads");
   if (p.inter_op_threads) check(api, api->SetInterOpNumThreads(so.p, p.inter_op_threads), "SetInterOpNumThreads");
-  append_provider(api, so.p, p);
+  append_provider(api, so.p, p, o.path);
 
   std::unique_ptr<fewstep_engine> e(new fewstep_engine);
   e->api = api;
@@ -643,8 +758,11 @@ fewstep_engine* load(const char* path_c, const fewstep_engine_params& p) {
   return e.release();
 }
 
-// The batch and the output buffer against the engine; returns the number of values one run reads and writes.
-size_t checked_size(const fewstep_engine_info& info, int64_t batch, const float* out, size_t out_len) {
+// The batch and the output buffer against the engine; returns the number of values one run writes (batch x the
+// output's per-sample size: the latents', or the image's of a --decode engine).
+size_t checked_size(const fewstep_engine* e, int64_t batch, const float* out, size_t out_len) {
+  const fewstep_engine_info& info = e->info;
+  const int64_t per_sample = e->output.per_sample;
   if (batch < 1) throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "batch must be >= 1, got " + std::to_string(batch));
   if (batch > (int64_t(1) << 32))
     throw Error(FEWSTEP_ERR_OUT_OF_RANGE, "batch must be <= 2^32 (sample indices are 32-bit)");
@@ -652,10 +770,10 @@ size_t checked_size(const fewstep_engine_info& info, int64_t batch, const float*
     throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "this engine was exported for batch " + std::to_string(info.fixed_batch) +
                                                   ", got " + std::to_string(batch));
   if (!out) throw Error(FEWSTEP_ERR_INVALID_ARGUMENT, "out is NULL");
-  if (uint64_t(batch) > kMaxValues / uint64_t(info.per_sample))
-    throw Error(FEWSTEP_ERR_OUT_OF_RANGE, "batch " + std::to_string(batch) + " x " + std::to_string(info.per_sample) +
+  if (uint64_t(batch) > kMaxValues / uint64_t(per_sample))
+    throw Error(FEWSTEP_ERR_OUT_OF_RANGE, "batch " + std::to_string(batch) + " x " + std::to_string(per_sample) +
                                               " values per sample is more than the 2^31 values one run may hold");
-  const size_t n = size_t(batch) * size_t(info.per_sample);
+  const size_t n = size_t(batch) * size_t(per_sample);
   if (out_len < n)
     throw Error(FEWSTEP_ERR_BUFFER_TOO_SMALL, "out has room for " + std::to_string(out_len) + " floats, the batch needs " +
                                                   std::to_string(n));
@@ -798,8 +916,9 @@ std::vector<float> step_noise(const fewstep_engine_info& info, uint64_t seed, in
 }
 
 // A pre-allocated output is written in place; if ORT had to give us a different buffer (a graph whose
-// output shape depends on the data), it must still hold exactly [batch, *sample_shape] before we copy.
-void check_output_shape(const OrtApi* api, const OrtValue* value, const std::vector<int64_t>& shape) {
+// output shape depends on the data), it must still hold exactly the contract's shape at this batch before we copy.
+void check_output_shape(const OrtApi* api, const OrtValue* value, const std::string& name,
+                        const std::vector<int64_t>& shape) {
   Owned<OrtTensorTypeAndShapeInfo> ts(api->ReleaseTensorTypeAndShapeInfo);
   check(api, api->GetTensorTypeAndShape(value, &ts.p), "reading the output shape");
   size_t nd = 0;
@@ -807,18 +926,18 @@ void check_output_shape(const OrtApi* api, const OrtValue* value, const std::vec
   std::vector<int64_t> got_dims(nd);
   if (nd) check(api, api->GetDimensions(ts.p, got_dims.data(), nd), "reading the output shape");
   if (got_dims != shape)
-    throw Error(FEWSTEP_ERR_INVALID_ENGINE, "the graph's output 'sample' does not have the shape [batch, *sample_shape] "
-                                            "the contract promises (an output whose shape depends on the data)");
+    throw Error(FEWSTEP_ERR_INVALID_ENGINE, "the graph's output '" + name + "' has shape " + shape_text(got_dims) +
+                                                ", not the " + shape_text(shape) + " the contract promises (an output "
+                                                "whose shape depends on the data)");
 }
 
 // Wrap the prepared buffers as tensors (no copies; data[i] with dims[i] for input i), run the session and
-// leave the result in `out`.
+// leave the result (n = checked_size values) in `out`.
 void run_session(fewstep_engine* e, int64_t batch, size_t n, const std::vector<const void*>& data,
                  const std::vector<std::vector<int64_t>>& dims, const std::vector<size_t>& counts, float* out) {
-  const fewstep_engine_info& info = e->info;
   const OrtApi* api = e->api;
-  std::vector<int64_t> shape{batch};
-  shape.insert(shape.end(), info.sample_shape, info.sample_shape + info.ndim);
+  std::vector<int64_t> shape = e->output.shape;
+  shape[0] = batch;
   const size_t k = e->inputs.size();
   std::vector<OrtValue*> values(k + 1, nullptr);  // the inputs, then the output
   struct Release {  // frees whatever was created, on every path out
@@ -843,7 +962,7 @@ void run_session(fewstep_engine* e, int64_t batch, size_t n, const std::vector<c
   wrap(out, n * sizeof(float), shape, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &values[k]);
   check(api, api->Run(e->session, nullptr, e->input_names.data(), values.data(), k, &e->output_name, 1, &values[k]),
         "ONNX Runtime run failed");
-  check_output_shape(api, values[k], shape);
+  check_output_shape(api, values[k], e->output.name, shape);
   void* got = nullptr;
   check(api, api->GetTensorMutableData(values[k], &got), "reading the output");
   if (got != out) std::memcpy(out, got, n * sizeof(float));
@@ -853,13 +972,15 @@ void run_session(fewstep_engine* e, int64_t batch, size_t n, const std::vector<c
 // the seed, run, and refuse a result that is not finite.
 void run_inputs(fewstep_engine* e, uint64_t seed, int64_t batch, const fewstep_input* inputs, size_t n_inputs,
                 float* out, size_t out_len) {
-  const size_t n = checked_size(e->info, batch, out, out_len);
+  const size_t n = checked_size(e, batch, out, out_len);
   const std::vector<const fewstep_input*> given = match_inputs(e, inputs, n_inputs);
   const size_t k = e->inputs.size();
   std::vector<std::vector<int64_t>> dims(k);
   std::vector<size_t> counts(k);
   std::vector<const void*> data(k, nullptr);
   for (size_t i = 0; i < k; ++i) counts[i] = input_dims(e->inputs[i], batch, dims[i]);  // sizes first
+  // z's values (the latents at this batch): within 2^31, as input_dims just checked for z.
+  const size_t nz = size_t(batch) * size_t(e->info.per_sample);
   for (size_t i = 0; i < k; ++i) {
     if (given[i]) {
       check_input(e, e->inputs[i], *given[i], batch, dims[i]);
@@ -870,12 +991,12 @@ void run_inputs(fewstep_engine* e, uint64_t seed, int64_t batch, const fewstep_i
   for (size_t i = 0; i < k; ++i) {
     if (data[i]) continue;
     if (e->inputs[i].name == "z") {  // Philox stream 0 of the seed
-      z.resize(n);
-      if (fewstep_randn(seed, 0, 0, batch, e->info.per_sample, z.data(), n) != FEWSTEP_OK)
+      z.resize(nz);
+      if (fewstep_randn(seed, 0, 0, batch, e->info.per_sample, z.data(), nz) != FEWSTEP_OK)
         throw Error(FEWSTEP_ERR_INTERNAL, "fewstep_randn failed for z");
       data[i] = z.data();
     } else if (e->inputs[i].name == "noise") {
-      noise = step_noise(e->info, seed, batch, n);
+      noise = step_noise(e->info, seed, batch, nz);
       data[i] = noise.data();
     }
   }
@@ -891,7 +1012,7 @@ void run_inputs(fewstep_engine* e, uint64_t seed, int64_t batch, const fewstep_i
 // The legacy call (fewstep_sample_from): labels and guidance defaulted as documented, then the generic path.
 void run(fewstep_engine* e, uint64_t seed, int64_t batch, const float* z_in, const int64_t* labels_in,
          const float* guidance_in, float* out, size_t out_len) {
-  checked_size(e->info, batch, out, out_len);  // first: nothing is filled in for a refused batch
+  checked_size(e, batch, out, out_len);  // first: nothing is filled in for a refused batch
   std::vector<int64_t> own_labels;
   std::vector<float> own_guidance;
   const int64_t* labels = default_labels(e, batch, labels_in, own_labels);
@@ -990,6 +1111,13 @@ fewstep_status fewstep_engine_input_info(const fewstep_engine* engine, size_t in
                                                                  " past the engine's " +
                                                                  std::to_string(engine->input_infos.size()) + " inputs");
   *out = engine->input_infos[index];
+  return FEWSTEP_OK;
+}
+
+fewstep_status fewstep_engine_output_info(const fewstep_engine* engine, fewstep_output_info* out) {
+  if (!engine || !out)
+    return fewstep_impl::set_error(FEWSTEP_ERR_INVALID_ARGUMENT, "fewstep_engine_output_info: NULL argument");
+  *out = engine->output_info;
   return FEWSTEP_OK;
 }
 
