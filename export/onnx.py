@@ -120,6 +120,7 @@ class _Evaluator(nn.Module):
         self.info = info
         self.dtype = dtype
         self.baked = denoiser.preconditioned  # σ maths baked per row: only c_in·x, F, c_skip·x + c_out·F
+        self.unit_rows = True  # W from the caller, every W = 1: B rows (see guided)
 
     def row_constants(self, sigma: float):
         """c_skip, c_out, c_in as 0-d tensors in the compute dtype (cast from float64 as the adapter does),
@@ -148,7 +149,10 @@ class _Evaluator(nn.Module):
 
     def guided(self, u, sigma, cond, w, consts):
         """One batched call over [unconditional; conditional], D_u + w·(D_c − D_u); a model that takes
-        the guidance scale as an input (a guidance-distilled student) gets w as a [B] input instead."""
+        the guidance scale as an input (a guidance-distilled student) gets w as a [B] input instead.
+
+        With W from the caller (a tensor) and ``unit_rows``, a call whose every W is 1 runs only the B
+        conditional rows, as the executor does: the rows are picked in the graph (no ``If``)."""
         n = u.shape[0]
         if not self.cfg_combine:
             col = u.reshape(n, -1)[:, 0]
@@ -157,8 +161,32 @@ class _Evaluator(nn.Module):
             return self.plain(u, sigma, (cond, wv), consts)
         # The denoiser's own unconditional input: the null label, or the negative_* inputs of a pipeline.
         sig2 = torch.cat([sigma, sigma]) if isinstance(sigma, torch.Tensor) else sigma
-        both = self.plain(torch.cat([u, u]), sig2, cat_cond(self.den.null_cond(cond), cond), consts)
-        return cfg_combine(both[:n], both[n:], w)
+        u2, cond2 = torch.cat([u, u]), cat_cond(self.den.null_cond(cond), cond)
+        if not (self.unit_rows and isinstance(w, torch.Tensor)):
+            both = self.plain(u2, sig2, cond2, consts)
+            return cfg_combine(both[:n], both[n:], w)
+        # Rows first..2B-1 of [uncond; cond], first = B when every W is 1 (the conditional half only), else 0.
+        # An `If` on W did this before at a fixed 2–8 ms per call at batch 1 in ONNX Runtime (a subgraph's
+        # per-run set-up) and stored the weights twice; a row index costs one Range and a few Gathers.
+        # Every row of the network computes what it would alone, so at W = 1 D_u and D_c below are the same
+        # rows and D_u + 1·(D_c − D_u) is D_c exactly: the executor's B-row result.
+        first = n * (w == 1).all().to(torch.int64)
+        idx = torch.arange(first, 2 * n)  # traces to an ONNX Range on the dynamic batch
+        out = self.plain(u2.index_select(0, idx), sig2.index_select(0, idx) if isinstance(sig2, torch.Tensor)
+                         else sig2, take_rows(cond2, idx), consts)
+        d_c = out.index_select(0, torch.arange(n - first, 2 * n - first))  # the last B rows
+        return cfg_combine(out[:n], d_c, w)
+
+
+def take_rows(cond, idx):
+    """Rows ``idx`` of a conditioning (a tensor, or dicts of them, nested; None stays None)."""
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return cond.index_select(0, idx)
+    if isinstance(cond, dict):
+        return {k: take_rows(v, idx) for k, v in cond.items()}
+    raise TypeError(f"cannot select rows of conditioning of type {type(cond).__name__}")
 
 
 def plan_takes_guidance(plan: Plan) -> bool:
@@ -176,11 +204,9 @@ class SamplerGraph(nn.Module):
 
     Conditioning: class_labels, or a pipeline's named inputs (and their negative_* twins when the graph does
     CFG). ``decoder`` (latents → pixels, a pipeline's VAE) is appended: the output is then the image.
-    ``unit_guidance`` traces the graph for a call whose every W is 1: rows that read W from the input
-    evaluate the plain conditional model (B rows), as the executor does at W = 1.
+    Rows that read W from the input run the plain conditional model (B rows) when every W is 1, as the
+    executor does (``_Evaluator.guided``).
     """
-
-    unit_guidance = False
 
     def __init__(self, denoiser, plan: Plan, info: ModelInfo, dtype: torch.dtype = torch.float32,
                  guidance_input: bool | None = None, decoder: nn.Module | None = None):
@@ -208,7 +234,7 @@ class SamplerGraph(nn.Module):
         cond = self.info.cond_from(named)
         gw = named.get("guidance")
         if gw is not None:
-            gw = None if self.unit_guidance else gw.to(dt).reshape(-1, *([1] * (z.ndim - 1)))
+            gw = gw.to(dt).reshape(-1, *([1] * (z.ndim - 1)))
         # The executor's own loop (runtime/executor.py), so the graph does the same ops in the same order.
         x = run_rows(self.plan, self.plan.sigma_init * z,
                      lambda e, row, u: self._evaluate(u, row, cond, gw, self.consts[e]), noise)
@@ -226,8 +252,6 @@ class SamplerGraph(nn.Module):
 class StepGraph(nn.Module):
     """One evaluation: forward(x, sigma[, class_labels][, guidance]) → x0 (EDM convention, guidance inside)."""
 
-    unit_guidance = False  # as SamplerGraph's
-
     def __init__(self, denoiser, info: ModelInfo, dtype: torch.dtype = torch.float32,
                  guidance_input: bool | None = None):
         super().__init__()
@@ -243,7 +267,7 @@ class StepGraph(nn.Module):
         x = named["x"].to(self.dtype)
         sigma = named["sigma"]  # kept float32: the adapter does its σ maths in float64 and casts the scalings
         cond = self.info.cond_from(named)
-        gw = None if self.unit_guidance else named.get("guidance")
+        gw = named.get("guidance")
         if not guidance_applies(cond, gw):
             d = self.ev.plain(x, sigma, cond, None)
         else:
@@ -434,8 +458,8 @@ def export_onnx(denoiser, plan: Plan | None, path, *, sample_shape, num_classes:
 
     batch None = dynamic (dim_param "batch"), else that fixed batch. ``guidance_input`` /
     ``conditional`` None = what the model supports; True on a model that cannot → ExportError.
-    A guidance input that feeds classifier-free guidance gets a B-row branch for calls whose every W is 1
-    (``branch_on_unit_guidance``); ``unit_guidance_branch=False`` leaves it out (2B rows at any W: the
+    A guidance input that feeds classifier-free guidance runs B rows for calls whose every W is 1 (rows picked
+    in the graph, ``_Evaluator.guided``); ``unit_guidance_branch=False`` runs 2B rows at any W (the
     comparison benchmarks/guidance_branch.py measures).
     ``cond_inputs``: a pipeline's named conditioning inputs ({name, shape per sample, dtype}, ``Model.cond_inputs``);
     the engine takes them (and, with CFG, their ``negative_`` twins). ``decoder``: latents → pixels appended
@@ -461,8 +485,6 @@ def export_onnx(denoiser, plan: Plan | None, path, *, sample_shape, num_classes:
     contract = contract_for(graph, kind, batch, plan, sigma_init)
     check_model_runs(graph, contract)
     weights = _param_bytes(den, dec)
-    if graph.guidance_input and graph.ev.cfg_combine and unit_guidance_branch:
-        weights *= 2  # each If branch keeps its own copy (branch_on_unit_guidance)
     external = weights > EXTERNAL_DATA_ABOVE if external_data is None else bool(external_data)
 
     t0 = time.perf_counter()
@@ -538,7 +560,7 @@ def _check_request(denoiser, plan, sample_shape, num_classes, batch, step_graph,
 
 def _trace_graph(onnx, graph, contract: dict, batch, dt, denoiser, unit_guidance_branch: bool, large: bool = False):
     """The graph as an ONNX model: traced at an example batch ≥ 2 (batch-1 special cases stay out of the
-    trace), the batch axis dynamic unless fixed, and for a CFG guidance input a W = 1 branch of B rows."""
+    trace), the batch axis dynamic unless fixed; ``unit_guidance_branch``: B rows when every input W is 1."""
     feeds = example_inputs(contract, batch if batch is not None else 2)
     args = tuple(torch.from_numpy(feeds[s["name"]]) for s in contract["inputs"])
     out_name = contract["outputs"][0]["name"]
@@ -546,16 +568,8 @@ def _trace_graph(onnx, graph, contract: dict, batch, dt, denoiser, unit_guidance
     if batch is None:
         dyn = {s["name"]: {s["shape"].index("batch"): "batch"} for s in contract["inputs"]}
         dyn[out_name] = {0: "batch"}
-    model = _trace(onnx, graph, args, out_name, dyn, dt, denoiser, large)
-    if unit_guidance_branch and graph.guidance_input and graph.ev.cfg_combine:
-        # W = 1 needs no unconditional half: trace the B-row graph too and branch on the guidance input.
-        graph.unit_guidance = True
-        try:
-            unit = _trace(onnx, graph, args, out_name, dyn, dt, denoiser, large)
-        finally:
-            graph.unit_guidance = False
-        model = branch_on_unit_guidance(onnx, model, unit)
-    return model
+    graph.ev.unit_rows = unit_guidance_branch
+    return _trace(onnx, graph, args, out_name, dyn, dt, denoiser, large)
 
 
 def _finish(onnx, model, meta: dict, dt, check: bool = True):
@@ -611,63 +625,6 @@ def _trace(onnx, graph: nn.Module, args, out_name: str, dyn, dt, denoiser, large
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def branch_on_unit_guidance(onnx, full, unit):
-    """One graph: ``If(every guidance value == 1)`` runs ``unit`` (traced with W = 1: B rows per
-    evaluation, the executor's ops at W = 1), else ``full`` (CFG's 2B rows, any per-sample W).
-
-    Both traces become subgraphs that read the outer graph's inputs. Each keeps its own initializers, so
-    the network's weights are stored twice. With the weights in the outer graph, shared by both branches,
-    ONNX Runtime 1.31 ran each branch 1.45–1.74× slower than the same trace as a graph of its own, and with
-    other kernels (outputs not bit-equal) — measured 2026-12-01 on the shared 2-core box, digits NFE 4,
-    batch 16, one thread. With local copies a branch is bit-equal to its own engine and as fast at batch 16
-    and 64; at batch 1 the `If` adds a fixed 2–5 ms per call (benchmarks/results/latency_guidance_branch_t1.md).
-    """
-    from onnx import TensorProto, helper
-
-    outer = {i.name for i in full.graph.input}
-
-    def adopt(g, prefix):
-        rename = {t.name: prefix + t.name for t in g.initializer}
-        for n in g.node:
-            rename.update({o: prefix + o for o in n.output if o})
-        nodes = []
-        for n in g.node:
-            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
-                raise ExportError(f"the traced graph has a control-flow node ({n.op_type}); cannot branch on guidance")
-            missing = [i for i in n.input if i and i not in rename and i not in outer]
-            if missing:
-                raise ExportError(f"the traced graph reads {missing[0]!r}, which is neither an input nor computed")
-            n2 = onnx.NodeProto()
-            n2.CopyFrom(n)
-            n2.input[:] = [rename.get(i, i) for i in n.input]
-            n2.output[:] = [rename.get(o, o) for o in n.output]
-            n2.name = prefix + n.name if n.name else ""
-            nodes.append(n2)
-        inits = []
-        for t in g.initializer:
-            t2 = TensorProto()
-            t2.CopyFrom(t)
-            t2.name = rename[t.name]
-            inits.append(t2)
-        out = onnx.ValueInfoProto()
-        out.CopyFrom(g.output[0])
-        out.name = rename[g.output[0].name]
-        return helper.make_graph(nodes, prefix.rstrip("/"), [], [out], initializer=inits)
-
-    # all(W == 1) as a bool scalar: ReduceMin over the 0/1 flags (opset 17 has no ReduceMin on bool)
-    nodes = [
-        helper.make_node("Equal", ["guidance", "guidance/one"], ["guidance/is_one"]),
-        helper.make_node("Cast", ["guidance/is_one"], ["guidance/is_one_f"], to=TensorProto.FLOAT),
-        helper.make_node("ReduceMin", ["guidance/is_one_f"], ["guidance/all_one_f"], keepdims=0),
-        helper.make_node("Cast", ["guidance/all_one_f"], ["guidance/all_one"], to=TensorProto.BOOL),
-        helper.make_node("If", ["guidance/all_one"], [full.graph.output[0].name], name="unit_guidance",
-                         then_branch=adopt(unit.graph, "w1/"), else_branch=adopt(full.graph, "cfg/")),
-    ]
-    graph = helper.make_graph(nodes, full.graph.name, list(full.graph.input), list(full.graph.output),
-                              initializer=[helper.make_tensor("guidance/one", TensorProto.FLOAT, [], [1.0])])
-    return helper.make_model(graph, opset_imports=list(full.opset_import), ir_version=full.ir_version)
 
 
 def _check_interface(onnx, model, contract: dict) -> None:

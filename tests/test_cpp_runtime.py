@@ -181,7 +181,7 @@ def _fixed_w(plan, w, rows=None):
 @pytest.fixture(scope="module")
 def variants(gmm, tmp_path_factory):
     """One engine per way guidance can enter a graph: (name, path, plan, denoiser, num_classes, W values a call
-    may pass, whether the graph branches on W)."""
+    may pass, whether the graph picks its rows by W)."""
     d = tmp_path_factory.mktemp("variants")
     den = gmm.denoiser
     ddim = build("ddim", 2, den.sigma_min, den.sigma_max)
@@ -190,7 +190,7 @@ def variants(gmm, tmp_path_factory):
     sp = build("dpmpp-2m", 2, student.denoiser.sigma_min, student.denoiser.sigma_max)
     kw = dict(sample_shape=gmm.shape, num_classes=gmm.num_classes, teacher_hash=gmm.content_hash)
     mixed = _fixed_w(ddim, 4.0, rows=[0])
-    cases = [  # name, denoiser, plan, export kwargs, guidance input?, `If` on W?
+    cases = [  # name, denoiser, plan, export kwargs, guidance input?, rows picked by W (a Range)?
         ("cfg_input", den, ddpm, kw, True, True),
         ("cfg_no_input", den, ddim, {**kw, "guidance_input": False}, False, False),
         ("fixed_w1", den, _fixed_w(ddpm, 1.0), kw, False, False),
@@ -205,7 +205,7 @@ def variants(gmm, tmp_path_factory):
         path = str(d / f"{name}.onnx")
         res = export_onnx(dn, plan, path, **ekw)
         assert res.contract["guidance_input"] is has_w, name
-        assert any(n.op_type == "If" for n in onnx.load(path).graph.node) is branch, name
+        assert any(n.op_type == "Range" for n in onnx.load(path).graph.node) is branch, name
         out.append((name, path, plan, dn, ekw["num_classes"], [1.0, 2.0, "mixed"] if has_w else [None]))
     return out
 
