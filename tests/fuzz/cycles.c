@@ -18,6 +18,7 @@ int main(int argc, char** argv) {
   const char* bad[64];
   static float out[4096];
   fewstep_engine_info info;
+  fewstep_output_info oi;
   fewstep_engine_params p = fewstep_default_params();
   p.intra_op_threads = 1;
   for (i = 2; i < argc; ++i) {
@@ -38,7 +39,11 @@ int main(int argc, char** argv) {
     float g[4] = {1.5f, 1.5f, 1.5f, 1.5f};
     if (fewstep_engine_load(argv[1], &p, &e) != FEWSTEP_OK) return fail("load");
     fewstep_engine_get_info(e, &info);
-    if ((size_t)(4 * info.per_sample) > 4096) return fail("engine too large for this driver");
+    if (fewstep_engine_output_info(e, &oi) != FEWSTEP_OK || oi.per_sample < 1 ||
+        (!strcmp(oi.name, "sample") && oi.per_sample != info.per_sample) ||
+        fewstep_engine_output_info(e, NULL) != FEWSTEP_ERR_INVALID_ARGUMENT)
+      return fail("output info");
+    if ((size_t)(4 * oi.per_sample) > 4096) return fail("engine too large for this driver");
     if (fewstep_sample(e, (uint64_t)k, 4, info.num_classes ? labels : NULL, info.guidance_input ? g : NULL, out,
                        4096) != FEWSTEP_OK)
       return fail("sample");
