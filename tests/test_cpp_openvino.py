@@ -97,11 +97,13 @@ def test_without_the_ep_every_door_says_so_in_one_line(gmm_engine, native, tmp_p
     assert not (tmp_path / "x.npy").exists() and not (tmp_path / "y.npy").exists()
 
 
+needs_ov = pytest.mark.skipif(not os.path.isfile(OV_LIB), reason="set FEWSTEP_OPENVINO_ORT_LIBRARY to the "
+                              "onnxruntime-openvino build's onnxruntime/capi/libonnxruntime.so.*")
+
+
 @pytest.fixture(scope="module")
 def digits_engines(tmp_path_factory):
-    """Digits, DPM-Solver++(2M) at 4 NFE: class labels only, and with a W input doing CFG in one graph
-    (unit_guidance_branch=False: OpenVINO EP 1.24 cannot compile the EP subgraphs inside an If's branches, the
-    W = 1 branch of a default guidance-input engine)."""
+    """Digits, DPM-Solver++(2M) at 4 NFE: class labels only, and with a W input doing CFG in the graph."""
     from fewstep.export.onnx import export_onnx
     from fewstep.runtime.models import load
     from fewstep.runtime.solvers import build
@@ -111,12 +113,11 @@ def digits_engines(tmp_path_factory):
     plan = build("dpmpp-2m", 4, m.denoiser.sigma_min, m.denoiser.sigma_max)
     kw = dict(sample_shape=m.shape, num_classes=m.num_classes, teacher_hash=m.content_hash)
     export_onnx(m.denoiser, plan, d / "labels.onnx", guidance_input=False, **kw)
-    export_onnx(m.denoiser, plan, d / "cfg.onnx", unit_guidance_branch=False, **kw)
+    export_onnx(m.denoiser, plan, d / "cfg.onnx", **kw)
     return {"labels": str(d / "labels.onnx"), "cfg": str(d / "cfg.onnx")}
 
 
-@pytest.mark.skipif(not os.path.isfile(OV_LIB),
-                    reason="set FEWSTEP_OPENVINO_ORT_LIBRARY to the onnxruntime-openvino build's libonnxruntime.so.*")
+@needs_ov
 @pytest.mark.parametrize("kind", ["labels", "cfg"])
 def test_openvino_matches_the_cpu_provider_within_export_tolerance(digits_engines, native, tmp_path, kind):
     """Both providers run the same float32 graph; each differs from exact arithmetic by at most g_w·R·2⁻²⁴
@@ -148,3 +149,39 @@ def test_openvino_matches_the_cpu_provider_within_export_tolerance(digits_engine
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert q.returncode == 0, q.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "py.npy"), outs["openvino"])  # the same library and provider
+
+
+@needs_ov
+def test_openvino_runs_a_decode_engine(native, tmp_path):
+    """A --decode engine (tiny SD, noise + embeddings → pixels) under OpenVINO: the image, within the export
+    tolerance of the CPU provider's (the bound of the test above)."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from pipeline_fixtures import build_sd
+
+    from fewstep.export.onnx import example_inputs, export_teacher
+    from fewstep.export.verify import engine_tolerance
+    from fewstep.runtime.models import load
+    from fewstep.runtime.solvers import get
+
+    folder = build_sd(str(tmp_path / "sd"))
+    plan = get("dpmpp-2m").build(np.append(np.geomspace(load(folder).denoiser.sigma_max, 0.1, 2), 0.0))
+    path = str(tmp_path / "sd.onnx")
+    c = export_teacher(folder, plan, path, decode=True).contract
+    args = []
+    for k, v in example_inputs(c, 2, seed=1, guidance=3.0).items():
+        if k != "z":
+            np.save(tmp_path / f"{k}.npy", v)
+            args += ["--input", f"{k}={tmp_path / k}.npy"]
+    env = {**os.environ, "FEWSTEP_ORT_LIBRARY": OV_LIB}
+    outs = {}
+    for provider in ("cpu", "openvino"):
+        q = subprocess.run([str(native / "fewstep-run"), path, "--seed", "1", *args, "--threads", "1", "--provider",
+                            provider, "--out", str(tmp_path / f"{provider}.npy")], env=env, capture_output=True,
+                           text=True, cwd="/", timeout=600)
+        assert q.returncode == 0 and ": image [2, 3, 16, 16] -> " in q.stdout, q.stderr
+        outs[provider] = np.load(tmp_path / f"{provider}.npy")
+    ref = outs["cpu"].astype(np.float64)
+    rel = float(np.abs(outs["openvino"] - ref).max() / np.abs(ref).max())
+    tol = engine_tolerance(path, 3.0)
+    assert rel <= tol, (rel, tol)
