@@ -635,6 +635,16 @@ def _check_interface(onnx, model, contract: dict) -> None:
     if got != want:
         raise ExportError(f"the exported graph's inputs/outputs {got} differ from its contract's {want} "
                           f"(an input the trace never reads is dropped)")
+    # The output's declared shape is the contract's: the tracer names dims it derived itself (a decoder's H came
+    # out as "batch"), and TensorRT profiles or any reader that trusts dim names would take them at their word.
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    del dims[:]
+    for d in contract["outputs"][0]["shape"]:
+        dim = dims.add()
+        if isinstance(d, str):
+            dim.dim_param = d
+        else:
+            dim.dim_value = d
 
 
 def read_metadata(path) -> dict:

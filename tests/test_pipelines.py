@@ -367,7 +367,10 @@ def test_engine_with_decoder_and_external_data(folders, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["xl.onnx", "xl.onnx.data"]
     import onnx
 
-    inits = onnx.load(path, load_external_data=False).graph.initializer
+    g = onnx.load(path, load_external_data=False).graph
+    out_dims = [d.dim_param or d.dim_value for d in g.output[0].type.tensor_type.shape.dim]
+    assert out_dims == ["batch", 3, 16, 16]  # the declared output shape is the contract's (not tracer names)
+    inits = g.initializer
     big = [t for t in inits if t.data_location == onnx.TensorProto.EXTERNAL]
     assert big and all(len(t.raw_data) < 1024 for t in inits if t.data_location != onnx.TensorProto.EXTERNAL)
     assert os.path.getsize(path + ".data") >= sum(int(e.value) for t in big for e in t.external_data
