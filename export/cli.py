@@ -6,6 +6,8 @@ Imported at CLI start: nothing here imports onnx, onnxruntime or tensorrt at mod
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
 import sys
 
@@ -45,6 +47,9 @@ def register(sub, bench_sub) -> None:
     p.add_argument("--batch", type=_batch, default=None, metavar="dynamic|N",
                    help="dynamic batch (default) or a fixed batch N")
     p.add_argument("--step-graph", action="store_true", help="export D(x, sigma, class[, guidance]) -> x0")
+    p.add_argument("--guidance", type=float, default=None, metavar="W",
+                   help="bake the CFG scale W into every row that would read it from the caller: no guidance "
+                        "input (W = 1: B rows per evaluation, the fastest engine for unguided sampling)")
     p.add_argument("--decode", action="store_true",
                    help="pipelines: append the VAE decoder (the engine maps noise + embeddings to pixels)")
     p.add_argument("--external-data", action="store_true",
@@ -87,6 +92,11 @@ def cmd_export(args) -> int:
 
     teacher = load_teacher(args.model, student_steps(args))
     plan = resolve_plan(args, teacher, optional=args.step_graph)
+    if args.guidance is not None:
+        if plan is None or not math.isfinite(args.guidance):
+            raise FewstepError("--guidance W: a finite W, for a sampler (not --step-graph)")
+        plan = plan.replace(rows=tuple(dataclasses.replace(r, guidance=args.guidance) if r.guidance is None else r
+                                       for r in plan.rows))
     if sys.stderr.isatty():  # progress on a terminal only: piped stderr keeps errors to one line
         print(f"fewstep export: tracing {plan.name} ({plan.nfe} evaluations) ...", file=sys.stderr, flush=True)
     res = export_model(teacher, plan, out, decode=args.decode, dtype=args.dtype, batch=args.batch,

@@ -388,6 +388,29 @@ def test_cli_export_verify_triton(tmp_path, capsys):
     assert (repo / "s" / "1" / "model.onnx").read_bytes() == out.read_bytes()
 
 
+def test_cli_export_bakes_guidance(tmp_path, capsys):
+    """--guidance W fixes W on every row that would read it: no guidance input, and the engine samples what the
+    executor does at that W (W = 1: B rows; W = 2: CFG's 2B rows in the graph). GMM: F32_ULP_BOUND."""
+    from fewstep.cli import main
+    from fewstep.runtime.models import load
+
+    gmm = load("gmm")
+    plan = build("ddim", 2, gmm.denoiser.sigma_min, gmm.denoiser.sigma_max)
+    for w in (1.0, 2.0):
+        out = tmp_path / f"w{w:g}.onnx"
+        assert main(["export", "--model", "gmm", "--solver", "ddim", "--nfe", "2", "--guidance", f"{w:g}",
+                     "--out", str(out)]) == 0, capsys.readouterr()
+        c = xo.read_metadata(out)["fewstep.contract"]
+        assert [s["name"] for s in c["inputs"]] == ["z", "class_labels"] and not c["guidance_input"]
+        feeds = xo.example_inputs(c, 5, seed=4)
+        assert _rel(_run(out, feeds), _executor(gmm, plan, feeds, w)) <= F32_ULP_BOUND
+    capsys.readouterr()
+    assert main(["export", "--model", "gmm", "--solver", "ddim", "--nfe", "2", "--guidance", "nan",
+                 "--out", str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--guidance" in err and len(err.splitlines()) == 1 and not (tmp_path / "x.onnx").exists()
+
+
 def test_cli_errors_one_line(tmp_path, capsys):
     from fewstep.cli import main
 
