@@ -51,6 +51,7 @@ int main(int argc, char** argv) {
   fewstep_engine_params params;
   fewstep_engine* engine = NULL;
   fewstep_engine_info info;
+  fewstep_output_info oi;
   fewstep_status st;
   int64_t batch, shape[1 + FEWSTEP_MAX_DIMS], *labels = NULL;
   unsigned long long seed, ubatch;
@@ -86,7 +87,9 @@ int main(int argc, char** argv) {
   for (i = 0; i < info.ndim; ++i) printf(" %lld", (long long)info.sample_shape[i]);
   printf("\n");
 
-  n = (size_t)batch * (size_t)info.per_sample;
+  /* the output's size, not the latents': a --decode engine returns images */
+  fewstep_engine_output_info(engine, &oi);
+  n = (size_t)batch * (size_t)oi.per_sample;
   out = (float*)malloc(n * sizeof(float));
   if (info.num_classes > 0) {
     labels = (int64_t*)malloc((size_t)batch * sizeof(int64_t));
@@ -102,12 +105,12 @@ int main(int argc, char** argv) {
     goto done;
   }
   shape[0] = batch;
-  memcpy(shape + 1, info.sample_shape, (size_t)info.ndim * sizeof(int64_t));
-  if (write_npy(argv[4], shape, 1 + info.ndim, out, n) != 0) {
+  memcpy(shape + 1, oi.shape + 1, (size_t)(oi.ndim - 1) * sizeof(int64_t));
+  if (write_npy(argv[4], shape, oi.ndim, out, n) != 0) {
     fprintf(stderr, "cannot write %s\n", argv[4]);
     goto done;
   }
-  printf("wrote %lld samples to %s\n", (long long)batch, argv[4]);
+  printf("wrote %lld samples (%s) to %s\n", (long long)batch, oi.name, argv[4]);
   rc = 0;
 done:
   free(labels);
