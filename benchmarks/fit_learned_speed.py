@@ -33,6 +33,31 @@ PHASES = {  # name → LearnConfig fields
     "new phases": dict(),
 }
 
+# ``--variants``: end-to-end fits (``fit_learned`` from the fast init) with these LearnConfig fields changed,
+# side by side with the defaults (name "default") in one process, each scored on the ``--test`` noises.
+VARIANTS = {
+    "default": dict(),
+    "patience3": dict(patience=3),
+    "cosine": dict(lr_decay="cosine"),
+    "rounds-decay": dict(lr_decay="rounds"),
+    "rounds-decay+p3": dict(lr_decay="rounds", patience=3),
+    "spread0.5": dict(spread=0.5),
+    "spread1": dict(spread=1.0),
+    "spread2": dict(spread=2.0),
+    "ld3": dict(loss="ld3"),
+    "ld3-slack0.1": dict(loss="ld3", slack=0.1),
+    "ld3+spread1": dict(loss="ld3", spread=1.0),
+    "lbfgs": dict(optimizer="lbfgs"),
+    "auto": dict(optimizer="auto"),
+    "auto+p3": dict(optimizer="auto", patience=3),
+    "long": dict(evals=None, patience=None, rounds=6),  # what the phases reach from the fast init, unbudgeted
+    "lbfgs+p3": dict(optimizer="lbfgs", patience=3),
+    "grid-first": dict(grid_first=True),
+    "grid-first+p3": dict(grid_first=True, patience=3),
+    "ld3+p3": dict(loss="ld3", patience=3),
+    "spread0.5+p3": dict(spread=0.5, patience=3),
+}
+
 
 def _timed(fn):
     w, c = time.perf_counter(), time.process_time()
@@ -76,6 +101,19 @@ def _cell(ctx, solver: str, nfe: int, profile: bool) -> list[dict]:
         rows.append({"solver": solver, "nfe": nfe, **row})
         print(json.dumps(rows[-1]), flush=True)
 
+    if ctx.variants:
+        for seed in ctx.fit_seeds:
+            for name in ctx.variants:
+                kw = VARIANTS[name]
+                plan, w, c = _runs(ctx, partial(fit_learned, t, solver, nfe, LearnConfig(**kw), seed=seed))
+                pv = plan.provenance
+                row = {"what": f"variant {name}", "config": kw, "fit_seed": seed, "wall": w, "cpu": c,
+                       "heldout_rmse": pv["heldout_rmse"], "heldout_rmse_init": pv["heldout_rmse_init"],
+                       "winner": pv["winner"], "steps": pv["steps"], "best_phase": pv["best_phase"]}
+                if ctx.test is not None:
+                    row["test"] = quality(t, run_plan(t, plan, ctx.test[0]), ctx.test[0], ctx.test[1])
+                emit(row)
+        return rows
     if ctx.e2e_only:
         inits, phases = {}, {}
     else:
@@ -118,6 +156,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--e2e-only", action="store_true", help="only the end-to-end default fit")
     ap.add_argument("--tag", default="", help="suffix of the output file name")
+    ap.add_argument("--variants", default="", help="only end-to-end fits with these VARIANTS, comma-separated")
+    ap.add_argument("--fit-seeds", default="0", help="--variants: fit on these noise seeds (not --test's seed 1)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -143,7 +183,14 @@ def main(argv=None) -> int:
     res = {"model": teacher.name, "test_n": args.test, "reference_seconds": [rw, rc], "reps": args.reps, "rows": [],
            "argv": sys.argv[1:] if argv is None else list(argv)}
     ctx = SimpleNamespace(teacher=teacher, den=den, train=train, held=held, ref=ref, href=href, sig0=sig0,
-                          reps=args.reps, test=test, e2e_only=args.e2e_only)
+                          reps=args.reps, test=test, e2e_only=args.e2e_only,
+                          variants=[v for v in args.variants.split(",") if v],
+                          fit_seeds=[int(v) for v in args.fit_seeds.split(",")])
+    if args.test and 1 in ctx.fit_seeds:
+        raise SystemExit("--fit-seeds: seed 1 is the test noise")
+    bad = [v for v in ctx.variants if v not in VARIANTS]
+    if bad:
+        raise SystemExit(f"unknown --variants {', '.join(bad)} (known: {', '.join(VARIANTS)})")
     for cell in args.cells.split(","):
         res["rows"] += _cell(ctx, cell.split(":")[0], int(cell.split(":")[1]), args.profile)
         atomic_write_text(os.path.join(args.out, f"fit_learned_speed{args.tag}.json"), json.dumps(res, indent=1) + "\n")

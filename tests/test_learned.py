@@ -184,6 +184,124 @@ def test_patience_stops_and_evals_scale_the_steps(gmm):
     assert info["rounds"] == 2 and info["step_fraction"] == 0.75 and info["steps"] == 2 * (5 + 3)
 
 
+def test_lr_decay_schedules(gmm, monkeypatch):
+    """The step size each Adam step uses: "cosine" is warm-up, then half a cosine over the phase's remaining m
+    steps (the last at (1 − cos(π/m))/2 of lr); "rounds" scales round r of R by (1 + cos(π·r/R))/2. The schedule
+    is computed in float64 from the same expressions, so equality is up to 1 ulp-scale rounding (rel 1e-12)."""
+    seen = []
+
+    class Spy(learned._Adam):
+        def step(self):
+            seen.append(self.lr)
+            super().step()
+
+    monkeypatch.setattr(learned, "_Adam", Spy)
+    den = gmm.denoiser
+    init = build("dpmpp-2m", 3, den.sigma_min, den.sigma_max)
+    b = Batch(torch.randn(24, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64), None, None,
+              torch.float64)
+    ref = run(init, den, b) * 0.9  # a target the init misses, so every phase takes all its steps
+    tr, he = learned._split(b, slice(0, 16)), learned._split(b, slice(16, 24))
+    base = LearnConfig(rounds=3, coef_steps=6, grid_steps=0, warmup=2, minibatch=8, evals=None, patience=None,
+                       lr=1e-2, lr_nfe=None)
+    learn(init, den, tr, ref[:16], he, ref[16:], replace(base, lr_decay="cosine"))
+    m = 6 - 2
+    want = [1e-2 * 0.5, 1e-2] + [1e-2 * 0.5 * (1 + math.cos(math.pi * j / m)) for j in range(m)]
+    assert seen == pytest.approx(want * 3, rel=1e-12)
+    assert seen[5] == pytest.approx(1e-2 * (1 - math.cos(math.pi / m)) / 2, rel=1e-12)
+    seen.clear()
+    learn(init, den, tr, ref[:16], he, ref[16:], replace(base, lr_decay="rounds"))
+    want = [f * 1e-2 * w for f in (1.0, 0.75, 0.25) for w in [0.5, 1, 1, 1, 1, 1]]
+    assert seen == pytest.approx(want, rel=1e-12)
+
+
+def test_spread_term_value_and_the_shrinkage_it_undoes():
+    """``_spread_loss`` is mean_i (std x_i − std r_i)² (population std over each sample's entries), checked
+    against numpy. The docstring's claim: with x = mean(r) + s·u (u centred, unit norm), L2 + w·spread is
+    minimised at s* = ‖r̃‖·(cos + w)/(1 + w), while L2 alone gives ‖r̃‖·cos. Checked by the gradient at s*,
+    which is a sum of D products of size ~‖r̃‖²/D: float64 rounding leaves ≤ ~D·1e-16 of ‖r̃‖², so 1e-12 is
+    a bound with margin; a wrong s* (e.g. the L2 one) gives a gradient of order w·(1 − cos)·‖r̃‖ ≫ that."""
+    g = torch.Generator().manual_seed(3)
+    x, r = torch.randn(5, 1, 8, 8, generator=g, dtype=torch.float64), torch.randn(5, 1, 8, 8, generator=g,
+                                                                                   dtype=torch.float64)
+    want = np.mean((x.numpy().reshape(5, -1).std(1) - r.numpy().reshape(5, -1).std(1)) ** 2)
+    assert float(learned._spread_loss(x, r)) == pytest.approx(want, rel=1e-12)
+    r1 = r[:1]
+    rt = r1 - r1.mean()
+    rh = rt / rt.norm()
+    v = torch.randn(1, 1, 8, 8, generator=g, dtype=torch.float64)
+    v = v - v.mean()
+    v = v - (v * rh).sum() * rh
+    u = 0.6 * rh + 0.8 * v / v.norm()  # centred, unit norm, cos(u, r̃) = 0.6
+    cos = float((u * rt).sum() / rt.norm())
+    assert cos == pytest.approx(0.6, rel=1e-12) and float(u.mean()) == pytest.approx(0.0, abs=1e-15)
+    for w in (0.0, 0.5, 2.0):
+        s = torch.tensor(float(rt.norm()) * (cos + w) / (1 + w), dtype=torch.float64, requires_grad=True)
+        xs = r1.mean() + s * u
+        loss = learned._mse(xs, r1) + w * learned._spread_loss(xs, r1)
+        loss.backward()
+        assert abs(float(s.grad)) < 1e-12 * float(rt.norm()), (w, float(s.grad))
+
+
+def test_lbfgs_minimises_a_quadratic_within_its_evaluations():
+    """f = ½xᵀAx − bᵀx, A SPD with condition number 10 in 5 dims. Every accepted step satisfies Armijo and a
+    rejected one is undone, so the end point is the lowest f evaluated; the evaluations (line-search trials
+    included) never exceed max_evals. On a quadratic the secant pairs are exact curvature, so convergence is
+    superlinear; even steepest descent with exact line search reaches f − f* ≤ 1e-10·(f₀ − f*) within
+    log(1e-10)/log((9/11)²) = 58 steps at κ = 10, so 80 evaluations is ample."""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
+    a = q @ torch.diag(torch.linspace(1.0, 10.0, 5, dtype=torch.float64)) @ q.T
+    b = torch.randn(5, generator=g, dtype=torch.float64)
+    x = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    xstar = torch.linalg.solve(a, b)
+    fstar = float(-0.5 * b @ xstar)
+    seen = []
+
+    def f():
+        v = 0.5 * x @ a @ x - b @ x
+        seen.append(float(v))
+        return v
+
+    used = learned._lbfgs(f, [x], 3)
+    assert used == len(seen) <= 3
+    seen.clear()
+    with torch.no_grad():
+        x.zero_()
+    used = learned._lbfgs(f, [x], 80)
+    assert used == len(seen) <= 80
+    with torch.no_grad():
+        fx = float(0.5 * x @ a @ x - b @ x)
+    assert fx == min(seen) and fx - fstar <= 1e-10 * (0.0 - fstar)
+
+
+def test_auto_optimizer_uses_lbfgs_only_in_long_phases(gmm, monkeypatch):
+    """optimizer "auto": L-BFGS in a phase of ≥ LBFGS_MIN_EVALS steps, Adam below (spied on both)."""
+    calls = []
+    real = learned._lbfgs
+
+    def spy(f, var, n, *a):
+        calls.append(n)
+        return real(f, var, n, *a)
+
+    monkeypatch.setattr(learned, "_lbfgs", spy)
+    den = gmm.denoiser
+    init = build("dpmpp-2m", 3, den.sigma_min, den.sigma_max)
+    b = Batch(torch.randn(24, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64), None, None,
+              torch.float64)
+    ref = run(init, den, b) * 0.9
+    tr, he = learned._split(b, slice(0, 16)), learned._split(b, slice(16, 24))
+    n = learned.LBFGS_MIN_EVALS
+    cfg = LearnConfig(optimizer="auto", rounds=1, coef_steps=n, grid_steps=n - 1, minibatch=8, evals=None,
+                      patience=None)
+    _, info = learn(init, den, tr, ref[:16], he, ref[16:], cfg, family="dpmpp-2m")
+    assert calls == [n] and info["steps"] <= 2 * n - 1
+    assert info["heldout_rmse"] <= info["heldout_rmse_init"]
+    assert [t for t, _ in info["phases"]] == ["init", "round 1 coef", "round 1 grid"]
+    _, info = learn(init, den, tr, ref[:16], he, ref[16:], replace(cfg, grid_first=True), family="dpmpp-2m")
+    assert [t for t, _ in info["phases"]] == ["init", "round 1 grid", "round 1 coef"]
+
+
 def test_guided_plan_keeps_w_on_every_row(gmm):
     plan = fit_learned(gmm, "ddim", 3, LearnConfig(rounds=1), init_method="dode", cls=1, guidance=2.0, batch=40,
                        heldout=20)
@@ -242,7 +360,8 @@ def test_history_bound_and_budget(gmm):
 def test_bad_config_is_named():
     for kw, match in ((dict(patience=0), "--patience"), (dict(evals=0), "--evals"), (dict(warmup=-1), "--warmup"),
                       (dict(lr_nfe=0), "--lr-nfe"), (dict(loss="l1"), "--loss"), (dict(optimizer="sgd"), "--optimizer"),
-                      (dict(reg=-1.0), "--reg"),
+                      (dict(reg=-1.0), "--reg"), (dict(spread=-1.0), "--spread"),
+                      (dict(lr_decay="step"), "--lr-decay"),
                       (dict(rounds=-1), "--rounds"), (dict(history=11), "--history"), (dict(budget=0.0), "--budget")):
         with pytest.raises(FitError, match=match):
             LearnConfig(**kw).check()
@@ -312,10 +431,13 @@ def test_cli_fit_learned(tmp_path, capsys):
     assert math.isfinite(plan.provenance["fit_seconds"])
     rc = _cli("--model", "gmm", "--solver", "ddim", "--nfe", "3", "--method", "learned", "--init", str(out),
               "--rounds", "1", "--coef-steps", "2", "--grid-steps", "0", "--batch", "40", "--heldout", "20",
-              "--evals", "0", "--patience", "1", "--out", str(tmp_path / "q.json"), "--quiet")
+              "--evals", "0", "--patience", "1", "--lr-decay", "rounds", "--spread", "0.5", "--optimizer", "auto",
+              "--grid-first", "--out", str(tmp_path / "q.json"), "--quiet")
     pv = Plan.load(tmp_path / "q.json").provenance
     assert rc == 0 and pv["init_method"] == "given" and pv["init_plan_method"] == "learned"
-    assert pv["learn_config"]["evals"] is None and pv["learn_config"]["patience"] == 1
+    lc = pv["learn_config"]
+    assert lc["evals"] is None and lc["patience"] == 1
+    assert (lc["lr_decay"], lc["spread"], lc["optimizer"], lc["grid_first"]) == ("rounds", 0.5, "auto", True)
 
 
 @pytest.mark.parametrize("args,match", [

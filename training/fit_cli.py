@@ -42,7 +42,7 @@ def register(sub, bench_sub) -> None:
 
 
 def _learned_args(p) -> None:
-    from .learned import LOSSES, OPTIMIZERS, LearnConfig
+    from .learned import LOSSES, LR_DECAYS, OPTIMIZERS, LearnConfig
 
     d = LearnConfig()
     g = p.add_argument_group("--method learned (S4S-Alt / LD3; training/learned.py)")
@@ -55,7 +55,8 @@ def _learned_args(p) -> None:
     g.add_argument("--rounds", type=int, default=d.rounds, help=f"coefficient + grid phases ({d.rounds})")
     g.add_argument("--coef-steps", type=int, default=d.coef_steps, help=f"steps per coefficient phase ({d.coef_steps})")
     g.add_argument("--grid-steps", type=int, default=d.grid_steps, help=f"steps per grid phase ({d.grid_steps})")
-    g.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
+    g.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS,
+                   help="adam; lbfgs (one minibatch per phase); auto: lbfgs in phases of >= 10 steps, else adam")
     g.add_argument("--minibatch", type=int, default=d.minibatch, help=f"samples per Adam step ({d.minibatch})")
     g.add_argument("--budget", type=float, help="wall-clock seconds for the gradient phases (default: no limit)")
     g.add_argument("--heldout", type=int, default=50, help="held-out samples for early stopping (50)")
@@ -64,6 +65,11 @@ def _learned_args(p) -> None:
                    help=f"network evaluations for all steps ({d.evals}; 0: no limit)")
     g.add_argument("--patience", type=int, default=d.patience, help=f"phases without a held-out gain before stopping "
                    f"({d.patience}; 0: never stop)")
+    g.add_argument("--lr-decay", default=d.lr_decay, choices=LR_DECAYS,
+                   help=f"step-size schedule: in each phase (cosine) or over the rounds ({d.lr_decay})")
+    g.add_argument("--spread", type=float, default=d.spread,
+                   help=f"weight of matching each sample's contrast (std) to the reference's ({d.spread})")
+    g.add_argument("--grid-first", action="store_true", help="each round: grid phase before the coefficient phase")
 
 
 def _cmd_fit_learned(args, say) -> int:
@@ -76,7 +82,8 @@ def _cmd_fit_learned(args, say) -> int:
     cfg = LearnConfig(loss=args.loss, slack=args.slack, reg=args.reg, rounds=args.rounds, coef_steps=args.coef_steps,
                       grid_steps=args.grid_steps, optimizer=args.optimizer, minibatch=args.minibatch,
                       budget=args.budget, history=args.history, evals=args.evals or None,
-                      patience=args.patience or None).check()
+                      patience=args.patience or None, lr_decay=args.lr_decay, spread=args.spread,
+                      grid_first=args.grid_first).check()
     init = None
     if args.init is not None:
         from ..runtime.plan import Plan

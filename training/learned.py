@@ -7,7 +7,9 @@ here the parameters are the rows themselves (a, p, c, q of every row within the 
 ``fit.fit``, e.g. timesteps + D-ODE, which costs 45–416 CPU s on digits) and optimised through the reference
 executor's own loop (``executor.run_rows``) to match the reference solve from the same noise:
 
-- coefficient phase (σ's fixed), then grid phase, ``rounds`` times, with Adam or L-BFGS; in the grid phase the
+- coefficient phase (σ's fixed), then grid phase (``grid_first``: the other way round), ``rounds`` times, with
+  Adam or L-BFGS (``_lbfgs``, one minibatch per phase; "auto": L-BFGS in phases long enough for its curvature
+  pairs to pay, Adam below; the step size optionally decays, ``lr_decay``); in the grid phase the
   base solver's rows move with the σ's (``_Params.couple``) and the fitted corrections stay, so the grid phase
   does what the rebuilt-per-grid Nelder–Mead does, from one gradient per step;
 - cost: the network's forward and backward are 97 % of a fit (the rest is Python), so the knobs are network
@@ -51,7 +53,9 @@ from .fitcore import Batch, FitError, check_int, make_batch, reference_target, r
 
 METHODS = ("learned", "plan")  # "plan": the name issue 20 uses
 LOSSES = ("l2", "ld3")
-OPTIMIZERS = ("adam", "lbfgs")
+OPTIMIZERS = ("adam", "lbfgs", "auto")  # auto: L-BFGS in phases of ≥ LBFGS_MIN_EVALS evaluations, else Adam
+LBFGS_MIN_EVALS = 10
+LR_DECAYS = ("none", "cosine", "rounds")
 REFERENCE_CACHE_VERSION = 1  # bump when the reference solve changes
 
 
@@ -83,13 +87,23 @@ class LearnConfig:
     patience: int | None = 2  # stop after this many phases in a row without a held-out gain (None: never)
     couple: bool = True  # the grid phase moves the base solver's rows with the σ's (_Params.couple)
     warmup: int = 3  # Adam steps of linear learning-rate warm-up at the start of every phase
+    # Step-size schedule: "none" keeps Adam's step; "cosine" takes it to 0 along half a cosine over each phase's
+    # steps after the warm-up, so a phase ends with small steps instead of jumping around the optimum it reached;
+    # "rounds" scales round r of R by (1 + cos(π·r/R))/2 (3 rounds: 1, 0.75, 0.25): later rounds refine.
+    lr_decay: str = "none"
+    # Weight of the spread term (``_spread_loss``): per sample, the pixel standard deviation of the endpoint
+    # against the reference's. Endpoint L2 alone shrinks what the plan cannot align toward the mean (blur).
+    spread: float = 0.0
+    grid_first: bool = False  # each round runs the grid phase before the coefficient phase
 
     def check(self) -> LearnConfig:
         if self.loss not in LOSSES:
             raise FitError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.optimizer not in OPTIMIZERS:
             raise FitError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        for name in ("slack", "reg", "lr", "grid_lr"):
+        if self.lr_decay not in LR_DECAYS:
+            raise FitError(f"--lr-decay must be one of {', '.join(LR_DECAYS)}, got {self.lr_decay!r}")
+        for name in ("slack", "reg", "lr", "grid_lr", "spread"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise FitError(f"--{name.replace('_', '-')} must be a finite number ≥ 0, got {v}")
@@ -340,6 +354,21 @@ def _mse(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (x.to(torch.float64) - ref).pow(2).mean()
 
 
+def _spread_loss(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """mean over samples of (std(x_i) − std(ref_i))², the std over each sample's own entries (its contrast).
+
+    Why it counters the pull to the mean: write a sample's centred endpoint as s·u (unit direction u, scale s)
+    and the reference's as r̃. Endpoint L2 ‖s·u − r̃‖² is minimised at s = ‖r̃‖·cos(u, r̃): whatever direction the
+    plan cannot reproduce shrinks the sample's contrast by that cosine (at 2 NFE digits come out blurred, recall
+    up, precision down). Adding w·(s − ‖r̃‖)² moves the minimiser to ‖r̃‖·(cos + w)/(1 + w), so w = 1 halves the
+    shrinkage; it changes nothing where the plan matches the reference (cos = 1). std = ‖x̃‖/√dim, so the term is
+    in the same units as the L2 term's mean square."""
+    d = x.shape[0]
+    sx = x.to(torch.float64).reshape(d, -1).std(1, unbiased=False)
+    sr = ref.reshape(d, -1).std(1, unbiased=False)
+    return (sx - sr).pow(2).mean()
+
+
 def _heldout_rms(params: _Params, den, batch: Batch, ref) -> float:
     with torch.no_grad():
         return rms(endpoint(params, den, batch, batch.z, batch.cond), ref)
@@ -393,7 +422,10 @@ class _Objective:
         r = self.ref if idx is None else self.ref[idx]
         if self.shift is not None:
             z = z + (self.shift if idx is None else self.shift[idx])
-        loss = _mse(endpoint(self.params, self.den, t, z, cond), r) / self.norm
+        x = endpoint(self.params, self.den, t, z, cond)
+        loss = _mse(x, r) / self.norm
+        if self.cfg.spread:
+            loss = loss + self.cfg.spread * _spread_loss(x, r) / self.norm
         if self.cfg.reg:
             loss = loss + self.cfg.reg * (self.params.delta ** 2).mean()
         return loss
@@ -406,28 +438,101 @@ class _Objective:
                 d.mul_(torch.clamp(self.cfg.slack / rms_, max=1.0))
 
 
+def _uses_lbfgs(cfg: LearnConfig, nsteps: int) -> bool:
+    # "auto": L-BFGS where a phase has ≥ LBFGS_MIN_EVALS evaluations. Its curvature comes from past steps, so
+    # with fewer (line-search trials included) it is little more than gradient descent on one minibatch; on
+    # digits it beat Adam at 10 per phase (NFE 2) and lost at 5 (NFE 4) (fit_learned_notes.md).
+    return cfg.optimizer == "lbfgs" or (cfg.optimizer == "auto" and nsteps >= LBFGS_MIN_EVALS)
+
+
+def _lbfgs(f: Callable[[], torch.Tensor], var: list, max_evals: int, memory: int = 10) -> int:
+    """Minimise ``f()`` over the tensors ``var`` by L-BFGS (Nocedal & Wright, alg. 7.4: two-loop recursion,
+    ``memory`` pairs) with a backtracking Armijo line search, in at most ``max_evals`` evaluations of f and its
+    gradient, line-search trials included; returns the evaluations used. The first step is
+    min(1, 1/‖g‖₁) along −g (as torch.optim.LBFGS), later ones start at 1 (the quasi-Newton step, scaled by
+    sᵀy/yᵀy). Written out because torch.optim's constructor imports torch._dynamo: 3.0 CPU s per process here,
+    a third of the whole fit's budget."""
+
+    def evaluate():
+        for p in var:
+            p.grad = None
+        loss = f()
+        loss.backward()
+        return float(loss.detach()), torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                       for p in var])
+
+    def move(step: torch.Tensor) -> None:
+        with torch.no_grad():
+            o = 0
+            for p in var:
+                p.add_(step[o:o + p.numel()].view_as(p))
+                o += p.numel()
+
+    fx, g = evaluate()
+    evals, pairs = 1, []
+    while evals < max_evals:
+        d = -g
+        alphas = []
+        for s_, y_, rho in reversed(pairs):
+            a = rho * float(s_ @ d)
+            d = d - a * y_
+            alphas.append(a)
+        if pairs:
+            s_, y_, _ = pairs[-1]
+            d = d * (float(s_ @ y_) / float(y_ @ y_))
+        for (s_, y_, rho), a in zip(pairs, reversed(alphas)):
+            d = d + (a - rho * float(y_ @ d)) * s_
+        gtd = float(g @ d)
+        if not gtd < 0:
+            break
+        t = 1.0 if pairs else min(1.0, 1.0 / max(float(g.abs().sum()), 1e-30))
+        accepted, x0 = False, [p.detach().clone() for p in var]
+        while evals < max_evals:
+            move(t * d)
+            f1, g1 = evaluate()
+            evals += 1
+            if math.isfinite(f1) and f1 <= fx + 1e-4 * t * gtd:
+                accepted = True
+                break
+            with torch.no_grad():  # back to the point exactly (x + td − td can differ in the last bit)
+                for p, v in zip(var, x0):
+                    p.copy_(v)
+            t *= 0.5
+        if not accepted:
+            break
+        s_, y_ = t * d, g1 - g
+        sy = float(s_ @ y_)
+        if sy > 1e-12 * float(y_ @ y_):  # keep only pairs with positive curvature (H stays positive definite)
+            pairs = (pairs + [(s_, y_, 1.0 / sy)])[-memory:]
+        fx, g = f1, g1
+    for p in var:
+        p.grad = None
+    return evals
+
+
 def _phase(obj: _Objective, var: list, lr: float, nsteps: int, gen, deadline: float | None) -> tuple[int, bool]:
     """``nsteps`` optimiser steps on ``var``; returns (steps taken, ran out of time)."""
     cfg, n = obj.cfg, obj.train.z.shape[0]
     if obj.shift is not None:
         var = var + [obj.shift]
-    if cfg.optimizer == "lbfgs":
-        opt = torch.optim.LBFGS(var, lr=1.0, max_iter=nsteps, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = obj(None)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+    if _uses_lbfgs(cfg, nsteps):
+        # One minibatch per phase (a deterministic objective for the line search); ``nsteps`` bounds the function
+        # evaluations, line-search trials included, so the evaluation budget means the same as for Adam.
+        idx = None
+        if cfg.minibatch is not None and cfg.minibatch < n:
+            idx = torch.randperm(n, generator=gen)[:cfg.minibatch]
+        done = _lbfgs(lambda: obj(idx), var, nsteps)
         obj.project()
-        return nsteps, False
+        return done, deadline is not None and time.perf_counter() > deadline
     opt = _Adam(var, lr=lr)
     for i in range(nsteps):
         # Warm-up: Adam's first steps move every parameter by about lr whatever its gradient's size, which
         # knocks a well-tuned long plan off its optimum (fit_learned_notes.md).
         opt.lr = lr * min(1.0, (i + 1) / cfg.warmup) if cfg.warmup else lr
+        if cfg.lr_decay == "cosine" and i >= cfg.warmup:
+            # half a cosine over the steps after the warm-up: the last step still moves (1 − cos(π/m))/2 of lr
+            m = nsteps - cfg.warmup
+            opt.lr *= 0.5 * (1 + math.cos(math.pi * (i - cfg.warmup) / m))
         idx = None
         if cfg.minibatch is not None and cfg.minibatch < n:
             idx = torch.randperm(n, generator=gen)[:cfg.minibatch]
@@ -465,7 +570,7 @@ def learn(init: Plan, den, train: Batch, ref: torch.Tensor, held: Batch, held_re
     if cfg.evals is not None and rounds * per_round > cfg.evals:
         frac = cfg.evals / (rounds * per_round)
     for rnd in range(rounds):
-        for kind in ("coef", "grid"):
+        for kind in (("grid", "coef") if cfg.grid_first else ("coef", "grid")):
             nsteps = math.ceil(frac * (cfg.coef_steps if kind == "coef" else cfg.grid_steps))
             if out_of_time or nsteps == 0 or (kind == "grid" and params.theta.numel() == 0):
                 continue
@@ -475,6 +580,8 @@ def learn(init: Plan, den, train: Batch, ref: torch.Tensor, held: Batch, held_re
                 coupled = params.couple(family) or coupled
             var, lr = ([params.delta], cfg.lr) if kind == "coef" else ([params.theta], cfg.grid_lr)
             lr *= 1.0 if cfg.lr_nfe is None else min(1.0, cfg.lr_nfe / init.nfe)
+            if cfg.lr_decay == "rounds":
+                lr *= 0.5 * (1 + math.cos(math.pi * rnd / rounds))
             done, out_of_time = _phase(obj, var, lr, nsteps, gen, deadline)
             steps += done
             err = _heldout_rms(params, den, held, held_ref)
