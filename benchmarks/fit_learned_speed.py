@@ -51,6 +51,9 @@ VARIANTS = {
     "auto": dict(optimizer="auto"),
     "auto+p3": dict(optimizer="auto", patience=3),
     "long": dict(evals=None, patience=None, rounds=6),  # what the phases reach from the fast init, unbudgeted
+    "mb8": dict(minibatch=8),  # the same evaluations as twice as many steps
+    "mb8-r4": dict(minibatch=8, rounds=4),
+    "mb8-r6": dict(minibatch=8, rounds=6),
     "lbfgs+p3": dict(optimizer="lbfgs", patience=3),
     "grid-first": dict(grid_first=True),
     "grid-first+p3": dict(grid_first=True, patience=3),
