@@ -8,7 +8,7 @@ LOCK    := requirements.lock
 PIP_VERSION       := 26.3
 PIP_TOOLS_VERSION := 7.6.2
 
-.PHONY: demo test install dev lint clean sysdeps asan students lock dmd2 cud
+.PHONY: demo test install dev lint clean sysdeps asan students lock dmd2 cud openvino
 
 # A fresh Debian machine may lack venv/ensurepip or a C++ compiler: install them (as root).
 sysdeps:
@@ -47,10 +47,28 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/fewstep demo --out demo_out
 
-# pytest from the venv's entry point (not `python -m`), so tests import the installed package.
+# pytest from the venv's entry point (not `python -m`), so tests import the installed package. The
+# openvino provider's tests run against the onnxruntime-openvino build when `make openvino` could fetch it
+# (they skip, saying why, where it cannot: another CPU architecture, no registry).
 test: install
+	$(MAKE) --no-print-directory openvino || echo "openvino: onnxruntime-openvino not available here; its tests skip"
 	$(VENV)/bin/ruff check --quiet .
-	$(VENV)/bin/pytest -q tests
+	FEWSTEP_OPENVINO_ORT_LIBRARY=$$(ls $(CURDIR)/$(OV_DIR)/onnxruntime-openvino/onnxruntime/capi/libonnxruntime.so.* 2>/dev/null \
+	  | head -1) $(VENV)/bin/pytest -q tests
+
+# ONNX Runtime's OpenVINO build (and OpenVINO's own runtime, for benchmarks/cpu_suite.py), unpacked beside the
+# venv, never installed into it: it would replace the onnxruntime package. The C++ runtime reaches it through
+# FEWSTEP_ORT_LIBRARY / ort_library and `--provider openvino`.
+OV_DIR      := $(VENV)/openvino
+OV_PACKAGES := onnxruntime-openvino==1.24.1 openvino==2026.4.1
+openvino: $(OV_DIR)/.unpacked
+$(OV_DIR)/.unpacked: $(VENV)/bin/python
+	rm -rf $(OV_DIR) && mkdir -p $(OV_DIR)/wheels
+	$(PIP) download -q --no-deps -d $(OV_DIR)/wheels $(OV_PACKAGES)
+	$(VPY) -m zipfile -e $$(ls $(OV_DIR)/wheels/onnxruntime_openvino-*.whl) $(OV_DIR)/onnxruntime-openvino
+	$(VPY) -m zipfile -e $$(ls $(OV_DIR)/wheels/openvino-*.whl) $(OV_DIR)/openvino
+	rm -rf $(OV_DIR)/wheels
+	touch $@
 
 # Development: the source tree imports as `fewstep` (symlinks + the built extension).
 dev: $(STAMP)

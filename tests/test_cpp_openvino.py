@@ -25,7 +25,9 @@ from fewstep import _C  # noqa: E402
 
 PROVIDER_OPENVINO = 3
 ERR_INVALID_ARGUMENT, ERR_UNSUPPORTED = 1, 8
+# absolute: the CLI subprocesses run in cwd="/"
 OV_LIB = os.environ.get("FEWSTEP_OPENVINO_ORT_LIBRARY", "")
+OV_LIB = os.path.abspath(OV_LIB) if OV_LIB else ""
 W = 2.0
 
 
