@@ -1,12 +1,13 @@
-"""One engine that branches on W (ONNX `If`) against two separate engines, through the C++ runtime.
+"""One engine that picks its rows by W against two separate engines, through the C++ runtime.
 
-An engine with a guidance input holds two traces of the plan: a B-row one for calls whose every W is
-1 and CFG's 2B-row one for the rest, selected by an `If` on the guidance input (export/onnx.py,
-``branch_on_unit_guidance``). The alternative design is two engines: a B-row one (no guidance input)
-and a 2B-row one, the caller picking. This measures what the branch costs:
+An engine with a guidance input runs B rows per evaluation when every W of a call is 1 and CFG's 2B rows
+otherwise: the graph picks the rows itself (an ONNX Range over [uncond; cond], then Gathers; export/onnx.py,
+``_Evaluator.guided``). Until 2026-12-01 it held two traces of the plan under an ONNX `If` instead (two copies
+of the weights, a subgraph set-up per run). The alternative design is two engines: a B-row one (no guidance
+input) and a 2B-row one, the caller picking. This measures what picking the rows in the graph costs:
 
-- W = 1: the `If` engine against the B-row engine,
-- W = 2: the `If` engine against the 2B-row engine without the branch,
+- W = 1: the row-picking engine against the B-row engine,
+- W = 2: the row-picking engine against the 2B-row engine (``unit_guidance_branch=False``),
 
 all four through ``fewstep._C.Engine``, in interleaved rounds with an idle gap before every call
 (``fewstep.export.latency.interleaved``), medians; digits, DPM-Solver++(2M), NFE 4.
@@ -60,7 +61,7 @@ def bench(batches, threads: int, repeats: int, gap_ms: float) -> dict:
             "W=2 branch engine": lambda b=batch, lb=labels, g=w2: eng["branch"].sample(0, b, labels=lb, guidance=g),
             "W=2 2B-row engine": lambda b=batch, lb=labels, g=w2: eng["cfg_rows"].sample(0, b, labels=lb, guidance=g),
         }
-        # the branch picks the same computation: equal outputs, bit for bit
+        # the same computation on the same rows: equal outputs, bit for bit
         same_w1 = bool(np.array_equal(calls["W=1 branch engine"](), calls["W=1 B-row engine"]()))
         same_w2 = bool(np.array_equal(calls["W=2 branch engine"](), calls["W=2 2B-row engine"]()))
         times = interleaved(calls, repeats, gap_ms)
@@ -76,14 +77,14 @@ def bench(batches, threads: int, repeats: int, gap_ms: float) -> dict:
 
 def markdown(r: dict) -> str:
     m = r["machine"]
-    out = ["# One engine with an `If` on W vs two separate engines (C++ runtime)", "",
+    out = ["# One engine that picks its rows by W vs two separate engines (C++ runtime)", "",
            f"{m['cpu']}, {m['cores']} cores (shared with other jobs), {r['threads']} intra-op thread(s); "
            f"ONNX Runtime {m['onnxruntime']}; digits / {r['plan']}; {r['repeats']} interleaved rounds, "
            f"{r['gap_ms']:g} ms idle, then until the process is quiet, before every call; medians. "
            f"Load average at the end {m['load_average'][0]:.2f}.",
            "", f"File sizes: branch engine {r['file_bytes']['branch'] / 1e6:.2f} MB, B-row engine "
            f"{r['file_bytes']['b_rows'] / 1e6:.2f} MB, 2B-row engine {r['file_bytes']['cfg_rows'] / 1e6:.2f} MB "
-           "(each branch of the `If` holds its own copy of the weights).", "",
+           "(one copy of the weights in each).", "",
            "| batch | W=1 branch | W=1 B-row engine | ratio | W=2 branch | W=2 2B-row engine | ratio | "
            "equal outputs |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
     for x in r["rows"]:
