@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
 
     import fewstep
+    from fewstep.report import machine
     from fewstep.runtime.models import load
     from fewstep.runtime.plan import atomic_write_text
     from fewstep.runtime.sampling import make_inputs, run_plan
@@ -66,9 +67,6 @@ def main(argv=None) -> int:
     from fewstep.training.fit import FitConfig, fit
     from fewstep.training.fitcore import make_batch
     from fewstep.training.learned import LearnConfig, cached_reference, fit_learned
-
-    sys.path.insert(0, HERE)
-    from fit_quality import _machine
 
     teacher = load(args.model)
     den = teacher.denoiser
@@ -82,7 +80,7 @@ def main(argv=None) -> int:
     fb = make_batch(teacher, 150, 0, None, None)
     _, fit_ref_s, _ = _timed(lambda: cached_reference(teacher, fb, 150, 0, None, None, plan0.sigma_init))
     res = {"model": teacher.name, "teacher_hash": teacher.content_hash, "n_heldout": args.n, "heldout_seed": args.seed,
-           "fit_seed": 0, "reference": ref_q, "fit_reference_seconds": fit_ref_s, "machine": _machine(1),
+           "fit_seed": 0, "reference": ref_q, "fit_reference_seconds": fit_ref_s, "machine": machine(1),
            "fewstep": fewstep.__version__, "argv": sys.argv[1:] if argv is None else list(argv), "rows": []}
     path = os.path.join(args.out, f"fit_learned_{args.model}{args.tag}")
     done, prior = set(), 0.0

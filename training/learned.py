@@ -92,7 +92,8 @@ class LearnConfig:
     # "rounds" scales round r of R by (1 + cos(π·r/R))/2 (3 rounds: 1, 0.75, 0.25): later rounds refine.
     lr_decay: str = "none"
     # Weight of the spread term (``_spread_loss``): per sample, the pixel standard deviation of the endpoint
-    # against the reference's. Endpoint L2 alone shrinks what the plan cannot align toward the mean (blur).
+    # against the reference's; counters L2's shrinkage toward the mean (blur). The fast default's 2-NFE digits
+    # are not blurred (their FD excess is feature spread), and there it raised FD (fit_learned_notes.md).
     spread: float = 0.0
     grid_first: bool = False  # each round runs the grid phase before the coefficient phase
 
@@ -359,10 +360,10 @@ def _spread_loss(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
     Why it counters the pull to the mean: write a sample's centred endpoint as s·u (unit direction u, scale s)
     and the reference's as r̃. Endpoint L2 ‖s·u − r̃‖² is minimised at s = ‖r̃‖·cos(u, r̃): whatever direction the
-    plan cannot reproduce shrinks the sample's contrast by that cosine (at 2 NFE digits come out blurred, recall
-    up, precision down). Adding w·(s − ‖r̃‖)² moves the minimiser to ‖r̃‖·(cos + w)/(1 + w), so w = 1 halves the
-    shrinkage; it changes nothing where the plan matches the reference (cos = 1). std = ‖x̃‖/√dim, so the term is
-    in the same units as the L2 term's mean square."""
+    plan cannot reproduce shrinks the sample's contrast by that cosine (digits learned at 2 NFE from the
+    closed-form start: recall up, precision down). Adding w·(s − ‖r̃‖)² moves the minimiser to
+    ‖r̃‖·(cos + w)/(1 + w), so w = 1 halves the shrinkage; it changes nothing where the plan matches the reference
+    (cos = 1). std = ‖x̃‖/√dim, so the term is in the same units as the L2 term's mean square."""
     d = x.shape[0]
     sx = x.to(torch.float64).reshape(d, -1).std(1, unbiased=False)
     sr = ref.reshape(d, -1).std(1, unbiased=False)
@@ -440,8 +441,9 @@ class _Objective:
 
 def _uses_lbfgs(cfg: LearnConfig, nsteps: int) -> bool:
     # "auto": L-BFGS where a phase has ≥ LBFGS_MIN_EVALS evaluations. Its curvature comes from past steps, so
-    # with fewer (line-search trials included) it is little more than gradient descent on one minibatch; on
-    # digits it beat Adam at 10 per phase (NFE 2) and lost at 5 (NFE 4) (fit_learned_notes.md).
+    # with fewer (line-search trials included) it is little more than gradient descent on one minibatch. On
+    # digits at 10 per phase (NFE 2) it gave lower FD than Adam in 6 of 6 fits (RMSE ±3 %); at 5 (NFE 4) it
+    # lost in RMSE in both cells (fit_learned_notes.md).
     return cfg.optimizer == "lbfgs" or (cfg.optimizer == "auto" and nsteps >= LBFGS_MIN_EVALS)
 
 
