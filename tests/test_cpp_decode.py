@@ -104,9 +104,13 @@ def _c_inputs(arrays):
     return arr, keep
 
 
-def _with_contract(src, dst, edit):
-    """A copy of engine `src` whose fewstep.contract is edit(contract)."""
+def _with_contract(src, dst, edit, dynamic_hw: bool = False):
+    """A copy of engine `src` whose fewstep.contract is edit(contract); ``dynamic_hw``: the graph's declared output
+    H and W become symbolic, as engines exported before the exporter declared the contract's shape."""
     m = onnx.load(src)
+    if dynamic_hw:
+        for i, d in enumerate(m.graph.output[0].type.tensor_type.shape.dim[2:]):
+            d.dim_param = f"hw{i}"
     p = next(p for p in m.metadata_props if p.key == "fewstep.contract")
     c = json.loads(p.value)
     edit(c)
@@ -226,20 +230,18 @@ def test_hostile_output_contract_is_one_line_at_load(sd, tmp_path, name, edit, m
     assert "\n" not in str(exc.value)
 
 
-def test_output_lie_the_graph_cannot_show_is_one_line_at_the_run(sd, native, tmp_path, capsys):
-    """The exported decoder leaves H and W dynamic in the graph's declared output, so a contract promising
-    [batch, 3, 32, 32] loads; the run then refuses (ONNX Runtime does not resize the caller's buffer, and a
-    buffer of its own is checked against the contract before any copy) and writes nothing."""
+def test_output_size_lie_is_one_line_at_load(sd, native, tmp_path, capsys):
+    """The exported graph declares the output's shape as its contract says (H and W fixed), so a contract
+    promising [batch, 3, 32, 32] for a 16×16 decoder is refused at load, in one line, by every entry point,
+    and nothing is written."""
     from fewstep.cli import main
 
     path = _with_contract(sd["path"], tmp_path / "lie.onnx",
                           lambda c: c["outputs"][0].update(shape=["batch", 3, 32, 32]))
-    e = _C.Engine(path, threads=1)
-    assert e.output["shape"] == ("batch", 3, 32, 32)
-    feeds = _given(_feeds(sd["contract"], 2, 0))
     with pytest.raises((ValueError, RuntimeError)) as exc:
-        e.sample(0, 2, inputs=feeds)
-    assert "\n" not in str(exc.value) and ("32" in str(exc.value) or "shape" in str(exc.value)), exc.value
+        _C.Engine(path, threads=1)
+    assert "\n" not in str(exc.value) and "32" in str(exc.value) and "16" in str(exc.value), exc.value
+    feeds = _given(_feeds(sd["contract"], 2, 0))
     args = []
     for k, v in feeds.items():
         np.save(tmp_path / f"{k}.npy", v)
@@ -252,3 +254,15 @@ def test_output_lie_the_graph_cannot_show_is_one_line_at_the_run(sd, native, tmp
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("fewstep: error: "), err
     assert not (tmp_path / "x.npy").exists() and not (tmp_path / "y.npy").exists()
+
+
+def test_output_lie_the_graph_cannot_show_is_one_line_at_the_run(sd, tmp_path):
+    """An engine whose graph leaves H and W symbolic loads with a contract promising [batch, 3, 32, 32]; the run
+    then refuses (ONNX Runtime's output is checked against the contract before any copy) and returns nothing."""
+    path = _with_contract(sd["path"], tmp_path / "lie.onnx",
+                          lambda c: c["outputs"][0].update(shape=["batch", 3, 32, 32]), dynamic_hw=True)
+    e = _C.Engine(path, threads=1)
+    assert e.output["shape"] == ("batch", 3, 32, 32)
+    with pytest.raises((ValueError, RuntimeError)) as exc:
+        e.sample(0, 2, inputs=_given(_feeds(sd["contract"], 2, 0)))
+    assert "\n" not in str(exc.value) and ("32" in str(exc.value) or "shape" in str(exc.value)), exc.value
