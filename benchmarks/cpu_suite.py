@@ -120,7 +120,6 @@ class Runner:
         import torch
 
         torch.set_num_threads(threads)
-        from fewstep.runtime.files import load_json  # noqa: F401  (import cost outside the timing)
 
     def feeds(self, batch: int) -> dict:
         import onnx
@@ -266,11 +265,11 @@ def wait_quiet(workers) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- suite
-def measure(tag, model, engines, batches, threads, paths, repeats_for, ov_lib, ov_site, log, save) -> list[dict]:
+def measure(tag, model, engines, batches, threads, paths, repeats_for, ov_lib, ov_site, log, rows, save) -> None:
+    """One row per batch appended to ``rows`` (and saved) as it is measured."""
     import numpy as np
 
     workers = {k: Worker(k, engines, model, threads, ov_lib, ov_site) for k in paths}
-    rows = []
     try:
         for batch in batches:
             live, first, errs, outs = {}, {}, {}, {}
@@ -299,12 +298,11 @@ def measure(tag, model, engines, batches, threads, paths, repeats_for, ov_lib, o
                    "first_call_s": first, "max_rel_diff_vs_engine": agree, "not_measured": errs,
                    "calls_not_quiet": busy, "load_avg": os.getloadavg()[0]}
             rows.append(row)
-            save(rows)
+            save()
             log(f"  {tag} b{batch} t{threads}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items()))
     finally:
         for w in workers.values():
             w.close()
-    return rows
 
 
 def ratios(row) -> dict:
@@ -387,9 +385,8 @@ def main() -> int:
 
     rows = []
 
-    def save(new=()):  # after every row: a long run that stops early keeps what it measured
-        done = rows + [r for r in new if r not in rows]
-        res = {"machine": machine(0, ort=True), "rows": done, "ratios": [ratios(r) for r in done],
+    def save():  # after every row: a long run that stops early keeps what it measured
+        res = {"machine": machine(0, ort=True), "rows": rows, "ratios": [ratios(r) for r in rows],
                "command": "python benchmarks/cpu_suite.py " + " ".join(sys.argv[1:]), "targets": TARGETS}
         write_results(args.out, f"cpu_suite{args.tag}", res, markdown(res))
         return res
@@ -399,9 +396,9 @@ def main() -> int:
         batches = [int(b) for b in args.batch.split(",")]
         engines = {str(b): export(model, tag, b) for b in batches}
         for threads in [int(t) for t in args.threads.split(",")]:
-            rows += measure(tag, model, engines, batches, threads, paths,
+            measure(tag, model, engines, batches, threads, paths,
                             lambda tag, b: args.big_repeats if tag == "cifar" and b >= 16 else args.repeats,
-                            ov_lib, ov_site, log, save)
+                            ov_lib, ov_site, log, rows, save)
     print(markdown(save()))
     return 0
 
