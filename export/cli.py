@@ -52,6 +52,10 @@ def register(sub, bench_sub) -> None:
                         "input (W = 1: B rows per evaluation, the fastest engine for unguided sampling)")
     p.add_argument("--decode", action="store_true",
                    help="pipelines: append the VAE decoder (the engine maps noise + embeddings to pixels)")
+    p.add_argument("--attention", default="onnx", choices=("onnx", "ort"),
+                   help="onnx: attention as standard ops (every runtime, TensorRT included); ort: diffusers' "
+                        "attention layers as ONNX Runtime's fused MultiHeadAttention (faster in ONNX Runtime, "
+                        "no score matrix in memory; ONNX Runtime only)")
     p.add_argument("--external-data", action="store_true",
                    help="weights in OUT.data beside the .onnx (automatic above 2 GiB, the protobuf limit)")
     p.add_argument("--verify", action="store_true",
@@ -73,6 +77,8 @@ def cmd_export(args) -> int:
 
     require_onnx()
     out = check_out_path(args.out)
+    if args.tensorrt and args.attention == "ort":
+        raise FewstepError("--tensorrt needs --attention onnx: TensorRT cannot parse ONNX Runtime's contrib ops")
     if args.tensorrt:
         from .tensorrt import require_tensorrt
 
@@ -100,7 +106,8 @@ def cmd_export(args) -> int:
     if sys.stderr.isatty():  # progress on a terminal only: piped stderr keeps errors to one line
         print(f"fewstep export: tracing {plan.name} ({plan.nfe} evaluations) ...", file=sys.stderr, flush=True)
     res = export_model(teacher, plan, out, decode=args.decode, dtype=args.dtype, batch=args.batch,
-                       step_graph=args.step_graph, force=args.force, external_data=args.external_data or None)
+                       step_graph=args.step_graph, force=args.force, external_data=args.external_data or None,
+                       attention=args.attention)
     c = res.contract
     ins = ", ".join(f"{s['name']}{s['shape']}" for s in c["inputs"])
     what = "step graph" if args.step_graph else f"{plan.name}, {c['nfe']} NFE"

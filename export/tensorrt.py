@@ -78,6 +78,9 @@ def build_tensorrt(onnx_path, engine_path=None, *, min_batch: int = 1, opt_batch
 
     meta = read_metadata(onnx_path)  # a fewstep engine: the contract names the dynamic inputs
     contract = meta["fewstep.contract"]
+    if meta.get("fewstep.attention") == "ort":
+        raise TensorRTBuildError(f"{onnx_path}: exported with --attention ort (ONNX Runtime's MultiHeadAttention "
+                                 "contrib op), which TensorRT cannot parse; export with --attention onnx")
     lo, opt, hi = _check_range(contract, min_batch, opt_batch, max_batch)
     engine_path = check_out_path(engine_path or os.path.splitext(os.fspath(onnx_path))[0] + ".plan")
     trt = require_tensorrt()

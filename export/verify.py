@@ -64,6 +64,10 @@ ROUNDING_OPS = frozenset({
     "GroupNormalization", "LayerNormalization", "BatchNormalization", "ReduceMean", "ReduceSum", "Resize", "Cast",
     "HardSigmoid", "Softplus", "Gelu", "Mish", "Where",
 })
+# Fused nodes count as the roundings of what they compute: MultiHeadAttention (``--attention ort``) scales Q, then
+# MatMul Q·Kᵀ, Softmax, MatMul by V. (The plain export's path is longer by its scale's own arithmetic on the shape,
+# 1/√d as Cast, Sqrt, Div, Cast, Sqrt, which the count sees as data roundings.)
+FUSED_ROUNDINGS = {"MultiHeadAttention": 4}
 
 
 class VerifyError(FewstepError):
@@ -104,7 +108,7 @@ def rounding_depth(model) -> int:
                 for k, o in enumerate(node.output):
                     d[o] = max((b[k] for b in outs if k < len(b)), default=base)
             else:
-                inc = 1 if node.op_type in ROUNDING_OPS else 0
+                inc = FUSED_ROUNDINGS.get(node.op_type, 1 if node.op_type in ROUNDING_OPS else 0)
                 for o in node.output:
                     d[o] = base + inc
         return [d.get(o.name, 0) for o in graph.output]
