@@ -4,10 +4,12 @@ one engine through the C++ runtime vs the optimum-style loop vs diffusers' pipel
 Three ways to run the same sampler (DPM-Solver++(2M), 4 network evaluations, CFG W = 7.5 as one batched call of
 2 rows, batch 1, latents out), each in its own process (so its peak memory is its own), at 1 thread and at all
 threads:
-  (a) fewstep: `fewstep export` writes the whole sampler as one ONNX graph (CFG and the solver's coefficients in the
-      graph, external data over 2 GB); `fewstep-run --bench` times it in the C++ runtime;
+  (a) fewstep: `fewstep export --attention ort` writes the whole sampler as one ONNX graph (CFG and the solver's
+      coefficients in the graph, attention as ONNX Runtime's fused MultiHeadAttention, external data over 2 GB);
+      `fewstep-run --bench` times it in the C++ runtime; (a0) the same with `--attention onnx` (standard ops);
   (b) optimum-style: the UNet alone as ONNX in ONNX Runtime, called once per step from a Python loop around
-      diffusers' DPMSolverMultistepScheduler (what optimum's ORTStableDiffusionPipeline does);
+      diffusers' DPMSolverMultistepScheduler (what optimum's ORTStableDiffusionPipeline does); (b') the same loop
+      over a UNet exported with the same fused attention (what the fusion alone is worth, outside fewstep);
   (c) diffusers' StableDiffusionPipeline in torch eager with the same scheduler.
 Prompt embeddings are random tensors of the text encoder's shape (the text encoder runs once per prompt in every
 path and is not part of the sampler). Medians over --repeats after one warm-up. Writes
@@ -15,6 +17,8 @@ benchmarks/results/sd15_latency.{json,md}.
 
   python benchmarks/sd_latency.py                   # the SD 1.5 UNet (≈ 20 min on 2 cores, 14 GB of RAM)
   python benchmarks/sd_latency.py --config tiny     # the same code path on a tiny UNet (seconds; for checking)
+  python benchmarks/sd_latency.py --reuse-exports   # time again with the ONNX files of an earlier run (each export
+                                                    # keeps its figures in <file>.export.json beside it)
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NFE, GUIDANCE, SEED = 4, 7.5, 0
+PATHS = ("fewstep", "fewstep_plain", "ort_loop", "ort_loop_fused", "eager")
 
 # runwayml/stable-diffusion-v1-5 unet/config.json and scheduler/scheduler_config.json as published (written here:
 # nothing is downloaded).
@@ -111,11 +116,16 @@ def path_eager(folder, unet_cfg, repeats):
     return _time(once, repeats), {}
 
 
-def export_unet(folder: str, out: str) -> dict:
-    """The UNet alone as ONNX (optimum's unet/model.onnx): sample, timestep, encoder_hidden_states → noise_pred."""
+def export_unet(folder: str, out: str, attention: str = "onnx") -> dict:
+    """The UNet alone as ONNX (optimum's unet/model.onnx): sample, timestep, encoder_hidden_states → noise_pred;
+    ``attention`` "ort": its attention layers as fewstep's exporter writes them with --attention ort."""
+    import contextlib
+
     import onnx
     import torch
     from diffusers import UNet2DConditionModel
+
+    from fewstep.export.attention import fused_attention
 
     unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"), local_files_only=True).eval()
 
@@ -131,7 +141,7 @@ def export_unet(folder: str, out: str) -> dict:
     args = (torch.zeros(2, 4, s, s), torch.tensor([999.0, 999.0]), torch.zeros(2, 77, dim))
     t0 = time.perf_counter()
     tmp = out + ".tmp.onnx"
-    with torch.no_grad():
+    with torch.no_grad(), fused_attention(unet) if attention == "ort" else contextlib.nullcontext():
         torch.onnx.export(Wrap(unet), args, tmp, dynamo=False, opset_version=17,
                           input_names=["sample", "timestep", "encoder_hidden_states"], output_names=["out_sample"],
                           dynamic_axes={"sample": {0: "b"}, "timestep": {0: "b"}, "encoder_hidden_states": {0: "b"},
@@ -153,21 +163,21 @@ from fewstep.export.onnx import export_teacher
 from fewstep.runtime.models import load
 from fewstep.runtime.solvers import build
 from fewstep.training.fitcore import with_guidance
-folder, out, w, nfe = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+folder, out, w, nfe, attention = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 den = load(folder).denoiser
 plan = with_guidance(build("dpmpp-2m", nfe, den.sigma_min, den.sigma_max), w)
 t0 = time.perf_counter()
-r = export_teacher(folder, plan, out)
+r = export_teacher(folder, plan, out, attention=attention)
 print(json.dumps({"export_seconds": round(time.perf_counter() - t0, 1), "onnx_bytes": r.bytes,
                   "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
 """
 
 
-def export_fewstep(folder: str, out: str) -> dict:
+def export_fewstep(folder: str, out: str, attention: str = "onnx") -> dict:
     """The whole sampler as one engine, W = 7.5 written into every row (CFG's two halves in the graph, one copy
-    of the weights; a guidance input would add a W = 1 branch with its own copy). Its own process: peak RSS."""
-    p = subprocess.run([sys.executable, "-c", EXPORT, folder, out, str(GUIDANCE), str(NFE)], capture_output=True,
-                       text=True, cwd="/")
+    of the weights). Its own process: peak RSS."""
+    p = subprocess.run([sys.executable, "-c", EXPORT, folder, out, str(GUIDANCE), str(NFE), attention],
+                       capture_output=True, text=True, cwd="/")
     if p.returncode != 0:
         return {"error": (p.stderr.strip() or f"exit {p.returncode}").splitlines()[-1][:300]}
     res = json.loads(p.stdout.strip().splitlines()[-1])
@@ -177,7 +187,7 @@ def export_fewstep(folder: str, out: str) -> dict:
     return res
 
 
-def path_ort_loop(folder, unet_cfg, repeats, threads):
+def path_ort_loop(folder, unet_cfg, repeats, threads, unet_file="unet.onnx"):
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -185,7 +195,7 @@ def path_ort_loop(folder, unet_cfg, repeats, threads):
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(os.path.join(folder, "onnx", "unet.onnx"), so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(os.path.join(folder, "onnx", unet_file), so, providers=["CPUExecutionProvider"])
     sched = DPMSolverMultistepScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
     emb, neg, lat = inputs(unet_cfg)
     cond = np.concatenate([neg, emb])
@@ -204,7 +214,7 @@ def path_ort_loop(folder, unet_cfg, repeats, threads):
     return _time(once, repeats), {}
 
 
-def path_fewstep(folder, unet_cfg, repeats, threads):
+def path_fewstep(folder, unet_cfg, repeats, threads, engine="fewstep.onnx"):
     """The engine exported by the parent, timed by fewstep-run's own --bench (p50 of `repeats` runs)."""
     import numpy as np
 
@@ -215,7 +225,7 @@ def path_fewstep(folder, unet_cfg, repeats, threads):
     # the venv's fewstep-run (pip install), else a development build's
     exe = shutil.which("fewstep-run", path=os.path.dirname(sys.executable)) \
         or os.path.join(HERE, "..", "build", "dev", "fewstep-run")
-    cmd = [exe, os.path.join(d, "fewstep.onnx"), "--n", "1", "--threads", str(threads),
+    cmd = [exe, os.path.join(d, engine), "--n", "1", "--threads", str(threads),
            "--input", f"encoder_hidden_states={os.path.join(d, 'emb.npy')}",
            "--input", f"negative_encoder_hidden_states={os.path.join(d, 'neg.npy')}", "--bench", str(repeats)]
     env = dict(os.environ)
@@ -232,6 +242,19 @@ def path_fewstep(folder, unet_cfg, repeats, threads):
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return {"median_s": p50 / 1e3, "source": "fewstep-run --bench p50", "bench": p.stdout.strip()}, \
         {"peak_rss_mib": round(rss / 1024)}
+
+
+def _export(path: str, job, reuse: bool) -> dict:
+    """Run an export job, its figures kept in ``<path>.export.json``; ``reuse``: an earlier run's file and figures."""
+    side = path + ".export.json"
+    if reuse and os.path.exists(path) and os.path.exists(side):
+        with open(side) as f:
+            return {**json.load(f), "reused": True}
+    res = job()
+    if "error" not in res:
+        with open(side, "w") as f:
+            json.dump(res, f)
+    return res
 
 
 def _time(once, repeats: int) -> dict:
@@ -251,8 +274,12 @@ def child(args) -> None:
     cfg = SD15_UNET if args.config == "sd15" else TINY_UNET
     fn = {"eager": lambda: path_eager(args.dir, cfg, args.repeats),
           "ort_loop": lambda: path_ort_loop(args.dir, cfg, args.repeats, args.threads),
-          "fewstep": lambda: path_fewstep(args.dir, cfg, args.repeats, args.threads),
-          "export_unet": lambda: (export_unet(args.dir, os.path.join(args.dir, "onnx", "unet.onnx")), {})}[args.path]
+          "ort_loop_fused": lambda: path_ort_loop(args.dir, cfg, args.repeats, args.threads, "unet_fused.onnx"),
+          "fewstep": lambda: path_fewstep(args.dir, cfg, args.repeats, args.threads, "fewstep_fused.onnx"),
+          "fewstep_plain": lambda: path_fewstep(args.dir, cfg, args.repeats, args.threads),
+          "export_unet": lambda: (export_unet(args.dir, os.path.join(args.dir, "onnx", "unet.onnx")), {}),
+          "export_unet_fused": lambda: (export_unet(args.dir, os.path.join(args.dir, "onnx", "unet_fused.onnx"),
+                                                    "ort"), {})}[args.path]
     res, extra = fn()
     rss = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # this path's own process
     print(json.dumps({"peak_rss_mib": rss, **res, **extra}))
@@ -277,6 +304,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--note", default="", help="a line for the markdown (what else ran on the box)")
+    ap.add_argument("--reuse-exports", action="store_true",
+                    help="keep ONNX files an earlier run exported (with their <file>.export.json figures)")
+    ap.add_argument("--paths", default=",".join(PATHS), help=f"which of {','.join(PATHS)} to time")
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     args, _ = ap.parse_known_args(argv)
@@ -293,12 +323,17 @@ def main(argv=None) -> int:
     built = time.perf_counter() - t0
     os.makedirs(os.path.join(folder, "onnx"), exist_ok=True)
     # each export in its own process too: the parent stays small while the children run
-    exports = {"unet_only": run_child("export_unet", folder, args.config, os.cpu_count(), 0)}
-    eng = os.path.join(folder, "onnx", "fewstep.onnx")
-    exports["fewstep_sampler"] = export_fewstep(folder, eng)
+    d = os.path.join(folder, "onnx")
+    jobs = {"unet_only": ("unet.onnx", lambda: run_child("export_unet", folder, args.config, os.cpu_count(), 0)),
+            "unet_only_fused": ("unet_fused.onnx",
+                                lambda: run_child("export_unet_fused", folder, args.config, os.cpu_count(), 0)),
+            "fewstep_sampler": ("fewstep.onnx", lambda: export_fewstep(folder, os.path.join(d, "fewstep.onnx"))),
+            "fewstep_sampler_fused": ("fewstep_fused.onnx",
+                                      lambda: export_fewstep(folder, os.path.join(d, "fewstep_fused.onnx"), "ort"))}
+    exports = {k: _export(os.path.join(d, f), job, args.reuse_exports) for k, (f, job) in jobs.items()}
     rows = []
     for threads in (int(t) for t in args.threads.split(",")):
-        for path in ("fewstep", "ort_loop", "eager"):
+        for path in args.paths.split(","):
             r = run_child(path, folder, args.config, threads, args.repeats)
             rows.append({"path": path, "threads": threads, **r})
             print(path, threads, {k: v for k, v in r.items() if k != "bench"}, flush=True)
@@ -334,29 +369,33 @@ def markdown(r: dict) -> str:
            + "`." + (f" {r['note']}" if r.get("note") else ""), "", "| export | seconds | size | peak RSS (MiB) |",
            "|---|---:|---:|---:|"]
     for k, e in r["exports"].items():
-        out.append(f"| {k} | {e.get('export_seconds', '–')} | "
+        out.append(f"| {k}{' (reused)' if e.get('reused') else ''} | {e.get('export_seconds', '–')} | "
                    + (_size(e["bytes"]) if "bytes" in e else e.get("error", "–")[:80])
                    + f" | {e.get('peak_rss_mib', '–')} |")
-    out += ["", "| threads | (a) fewstep engine, C++ | (b) UNet ONNX + Python scheduler | (c) diffusers eager | "
-            "(a)÷(b) | (a)÷(c) | peak RSS a / b / c (MiB) |", "|---:|---:|---:|---:|---:|---:|---|"]
+    cols = [("fewstep", "(a) fewstep engine, fused attention"), ("fewstep_plain", "(a0) fewstep engine, plain"),
+            ("ort_loop", "(b) UNet ONNX + Python scheduler"), ("ort_loop_fused", "(b') (b) with fused attention"),
+            ("eager", "(c) diffusers eager")]
+    out += ["", "| threads | " + " | ".join(c for _, c in cols) + " | (a)÷(b) | (a)÷(c) | (a0)÷(b) | (b')÷(b) | "
+            "peak RSS a / a0 / b / b' / c (MiB) |", "|---:|" + "---:|" * (len(cols) + 4) + "---|"]
     for t in sorted({x["threads"] for x in r["rows"]}):
         by = {x["path"]: x for x in r["rows"] if x["threads"] == t}
-        med = {k: by.get(k, {}).get("median_s") for k in ("fewstep", "ort_loop", "eager")}
+        med = {k: by.get(k, {}).get("median_s") for k, _ in cols}
 
         def f(v):
             return "–" if v is None else f"{v:.3f} s"
 
-        def ratio(a, b):
-            return "–" if a is None or b is None else f"{a / b:.2f}"
+        def ratio(a, b, med=med):
+            return "–" if med[a] is None or med[b] is None else f"{med[a] / med[b]:.2f}"
 
-        rss = " / ".join(str(by.get(k, {}).get("peak_rss_mib", "–")) for k in ("fewstep", "ort_loop", "eager"))
-        out.append(f"| {t} | {f(med['fewstep'])} | {f(med['ort_loop'])} | {f(med['eager'])} | "
-                   f"{ratio(med['fewstep'], med['ort_loop'])} | {ratio(med['fewstep'], med['eager'])} | {rss} |")
+        rss = " / ".join(str(by.get(k, {}).get("peak_rss_mib", "–")) for k, _ in cols)
+        out.append(f"| {t} | " + " | ".join(f(med[k]) for k, _ in cols) + f" | {ratio('fewstep', 'ort_loop')} | "
+                   f"{ratio('fewstep', 'eager')} | {ratio('fewstep_plain', 'ort_loop')} | "
+                   f"{ratio('ort_loop_fused', 'ort_loop')} | {rss} |")
     errs = [f"- {x['path']} at {x['threads']} thread(s): {x['error']}" for x in r["rows"] if "error" in x]
     if errs:
         out += ["", "Paths that did not run:", *errs]
-    out += ["", "Peak RSS (`getrusage` ru_maxrss): the process that runs the sampler — fewstep-run for (a), the Python "
-            "process for (b) and (c)."]
+    out += ["", "Peak RSS (`getrusage` ru_maxrss): the process that runs the sampler — fewstep-run for (a) and (a0), "
+            "the Python process for (b), (b') and (c)."]
     return "\n".join(out) + "\n"
 
 
