@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -192,7 +193,7 @@ def test_lr_decay_schedules(gmm, monkeypatch):
 
     class Spy(learned._Adam):
         def step(self):
-            seen.append(self.lr)
+            seen.append(self.lr * self.scales[0])  # the coefficients' step: the schedule times --lr
             super().step()
 
     monkeypatch.setattr(learned, "_Adam", Spy)
@@ -362,7 +363,8 @@ def test_bad_config_is_named():
                       (dict(lr_nfe=0), "--lr-nfe"), (dict(loss="l1"), "--loss"), (dict(optimizer="sgd"), "--optimizer"),
                       (dict(reg=-1.0), "--reg"), (dict(spread=-1.0), "--spread"),
                       (dict(lr_decay="step"), "--lr-decay"),
-                      (dict(rounds=-1), "--rounds"), (dict(history=11), "--history"), (dict(budget=0.0), "--budget")):
+                      (dict(rounds=-1), "--rounds"), (dict(history=11), "--history"), (dict(budget=0.0), "--budget"),
+                      (dict(joint_below=-1), "--joint-below")):
         with pytest.raises(FitError, match=match):
             LearnConfig(**kw).check()
 
@@ -460,3 +462,74 @@ def test_cli_errors_one_line(tmp_path, capsys, args, match):
     err = capsys.readouterr().err.strip().splitlines()
     assert match in err[-1] and err[-1].startswith("fewstep"), err
     assert not (tmp_path / "o.json").exists()
+
+
+# -------------------------------------------------------------------------------------------------------------
+# cost: the fast init's side-by-side runs, the budget, joint phases
+
+
+def test_run_many_matches_run_one_by_one(gmm):
+    """``_run_many`` (the fast init's candidate grids side by side, one network call per row) computes what
+    ``fitcore.run`` computes plan by plan. The GMM denoiser runs in float64 and each sample's arithmetic is the same
+    sequence of operations in both, so the endpoints agree to rounding: ≤ 1e-12 of their size allows a few
+    hundred float64 ulps (2.2e-16) of reordering and fails on any wrong coefficient, σ or sample pairing (changes
+    of order 1e-3 or more). Plans of another row shape (DDIM beside DPM-Solver++(2M)) run one by one."""
+    from fewstep.runtime import schedules
+    from fewstep.runtime.solvers import get
+
+    den = gmm.denoiser
+    b = learned.make_batch(gmm, 12, 3, None, None)
+    plans = [get("dpmpp-2m").build(schedules.edm(4, end, float(den.sigma_max), rho)) for end, rho in
+             ((0.002, 7.0), (0.1, 7.0), (0.3, 3.0), (1.0, 15.0))]
+    for group in (plans, [plans[0], build("ddim", 4, den.sigma_min, den.sigma_max)]):
+        got = learned._run_many(group, den, b)
+        assert len(got) == len(group)
+        for p, x in zip(group, got):
+            want = run(p, den, b)
+            assert x.shape == want.shape and x.dtype == torch.float64
+            assert float((x - want).abs().max()) <= 1e-12 * float(want.abs().max()), p.name
+
+
+def test_budget_counts_the_fast_init_and_stops_before_a_late_step(gmm, monkeypatch):
+    """From the fast init the budget covers the whole fit: an init that takes longer than the budget leaves time
+    for the first step only (the first always runs; every later one is skipped when the median step duration says
+    it would end late). From a given plan the budget counts from the optimisation's start. A phase whose first
+    step would end past the deadline takes none."""
+    real = learned.fast_init
+
+    def slow_init(*a, **k):
+        time.sleep(0.3)
+        return real(*a, **k)
+
+    monkeypatch.setattr(learned, "fast_init", slow_init)
+    cfg = LearnConfig(rounds=1, coef_steps=3, grid_steps=2, budget=0.25)
+    late = fit_learned(gmm, "ddim", 3, cfg, batch=16, heldout=8).provenance
+    assert late["out_of_budget"] and late["steps"] == 1 and late["init_seconds"] >= 0.3
+    roomy = fit_learned(gmm, "ddim", 3, replace(cfg, budget=30.0), batch=16, heldout=8).provenance
+    assert not roomy["out_of_budget"] and roomy["steps"] == 5
+    den = gmm.denoiser
+    b = learned.make_batch(gmm, 8, 0, None, None)
+    params = learned._Params(build("ddim", 3, den.sigma_min, den.sigma_max), 2)
+    obj = learned._Objective(params, den, b, learned.reference_target(gmm, b, den.sigma_max), LearnConfig(), 1.0)
+    d0 = params.delta.detach().clone()
+    done, late = learned._phase(obj, [params.delta], 0.1, 5, torch.Generator().manual_seed(0),
+                                time.perf_counter() + 60.0, clock={"steps": [120.0, 1.0, 130.0]})
+    assert (done, late) == (0, True) and torch.equal(params.delta.detach(), d0)
+
+
+def test_joint_phases_where_the_budget_leaves_short_phases(gmm):
+    """``joint_below``: where the evaluation budget shrinks the phases below that many steps, each round is one
+    phase over coefficients and σ's together (its steps the sum of both), with one held-out check; otherwise the
+    phases alternate as before."""
+    den = gmm.denoiser
+    init = build("dpmpp-2m", 3, den.sigma_min, den.sigma_max)
+    b = learned.make_batch(gmm, 60, 0, None, None)
+    ref = learned.reference_target(gmm, b, den.sigma_max)
+    tr, he = learned._split(b, slice(0, 40)), learned._split(b, slice(40, 60))
+    per_round = (6 + 4) * 8 * init.nfe
+    cfg = LearnConfig(rounds=2, coef_steps=6, grid_steps=4, minibatch=8, patience=None, evals=per_round)  # ½: 3 + 2
+    _, info = learn(init, den, tr, ref[:40], he, ref[40:], replace(cfg, joint_below=4), family="dpmpp-2m")
+    assert info["joint_phases"] and info["steps"] == 2 * (3 + 2)
+    assert [t for t, _ in info["phases"]] == ["init", "round 1 joint", "round 2 joint"]
+    _, info = learn(init, den, tr, ref[:40], he, ref[40:], replace(cfg, joint_below=2), family="dpmpp-2m")
+    assert not info["joint_phases"] and [t for t, _ in info["phases"]][1:3] == ["round 1 coef", "round 1 grid"]

@@ -58,7 +58,12 @@ def _learned_args(p) -> None:
     g.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS,
                    help="adam; lbfgs (one minibatch per phase); auto: lbfgs in phases of >= 10 steps, else adam")
     g.add_argument("--minibatch", type=int, default=d.minibatch, help=f"samples per Adam step ({d.minibatch})")
-    g.add_argument("--budget", type=float, help="wall-clock seconds for the gradient phases (default: no limit)")
+    g.add_argument("--budget", type=float, default=d.budget,
+                   help=f"wall-clock seconds: the whole fit from the fast init, else the gradient phases "
+                        f"({d.budget:g}; 0: no limit); the held-out best so far is returned")
+    g.add_argument("--joint-below", type=int, default=d.joint_below,
+                   help="run each round's coefficient and grid steps as one phase where the budget leaves phases "
+                        f"of fewer steps than this ({d.joint_below}: always alternate)")
     g.add_argument("--heldout", type=int, default=50, help="held-out samples for early stopping (50)")
     g.add_argument("--history", type=int, help="K of the learned rows (default: max(init's K, 2))")
     g.add_argument("--evals", type=int, default=d.evals,
@@ -81,9 +86,9 @@ def _cmd_fit_learned(args, say) -> int:
 
     cfg = LearnConfig(loss=args.loss, slack=args.slack, reg=args.reg, rounds=args.rounds, coef_steps=args.coef_steps,
                       grid_steps=args.grid_steps, optimizer=args.optimizer, minibatch=args.minibatch,
-                      budget=args.budget, history=args.history, evals=args.evals or None,
+                      budget=args.budget or None, history=args.history, evals=args.evals or None,
                       patience=args.patience or None, lr_decay=args.lr_decay, spread=args.spread,
-                      grid_first=args.grid_first).check()
+                      grid_first=args.grid_first, joint_below=args.joint_below).check()
     init = None
     if args.init is not None:
         from ..runtime.plan import Plan
