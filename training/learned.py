@@ -13,7 +13,9 @@ executor's own loop (``executor.run_rows``) to match the reference solve from th
   base solver's rows move with the σ's (``_Params.couple``) and the fitted corrections stay, so the grid phase
   does what the rebuilt-per-grid Nelder–Mead does, from one gradient per step;
 - cost: the network's forward and backward are 97 % of a fit (the rest is Python), so the knobs are network
-  evaluations: minibatch 16, a budget ``evals`` for all steps, ``patience`` phases without a held-out gain;
+  evaluations: minibatch 16, a budget ``evals`` for all steps, ``patience`` phases without a held-out gain, the
+  fast init's candidate grids run side by side (``_run_many``); and a wall-clock ``budget`` (10 s) for the whole
+  fit, which returns the held-out best reached in time;
 - loss: endpoint L2, or LD3's soft loss (Tong et al., ICLR 2025): the student may start from any point of a
   small ball around its noise (per-sample offset δ, ‖δ‖_rms ≤ ``slack``, learned with the plan) and must land on
   the teacher's endpoint of the unperturbed noise;
