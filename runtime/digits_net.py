@@ -80,9 +80,10 @@ class DigitsUNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         ch, e = cfg.channels, cfg.emb_dim
-        # Log-spaced frequencies cover t = ¼ ln σ ∈ [−1.6, 1.1] (σ from 0.002 to 80) and beyond.
-        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(100.0), cfg.fourier_dim // 2)),
-                             persistent=False)
+        # Log-spaced frequencies cover t = ¼ ln σ ∈ [−1.6, 1.1] (σ from 0.002 to 80) and beyond. On the CPU even
+        # under load_checked's meta device, where exp would import torch._dynamo (see _SkipInit).
+        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(100.0), cfg.fourier_dim // 2,
+                                                               device="cpu")), persistent=False)
         self.t_mlp = nn.Sequential(nn.Linear(cfg.fourier_dim, e), nn.SiLU(), nn.Linear(e, e))
         self.label = nn.Embedding(cfg.num_classes + 1, e)
         self.stem = nn.Conv2d(1, ch[0], 3, padding=1)
@@ -159,8 +160,8 @@ class GuidedUNet(DigitsUNet):
         cfg = cfg or UNetConfig()
         super().__init__(cfg)
         # W of interest lies in [1, 5]; periods from ~0.6 to ~60 resolve it without aliasing over [0, 10].
-        self.register_buffer("w_freqs", torch.exp(torch.linspace(math.log(0.1), math.log(10.0), w_fourier // 2)),
-                             persistent=False)
+        self.register_buffer("w_freqs", torch.exp(torch.linspace(math.log(0.1), math.log(10.0), w_fourier // 2,
+                                                                 device="cpu")), persistent=False)  # see freqs
         self.w_mlp = nn.Sequential(nn.Linear(w_fourier, cfg.emb_dim), nn.SiLU(), nn.Linear(cfg.emb_dim, cfg.emb_dim))
         nn.init.zeros_(self.w_mlp[2].weight)  # starts as the teacher: the W embedding adds nothing
         nn.init.zeros_(self.w_mlp[2].bias)
@@ -205,6 +206,22 @@ def _resolve(path: str | None) -> str:
     return path
 
 
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """In-place initialisers are no-ops: ``load_checked`` reads only shapes. On meta tensors torch runs them as
+    Python references that import torch._dynamo, ≈ 2.8 s of every command that loads a digits model."""
+
+    SKIP = frozenset({"normal_", "uniform_", "zero_", "fill_", "trunc_normal_", "kaiming_uniform_",
+                      "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "ones_", "zeros_", "constant_",
+                      "orthogonal_"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        t = args[0] if args else kwargs.get("tensor")  # nn.init passes the tensor by keyword
+        if getattr(func, "__name__", "") in self.SKIP and getattr(t, "is_meta", False):
+            return t
+        return func(*args, **kwargs)
+
+
 def load_checked(make, path: str) -> nn.Module:
     """``make()`` with the weights at ``path``, every tensor's name and shape checked against the file's
     header on the meta device first: a config that does not match its weights (or asks for a huge
@@ -217,7 +234,7 @@ def load_checked(make, path: str) -> nn.Module:
     check_regular(path, "weights file")
     with safe_open(path, framework="pt") as f:
         have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         want = {k: tuple(v.shape) for k, v in make().state_dict().items()}
     for k in want:
         if k not in have:
