@@ -102,6 +102,7 @@ def test_what_cannot_take_fused_attention_is_one_line(sd, tmp_path):
                         (["--model", sd["folder"], "--solver", "ddim", "--nfe", "2", "--tensorrt"],
                          "--tensorrt needs --attention onnx")):
         p = subprocess.run([sys.executable, "-m", "fewstep", "export", *argv, "--attention", "ort",
-                            "--out", str(tmp_path / "c.onnx")], capture_output=True, text=True)
+                            "--out", str(tmp_path / "c.onnx")], capture_output=True, text=True, timeout=600,
+                           cwd="/")  # `python -m` puts the cwd first on sys.path: not the repo root's fewstep/
         assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and match in p.stderr, p.stderr
     assert not list(tmp_path.glob("*.onnx"))  # refused before anything was written
