@@ -50,7 +50,7 @@ VARIANTS = {
     "lbfgs": dict(optimizer="lbfgs"),
     "auto": dict(optimizer="auto"),
     "auto+p3": dict(optimizer="auto", patience=3),
-    # what the phases reach from the fast init, unbudgeted (budget: None since the 9.5 s default)
+    # what the phases reach from the fast init, unbudgeted (budget: None since the 10 s default)
     "long": dict(evals=None, patience=None, rounds=6, budget=None),
     "long-k3": dict(evals=None, patience=None, rounds=6, budget=None, history=3),
     "mb8": dict(minibatch=8),  # the same evaluations as twice as many steps
@@ -64,7 +64,7 @@ VARIANTS = {
     "alternate": dict(joint_below=0),  # every round: a coefficient phase, then a grid phase
     "joint4": dict(joint_below=4),  # one joint phase per round where the budget leaves phases of < 4 steps
     "joint5": dict(joint_below=5),
-    "nobudget": dict(budget=None),  # the defaults before the 9.5 s budget
+    "nobudget": dict(budget=None),  # the defaults before the wall-clock budget default
     "k3": dict(history=3),
     "evals2400": dict(evals=2400),
     "evals2400-k3": dict(evals=2400, history=3),

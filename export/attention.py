@@ -77,13 +77,9 @@ class _FusedProcessor:
         return out / attn.rescale_output_factor
 
 
-def _fusable(module) -> bool:
+def _fusable(module, attention_cls, default_processors) -> bool:
     """A diffusers ``Attention`` with a default processor and nothing the fused op would change."""
-    try:
-        from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
-    except ImportError:  # no diffusers: no diffusers attention layers either
-        return False
-    if not isinstance(module, Attention) or type(module.processor) not in (AttnProcessor, AttnProcessor2_0):
+    if not isinstance(module, attention_cls) or type(module.processor) not in default_processors:
         return False
     if getattr(module, "norm_q", None) is not None or getattr(module, "norm_k", None) is not None:
         return False
@@ -98,12 +94,16 @@ def _fusable(module) -> bool:
 def fused_attention(*modules):
     """Within the block, every fusable attention layer under ``modules`` traces as MultiHeadAttention; yields
     how many layers that is (0: nothing to fuse). The original processors are put back on exit."""
+    try:
+        from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+    except ImportError:  # no diffusers: no diffusers attention layers either
+        modules = ()
     swapped = []
     for root in modules:
         if root is None:
             continue
         for m in root.modules():
-            if _fusable(m):
+            if _fusable(m, Attention, (AttnProcessor, AttnProcessor2_0)):
                 swapped.append((m, m.processor))
                 m.processor = _FusedProcessor(m.processor)
     try:

@@ -303,15 +303,15 @@ def rms(x: torch.Tensor, target: torch.Tensor) -> float:
 
 
 def safeguard(base: Plan, fitted: Plan, slots: Sequence[Slot], den, batch: Batch, target: torch.Tensor,
-              alphas=(1.0, 0.75, 0.5, 0.25, 0.0)) -> tuple[Plan, dict]:
+              alphas=(1.0, 0.75, 0.5, 0.25, 0.0), known: dict | None = None) -> tuple[Plan, dict]:
     """Scale all fitted corrections (``slots``, compiled as ``fitted``) by the α in ``alphas`` with the smallest
     endpoint error on the fitting batch (α = 0 is the base plan): fitting never makes the fitted batch's error
-    worse."""
+    worse. ``known``: {α: error} the caller already measured on this batch (not run again)."""
     errs = {}
     best, best_err = None, math.inf
     for a in alphas:
         p = fitted if a == 1.0 else base if a == 0.0 else to_plan(base, scaled(slots, a))
-        err = rms(run(p, den, batch), target)
+        err = known[a] if known and a in known else rms(run(p, den, batch), target)
         errs[a] = err
         if err < best_err - 1e-15 * max(1.0, abs(best_err) if math.isfinite(best_err) else 1.0):
             best, best_err = (a, p), err

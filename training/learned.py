@@ -684,7 +684,7 @@ def fast_init(family: str, nfe: int, den, batch: Batch, ref: torch.Tensor, guida
     from ..runtime import schedules
     from ..runtime.solvers import build, get
     from . import dode
-    from .fitcore import grid_of
+    from .fitcore import grid_of, safeguard
 
     base = with_guidance(build(family, nfe, den.sigma_min, den.sigma_max, schedule=schedule), guidance)
     steps = len(grid_of(base)) - 1
@@ -721,12 +721,10 @@ def fast_init(family: str, nfe: int, den, batch: Batch, ref: torch.Tensor, guida
         trials([(rho, best["end"]) for rho in (3.0, 5.0, 10.0, 15.0)])
     plan, err = best["plan"], best["err"]
     fitted, dinfo = dode.fit_dode(plan, family, den, small)
-    # The safeguard with α ∈ {1, 0}, without re-running the plain plan (its error is ``err``): D-ODE is kept
-    # unless the plain plan is strictly better on the ``n`` samples.
-    e_fit = rms(run(fitted, den, small), sref)
-    alpha = 0.0 if err < e_fit else 1.0
-    info.update(dode_alpha=alpha, rmse_plain=err, rmse=min(err, e_fit), lambdas=dinfo["lambdas"])
-    return (fitted if alpha else plan), info
+    # α ∈ {1, 0}: D-ODE kept unless the plain plan is better on the ``n`` samples (its error is known: not re-run)
+    kept, sg = safeguard(plan, fitted, dinfo.pop("slots"), den, small, sref, alphas=(1.0, 0.0), known={0.0: err})
+    info.update(dode_alpha=sg["alpha"], rmse_plain=err, rmse=sg["fit_rmse_kept"], lambdas=dinfo["lambdas"])
+    return kept, info
 
 
 def _run_many(plans: list[Plan], den, batch: Batch) -> list[torch.Tensor]:
