@@ -51,16 +51,21 @@ def sample(
     return run_rows(plan, plan.sigma_init * z, evaluate, noise)
 
 
-def run_rows(plan: Plan, x: torch.Tensor, evaluate: Callable, noise=None) -> torch.Tensor:
+def run_rows(plan: Plan, x: torch.Tensor, evaluate: Callable, noise=None, hist: list | None = None,
+             record: list | None = None) -> torch.Tensor:
     """The Plan's loop from the initial state ``x``; ``evaluate(e, row, u)`` is the network.
 
     Shared by ``sample`` and the ONNX exporter, so the exported graph does the same ops in
-    the same order.
+    the same order. ``hist``: the history entries of earlier rows (to resume a run part-way: the
+    learned-plan fitter's Jacobian reruns only the rows a perturbation reaches); ``record``: a list
+    that gets (x, history) before every row.
     """
-    hist: list[torch.Tensor] = []  # hist[-k] is h_{e-k}
+    hist = [] if hist is None else list(hist)  # hist[-k] is h_{e-k}
     keep = max(plan.history, 1)  # entries older than K are never read again
     ns = 0
     for e, row in enumerate(plan.rows):
+        if record is not None:
+            record.append((x, list(hist)))
         u = row.a * x if row.a != 1.0 else x
         for k in range(1, len(row.p) + 1):
             if row.p[k - 1] != 0.0:

@@ -443,12 +443,23 @@ def test_cli_fit_learned(tmp_path, capsys):
     lc = pv["learn_config"]
     assert lc["evals"] is None and lc["patience"] == 1
     assert (lc["lr_decay"], lc["spread"], lc["optimizer"], lc["grid_first"]) == ("rounds", 0.5, "auto", True)
+    # 2 NFE: "auto" is Levenberg–Marquardt, one progress line per iteration
+    rc = _cli("--model", "gmm", "--solver", "dpmpp-2m", "--nfe", "2", "--method", "learned", "--batch", "40",
+              "--heldout", "20", "--lm-steps", "2", "--lm-batch", "30", "--budget", "0",
+              "--out", str(tmp_path / "r.json"))
+    err = capsys.readouterr().err
+    pv = Plan.load(tmp_path / "r.json").provenance
+    assert rc == 0 and pv["optimizer"] == "lm" and pv["steps"] == 2, err
+    assert "lm iteration 2/2: training loss" in err and "learned lm: held-out RMSE" in err
+    assert (pv["learn_config"]["lm_steps"], pv["learn_config"]["lm_batch"]) == (2, 30)
 
 
 @pytest.mark.parametrize("args,match", [
     (["--loss", "l1"], "invalid choice"),
     (["--reg", "-1"], "--reg"),
     (["--heldout", "0"], "--heldout"),
+    (["--lm-steps", "0"], "--lm-steps"),
+    (["--optimizer", "lm", "--loss", "ld3"], "--optimizer lm"),
     (["--init-method", "nope"], "unknown method"),
     (["--nfe", "4", "--init", "PLAN"], "expected 4 NFE"),  # later flags win in argparse: --nfe 4 overrides 3
     (["--init", "FOREIGN"], "another teacher"),
@@ -537,3 +548,92 @@ def test_joint_phases_where_the_budget_leaves_short_phases(gmm):
     assert [t for t, _ in info["phases"]] == ["init", "round 1 joint", "round 2 joint"]
     _, info = learn(init, den, tr, ref[:40], he, ref[40:], replace(cfg, joint_below=2), family="dpmpp-2m")
     assert not info["joint_phases"] and [t for t, _ in info["phases"]][1:3] == ["round 1 coef", "round 1 grid"]
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Levenberg–Marquardt (--optimizer lm; "auto" at 2 NFE)
+
+
+def test_perturbed_endpoints_rerun_only_what_a_change_reaches(gmm, monkeypatch):
+    """``_perturbed_endpoints`` (the LM Jacobian's runs: each perturbed plan resumed from the base run's state at the
+    first row it changes) gives what running every plan from the start gives, for coefficients of every row and
+    the σ gaps with the coupled grid. The GMM runs in float64 and each sample's arithmetic is the same sequence of
+    operations either way, so ≤ 1e-12 of the endpoint's size (a few hundred float64 ulps) fails on any wrong
+    resume point, history or reused network output (every perturbation here moves the endpoint by > 1e-9, 1000× the
+    tolerance; most by 1e-5 to 1e-2). It also
+    makes fewer network calls: a row-e coefficient costs the calls of rows ≥ e (≥ e + 1 for c / q)."""
+    den = gmm.denoiser
+    b = learned.make_batch(gmm, 10, 2, None, None)
+    calls, real = [], learned.call_denoiser
+
+    def counting(den_, u, *a, **k):
+        calls.append(u.shape[0])
+        return real(den_, u, *a, **k)
+
+    for fam, nfe in (("dpmpp-2m", 4), ("ddim", 3)):
+        params = learned._Params(build(fam, nfe, den.sigma_min, den.sigma_max), 2)
+        assert params.couple(fam)
+        v = params.vector()
+        vecs = v.repeat(len(v) + 1, 1)
+        vecs[torch.arange(1, len(v) + 1), torch.arange(len(v))] += 1e-3
+        calls.clear()
+        monkeypatch.setattr(learned, "call_denoiser", counting)
+        got = learned._perturbed_endpoints(params, vecs, den, b)
+        shared = sum(calls)
+        calls.clear()
+        want = torch.stack(learned._side_by_side([params.rows_at(w) for w in vecs], params.init.sigma_init * b.z,
+                                                 2, den, b))
+        monkeypatch.setattr(learned, "call_denoiser", real)
+        assert sum(calls) == len(vecs) * nfe * 10 and shared < 0.75 * sum(calls), (shared, sum(calls))
+        assert got.shape == want.shape
+        assert float((got - want).abs().max()) <= 1e-12 * float(want.abs().max()), fam
+        moved = (want[1:] - want[0]).flatten(1).abs().amax(1)
+        assert float(moved.min()) > 1e-9  # every column is resolved: ≥ 1000× the tolerance above
+
+
+def test_lm_recovers_a_perturbed_plan(gmm):
+    """As ``test_perturbed_coefficients_converge_back``, with Levenberg–Marquardt: every coefficient of a known
+    DPM-Solver++(2M)-3 plan scaled by 1 ± 10 %, the target its own endpoints; 10 iterations must cut the distance to
+    the true plan's samples on 1000 fresh noises 10× (a Gauss–Newton step on this near-linear least-squares problem
+    gets most of it in one; doing nothing, or fitting only the 100 training samples, fails)."""
+    den = gmm.denoiser
+    true = build("dpmpp-2m", 3, den.sigma_min, den.sigma_max)
+    rng = np.random.default_rng(0)
+
+    def jitter(v):
+        return v * (1 + 0.1 * rng.choice([-1.0, 1.0])) if v != 0.0 else v
+
+    rows = [r.__class__(sigma=r.sigma, a=jitter(r.a), p=tuple(jitter(v) for v in r.p), c=jitter(r.c),
+                        q=tuple(jitter(v) for v in r.q), s=r.s) for r in true.rows]
+    start = true.replace(rows=tuple(rows))
+    g = torch.Generator().manual_seed(0)
+    b = Batch(torch.randn(150, 2, generator=g, dtype=torch.float64), None, None, torch.float64)
+    tgt = run(true, den, b)
+    tr, he = learned._split(b, slice(0, 100)), learned._split(b, slice(100, 150))
+    cfg = LearnConfig(optimizer="lm", lm_steps=10, reg=0.0, history=true.history, budget=None)
+    out, info = learn(start, den, tr, tgt[:100], he, tgt[100:], cfg)
+    assert info["winner"] == "learned" and info["optimizer"] == "lm" and info["best_phase"] == "lm"
+    assert [t for t, _ in info["phases"]] == ["init", "lm"]
+    fresh = Batch(torch.randn(1000, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64), None, None,
+                  torch.float64)
+    want = run(true, den, fresh)
+    e0, e1 = rms(run(start, den, fresh), want), rms(run(out, den, fresh), want)
+    assert e1 <= 0.1 * e0, (e0, e1)
+
+
+def test_auto_uses_lm_on_small_plans_only(gmm):
+    """The default optimizer ("auto") runs Levenberg–Marquardt on a 2-NFE plan (≤ LM_AUTO_PARAMS parameters), one
+    phase of ``lm_steps`` iterations, never worse than the start on the held-out split; a 4-NFE plan and LD3's loss
+    keep the first-order phases."""
+    assert LearnConfig().optimizer == "auto"
+    pv = fit_learned(gmm, "dpmpp-2m", 2, LearnConfig(budget=None, lm_steps=2), batch=40, heldout=20).provenance
+    assert pv["optimizer"] == "lm" and pv["steps"] == 2 and pv["heldout_rmse"] <= pv["heldout_rmse_init"]
+    pv = fit_learned(gmm, "dpmpp-2m", 4, LearnConfig(budget=None, rounds=1), batch=40, heldout=20).provenance
+    assert pv["optimizer"] == "auto" and "round 1 coef" in [t for t, _ in pv["phases"]]
+    pv = fit_learned(gmm, "dpmpp-2m", 2, LearnConfig(budget=None, rounds=1, loss="ld3"), batch=40,
+                     heldout=20).provenance
+    assert pv["optimizer"] == "auto" and "lm" not in [t for t, _ in pv["phases"]]
+    for kw, match in ((dict(optimizer="lm", loss="ld3"), "--optimizer lm"), (dict(lm_steps=0), "--lm-steps"),
+                      (dict(lm_batch=0), "--lm-batch")):
+        with pytest.raises(FitError, match=match):
+            LearnConfig(**kw).check()

@@ -42,7 +42,7 @@ def register(sub, bench_sub) -> None:
 
 
 def _learned_args(p) -> None:
-    from .learned import LOSSES, LR_DECAYS, OPTIMIZERS, LearnConfig
+    from .learned import LM_AUTO_PARAMS, LOSSES, LR_DECAYS, OPTIMIZERS, LearnConfig
 
     d = LearnConfig()
     g = p.add_argument_group("--method learned (S4S-Alt / LD3; training/learned.py)")
@@ -56,8 +56,13 @@ def _learned_args(p) -> None:
     g.add_argument("--coef-steps", type=int, default=d.coef_steps, help=f"steps per coefficient phase ({d.coef_steps})")
     g.add_argument("--grid-steps", type=int, default=d.grid_steps, help=f"steps per grid phase ({d.grid_steps})")
     g.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS,
-                   help="adam; lbfgs (one minibatch per phase); auto: lbfgs in phases of >= 10 steps, else adam")
+                   help="adam; lbfgs (one minibatch per phase); lm (Levenberg-Marquardt, one phase of --lm-steps); "
+                        f"auto: lm on plans of <= {LM_AUTO_PARAMS} parameters (2 NFE) with the l2 loss, else lbfgs "
+                        f"in phases of >= 10 steps, else adam ({d.optimizer})")
     g.add_argument("--minibatch", type=int, default=d.minibatch, help=f"samples per Adam step ({d.minibatch})")
+    g.add_argument("--lm-steps", type=int, default=d.lm_steps, help=f"Levenberg-Marquardt iterations ({d.lm_steps})")
+    g.add_argument("--lm-batch", type=int, default=d.lm_batch,
+                   help="samples of the fitting batch per Levenberg-Marquardt phase (default: all)")
     g.add_argument("--budget", type=float, default=d.budget,
                    help=f"wall-clock seconds: the whole fit from the fast init, else the gradient phases "
                         f"({d.budget:g}; 0: no limit); the held-out best so far is returned")
@@ -88,7 +93,8 @@ def _cmd_fit_learned(args, say) -> int:
                       grid_steps=args.grid_steps, optimizer=args.optimizer, minibatch=args.minibatch,
                       budget=args.budget or None, history=args.history, evals=args.evals or None,
                       patience=args.patience or None, lr_decay=args.lr_decay, spread=args.spread,
-                      grid_first=args.grid_first, joint_below=args.joint_below).check()
+                      grid_first=args.grid_first, joint_below=args.joint_below, lm_steps=args.lm_steps,
+                      lm_batch=args.lm_batch).check()
     init = None
     if args.init is not None:
         from ..runtime.plan import Plan
