@@ -177,8 +177,8 @@ def test_patience_stops_and_evals_scale_the_steps(gmm):
         tgt = learned.endpoint(learned._Params(true, 2), den, b, b.z, None)
     tr, he = learned._split(b, slice(0, 40)), learned._split(b, slice(40, 60))
     per_round = (6 + 4) * 8 * true.nfe  # (coef + grid steps) · minibatch · NFE
-    cfg = LearnConfig(rounds=2, coef_steps=6, grid_steps=4, minibatch=8, patience=1, evals=per_round, history=2,
-                      budget=None)  # step counts below: never the wall clock's
+    cfg = LearnConfig(optimizer="adam", rounds=2, coef_steps=6, grid_steps=4, minibatch=8, patience=1,
+                      evals=per_round, history=2, budget=None)  # step counts below: never the wall clock's
     out, info = learn(true, den, tr, tgt[:40], he, tgt[40:], cfg, family="dpmpp-2m")
     assert info["heldout_rmse_init"] == 0.0 and info["winner"] == "closed-form" and out is true
     assert info["stopped_early"] and info["rounds"] == 2 and info["step_fraction"] == 0.5 and info["steps"] == 3
@@ -206,8 +206,8 @@ def test_lr_decay_schedules(gmm, monkeypatch):
               torch.float64)
     ref = run(init, den, b) * 0.9  # a target the init misses, so every phase takes all its steps
     tr, he = learned._split(b, slice(0, 16)), learned._split(b, slice(16, 24))
-    base = LearnConfig(rounds=3, coef_steps=6, grid_steps=0, warmup=2, minibatch=8, evals=None, patience=None,
-                       lr=1e-2, lr_nfe=None, budget=None)  # every step, however loaded the box
+    base = LearnConfig(optimizer="adam", rounds=3, coef_steps=6, grid_steps=0, warmup=2, minibatch=8, evals=None,
+                       patience=None, lr=1e-2, lr_nfe=None, budget=None)  # every step, however loaded the box
     learn(init, den, tr, ref[:16], he, ref[16:], replace(base, lr_decay="cosine"))
     m = 6 - 2
     want = [1e-2 * 0.5, 1e-2] + [1e-2 * 0.5 * (1 + math.cos(math.pi * j / m)) for j in range(m)]
@@ -280,7 +280,8 @@ def test_lbfgs_minimises_a_quadratic_within_its_evaluations():
 
 
 def test_auto_optimizer_uses_lbfgs_only_in_long_phases(gmm, monkeypatch):
-    """optimizer "auto": L-BFGS in a phase of ≥ LBFGS_MIN_EVALS steps, Adam below (spied on both)."""
+    """optimizer "auto" past LM_AUTO_NFE: L-BFGS in a phase of ≥ LBFGS_MIN_EVALS steps, Adam below (spied on
+    both)."""
     calls = []
     real = learned._lbfgs
 
@@ -290,7 +291,7 @@ def test_auto_optimizer_uses_lbfgs_only_in_long_phases(gmm, monkeypatch):
 
     monkeypatch.setattr(learned, "_lbfgs", spy)
     den = gmm.denoiser
-    init = build("dpmpp-2m", 3, den.sigma_min, den.sigma_max)
+    init = build("dpmpp-2m", learned.LM_AUTO_NFE + 1, den.sigma_min, den.sigma_max)
     b = Batch(torch.randn(24, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64), None, None,
               torch.float64)
     ref = run(init, den, b) * 0.9
@@ -427,7 +428,7 @@ def _cli(*args) -> int:
 def test_cli_fit_learned(tmp_path, capsys):
     out = tmp_path / "p.json"
     rc = _cli("--model", "gmm", "--solver", "ddim", "--nfe", "3", "--method", "plan", "--init-method", "dode",
-              "--batch", "40", "--heldout", "20", "--rounds", "1", "--out", str(out))
+              "--batch", "40", "--heldout", "20", "--rounds", "1", "--optimizer", "adam", "--out", str(out))
     err = capsys.readouterr().err
     assert rc == 0, err
     assert "learned round 1 coef: held-out RMSE" in err  # the progress line
@@ -445,12 +446,12 @@ def test_cli_fit_learned(tmp_path, capsys):
     assert (lc["lr_decay"], lc["spread"], lc["optimizer"], lc["grid_first"]) == ("rounds", 0.5, "auto", True)
     # 2 NFE: "auto" is Levenberg–Marquardt, one progress line per iteration
     rc = _cli("--model", "gmm", "--solver", "dpmpp-2m", "--nfe", "2", "--method", "learned", "--batch", "40",
-              "--heldout", "20", "--lm-steps", "2", "--lm-batch", "30", "--budget", "0",
+              "--heldout", "20", "--lm-steps", "2", "--lm-batch", "30", "--budget", "0", "--lm-rounds", "1",
               "--out", str(tmp_path / "r.json"))
     err = capsys.readouterr().err
     pv = Plan.load(tmp_path / "r.json").provenance
     assert rc == 0 and pv["optimizer"] == "lm" and pv["steps"] == 2, err
-    assert "lm iteration 2/2: training loss" in err and "learned lm: held-out RMSE" in err
+    assert "lm iteration 2/2: training loss" in err and "learned round 1 lm: held-out RMSE" in err
     assert (pv["learn_config"]["lm_steps"], pv["learn_config"]["lm_batch"]) == (2, 30)
 
 
@@ -516,7 +517,7 @@ def test_budget_counts_the_fast_init_and_stops_before_a_late_step(gmm, monkeypat
         return real(*a, **k)
 
     monkeypatch.setattr(learned, "fast_init", slow_init)
-    cfg = LearnConfig(rounds=1, coef_steps=3, grid_steps=2, budget=0.25)
+    cfg = LearnConfig(optimizer="adam", rounds=1, coef_steps=3, grid_steps=2, budget=0.25)
     late = fit_learned(gmm, "ddim", 3, cfg, batch=16, heldout=8).provenance
     assert late["out_of_budget"] and late["steps"] == 1 and late["init_seconds"] >= 0.3
     roomy = fit_learned(gmm, "ddim", 3, replace(cfg, budget=30.0), batch=16, heldout=8).provenance
@@ -541,8 +542,8 @@ def test_joint_phases_where_the_budget_leaves_short_phases(gmm):
     ref = learned.reference_target(gmm, b, den.sigma_max)
     tr, he = learned._split(b, slice(0, 40)), learned._split(b, slice(40, 60))
     per_round = (6 + 4) * 8 * init.nfe
-    cfg = LearnConfig(rounds=2, coef_steps=6, grid_steps=4, minibatch=8, patience=None, evals=per_round,
-                      budget=None)  # ½: 3 + 2 steps, whatever the wall clock
+    cfg = LearnConfig(optimizer="adam", rounds=2, coef_steps=6, grid_steps=4, minibatch=8, patience=None,
+                      evals=per_round, budget=None)  # ½: 3 + 2 steps, whatever the wall clock
     _, info = learn(init, den, tr, ref[:40], he, ref[40:], replace(cfg, joint_below=4), family="dpmpp-2m")
     assert info["joint_phases"] and info["steps"] == 2 * (3 + 2)
     assert [t for t, _ in info["phases"]] == ["init", "round 1 joint", "round 2 joint"]
@@ -578,7 +579,7 @@ def test_perturbed_endpoints_rerun_only_what_a_change_reaches(gmm, monkeypatch):
         vecs[torch.arange(1, len(v) + 1), torch.arange(len(v))] += 1e-3
         calls.clear()
         monkeypatch.setattr(learned, "call_denoiser", counting)
-        got = learned._perturbed_endpoints(params, vecs, den, b)
+        got, base = learned._perturbed_endpoints(params, vecs, den, b)
         shared = sum(calls)
         calls.clear()
         want = torch.stack(learned._side_by_side([params.rows_at(w) for w in vecs], params.init.sigma_init * b.z,
@@ -587,6 +588,8 @@ def test_perturbed_endpoints_rerun_only_what_a_change_reaches(gmm, monkeypatch):
         assert sum(calls) == len(vecs) * nfe * 10 and shared < 0.75 * sum(calls), (shared, sum(calls))
         assert got.shape == want.shape
         assert float((got - want).abs().max()) <= 1e-12 * float(want.abs().max()), fam
+        again, _ = learned._perturbed_endpoints(params, vecs[[0, 3, 1]], den, b, base)  # the base run reused
+        assert float((again - got[[0, 3, 1]]).abs().max()) <= 1e-12 * float(want.abs().max())
         moved = (want[1:] - want[0]).flatten(1).abs().amax(1)
         assert float(moved.min()) > 1e-9  # every column is resolved: ≥ 1000× the tolerance above
 
@@ -610,10 +613,11 @@ def test_lm_recovers_a_perturbed_plan(gmm):
     b = Batch(torch.randn(150, 2, generator=g, dtype=torch.float64), None, None, torch.float64)
     tgt = run(true, den, b)
     tr, he = learned._split(b, slice(0, 100)), learned._split(b, slice(100, 150))
-    cfg = LearnConfig(optimizer="lm", lm_steps=10, reg=0.0, history=true.history, budget=None)
+    cfg = LearnConfig(optimizer="lm", lm_blocks="joint", lm_rounds=1, lm_steps=10, reg=0.0, history=true.history,
+                      budget=None)
     out, info = learn(start, den, tr, tgt[:100], he, tgt[100:], cfg)
-    assert info["winner"] == "learned" and info["optimizer"] == "lm" and info["best_phase"] == "lm"
-    assert [t for t, _ in info["phases"]] == ["init", "lm"]
+    assert info["winner"] == "learned" and info["optimizer"] == "lm" and info["best_phase"] == "round 1 lm"
+    assert [t for t, _ in info["phases"]] == ["init", "round 1 lm"] and info["lm_blocks"] == 1
     fresh = Batch(torch.randn(1000, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64), None, None,
                   torch.float64)
     want = run(true, den, fresh)
@@ -621,19 +625,27 @@ def test_lm_recovers_a_perturbed_plan(gmm):
     assert e1 <= 0.1 * e0, (e0, e1)
 
 
-def test_auto_uses_lm_on_small_plans_only(gmm):
-    """The default optimizer ("auto") runs Levenberg–Marquardt on a 2-NFE plan (≤ LM_AUTO_PARAMS parameters), one
-    phase of ``lm_steps`` iterations, never worse than the start on the held-out split; a 4-NFE plan and LD3's loss
-    keep the first-order phases."""
-    assert LearnConfig().optimizer == "auto"
-    pv = fit_learned(gmm, "dpmpp-2m", 2, LearnConfig(budget=None, lm_steps=2), batch=40, heldout=20).provenance
+def test_auto_uses_lm_up_to_4_nfe(gmm):
+    """The default optimizer ("auto") runs Levenberg–Marquardt up to LM_AUTO_NFE: at 2 NFE on all parameters at
+    once (≤ LM_AUTO_PARAMS), at 4 NFE by blocks (the σ's, then each row), ``lm_rounds`` rounds of ``lm_steps``
+    iterations per block, never worse than the start on the held-out split; 5 NFE and LD3's loss keep the
+    first-order phases."""
+    assert LearnConfig().optimizer == "auto" and learned.LM_AUTO_NFE == 4
+    pv = fit_learned(gmm, "dpmpp-2m", 2, LearnConfig(budget=None, lm_rounds=1, lm_steps=2), batch=40,
+                     heldout=20).provenance
     assert pv["optimizer"] == "lm" and pv["steps"] == 2 and pv["heldout_rmse"] <= pv["heldout_rmse_init"]
-    pv = fit_learned(gmm, "dpmpp-2m", 4, LearnConfig(budget=None, rounds=1), batch=40, heldout=20).provenance
+    assert pv["lm_blocks"] == 1
+    pv = fit_learned(gmm, "dpmpp-2m", 4, LearnConfig(budget=None, lm_rounds=2), batch=40, heldout=20).provenance
+    assert pv["optimizer"] == "lm" and pv["lm_blocks"] == 1 + 4 and pv["steps"] == 2 * 5
+    assert [t for t, _ in pv["phases"]] == ["init", "round 1 lm", "round 2 lm"][:len(pv["phases"])]
+    assert pv["heldout_rmse"] <= pv["heldout_rmse_init"]
+    pv = fit_learned(gmm, "dpmpp-2m", 5, LearnConfig(budget=None, rounds=1), batch=40, heldout=20).provenance
     assert pv["optimizer"] == "auto" and "round 1 coef" in [t for t, _ in pv["phases"]]
     pv = fit_learned(gmm, "dpmpp-2m", 2, LearnConfig(budget=None, rounds=1, loss="ld3"), batch=40,
                      heldout=20).provenance
-    assert pv["optimizer"] == "auto" and "lm" not in [t for t, _ in pv["phases"]]
+    assert pv["optimizer"] == "auto" and "round 1 lm" not in [t for t, _ in pv["phases"]]
     for kw, match in ((dict(optimizer="lm", loss="ld3"), "--optimizer lm"), (dict(lm_steps=0), "--lm-steps"),
-                      (dict(lm_batch=0), "--lm-batch")):
+                      (dict(lm_batch=0), "--lm-batch"), (dict(lm_blocks="cols"), "--lm-blocks"),
+                      (dict(lm_rounds=0), "--lm-rounds")):
         with pytest.raises(FitError, match=match):
             LearnConfig(**kw).check()

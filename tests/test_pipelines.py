@@ -459,6 +459,11 @@ def test_learned_plan_takes_prompts(folders):
     plan = fit_learned(m, "ddim", 2, cfg, init_method="dode", batch=3, heldout=2, guidance=1.5)
     assert plan.nfe == 2 and all(r.guidance == 1.5 for r in plan.rows)
     assert plan.provenance["heldout_rmse"] <= plan.provenance["heldout_rmse_init"]
+    # the default: the fast init's grids and the Levenberg–Marquardt Jacobian run plans side by side, the named
+    # conditioning repeated per plan
+    plan = fit_learned(m, "ddim", 2, LearnConfig(lm_rounds=1, budget=None), batch=3, heldout=2, guidance=1.5)
+    pv = plan.provenance
+    assert pv["init_method"] == "fast" and pv["optimizer"] == "lm" and pv["heldout_rmse"] <= pv["heldout_rmse_init"]
 
 
 def test_broken_folders_are_one_line(folders, tmp_path):

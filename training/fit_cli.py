@@ -42,7 +42,7 @@ def register(sub, bench_sub) -> None:
 
 
 def _learned_args(p) -> None:
-    from .learned import LM_AUTO_PARAMS, LOSSES, LR_DECAYS, OPTIMIZERS, LearnConfig
+    from .learned import LM_AUTO_NFE, LM_AUTO_PARAMS, LM_BLOCKS, LOSSES, LR_DECAYS, OPTIMIZERS, LearnConfig
 
     d = LearnConfig()
     g = p.add_argument_group("--method learned (S4S-Alt / LD3; training/learned.py)")
@@ -56,13 +56,19 @@ def _learned_args(p) -> None:
     g.add_argument("--coef-steps", type=int, default=d.coef_steps, help=f"steps per coefficient phase ({d.coef_steps})")
     g.add_argument("--grid-steps", type=int, default=d.grid_steps, help=f"steps per grid phase ({d.grid_steps})")
     g.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS,
-                   help="adam; lbfgs (one minibatch per phase); lm (Levenberg-Marquardt, one phase of --lm-steps); "
-                        f"auto: lm on plans of <= {LM_AUTO_PARAMS} parameters (2 NFE) with the l2 loss, else lbfgs "
-                        f"in phases of >= 10 steps, else adam ({d.optimizer})")
+                   help="adam; lbfgs (one minibatch per phase); lm (Levenberg-Marquardt, --lm-* flags); "
+                        f"auto: lm up to {LM_AUTO_NFE} NFE with the l2 loss, else lbfgs in phases of >= 10 steps, "
+                        f"else adam ({d.optimizer})")
     g.add_argument("--minibatch", type=int, default=d.minibatch, help=f"samples per Adam step ({d.minibatch})")
-    g.add_argument("--lm-steps", type=int, default=d.lm_steps, help=f"Levenberg-Marquardt iterations ({d.lm_steps})")
+    g.add_argument("--lm-rounds", type=int, default=d.lm_rounds,
+                   help=f"Levenberg-Marquardt rounds, a held-out check after each ({d.lm_rounds})")
+    g.add_argument("--lm-steps", type=int, default=d.lm_steps,
+                   help=f"Levenberg-Marquardt iterations per parameter block per round ({d.lm_steps})")
+    g.add_argument("--lm-blocks", default=d.lm_blocks, choices=LM_BLOCKS,
+                   help=f"joint: all parameters at once; rows: the sigmas, then each row; auto: joint on plans of "
+                        f"<= {LM_AUTO_PARAMS} parameters ({d.lm_blocks})")
     g.add_argument("--lm-batch", type=int, default=d.lm_batch,
-                   help="samples of the fitting batch per Levenberg-Marquardt phase (default: all)")
+                   help="samples per Levenberg-Marquardt block phase (default: all for joint, 32 for rows)")
     g.add_argument("--budget", type=float, default=d.budget,
                    help=f"wall-clock seconds: the whole fit from the fast init, else the gradient phases "
                         f"({d.budget:g}; 0: no limit); the held-out best so far is returned")
@@ -94,7 +100,7 @@ def _cmd_fit_learned(args, say) -> int:
                       budget=args.budget or None, history=args.history, evals=args.evals or None,
                       patience=args.patience or None, lr_decay=args.lr_decay, spread=args.spread,
                       grid_first=args.grid_first, joint_below=args.joint_below, lm_steps=args.lm_steps,
-                      lm_batch=args.lm_batch).check()
+                      lm_batch=args.lm_batch, lm_blocks=args.lm_blocks, lm_rounds=args.lm_rounds).check()
     init = None
     if args.init is not None:
         from ..runtime.plan import Plan

@@ -63,6 +63,12 @@ OPTIMIZERS = ("adam", "lbfgs", "auto", "lm")
 # model over all parameters: on digits only steps damped to gradient-descent size lowered it, 6 iterations
 # (~18 CPU s) reached held-out RMSE 0.10 where Adam reaches 0.058 in 10 s (fit_learned_notes.md).
 LM_AUTO_PARAMS = 12
+LM_BLOCKS = ("auto", "joint", "rows")
+LM_ROWS_BATCH = 32  # samples per block phase of "rows" (LearnConfig.lm_batch)
+# "auto" uses LM up to this NFE. Digits, 10 s budget: 4 NFE DPM-Solver++(2M) test RMSE 0.0494 / 0.0492 / 0.0504
+# over fit seeds 0 / 2 / 3 against Adam's 0.0599 / 0.0554 / 0.0977 (fit_learned_notes.md); past 4 NFE a round of
+# row blocks costs ~NFE²/2 row runs and Adam's first-order phases are the cheaper refinement of a good fast init.
+LM_AUTO_NFE = 4
 LBFGS_MIN_EVALS = 10
 LR_DECAYS = ("none", "cosine", "rounds")
 REFERENCE_CACHE_VERSION = 1  # bump when the reference solve changes
@@ -89,13 +95,18 @@ class LearnConfig:
     # against Adam, in ~5 CPU s; fit_learned_notes.md), Adam elsewhere under the default step counts.
     optimizer: str = "auto"
     minibatch: int | None = 16  # samples per Adam step (None: the whole fitting batch)
-    # Levenberg–Marquardt (--optimizer lm, or auto on a plan of ≤ LM_AUTO_PARAMS parameters): one phase of this
-    # many iterations over coefficients and σ's together, on ``lm_batch`` samples (None: the whole fitting batch);
-    # rounds, steps, minibatch, evals, lr and patience are the first-order optimisers' knobs. Digits
-    # DPM-Solver++(2M)-2: the loss drops ~0.97 → 0.71 in 2 iterations and ≤ 0.3 % more in the next 4
-    # (fit_learned_notes.md).
-    lm_steps: int = 4
+    # Levenberg–Marquardt (--optimizer lm; "auto" picks it up to LM_AUTO_NFE): ``lm_rounds`` rounds of ``lm_steps``
+    # iterations per block of parameters, a held-out check after each round. Blocks ("auto": joint on a plan of
+    # ≤ LM_AUTO_PARAMS parameters, else rows): "joint", all parameters at once; "rows", the σ's, then each row's
+    # coefficients from the last row to the first (block coordinate descent: at 4 NFE the loss is too curved for a
+    # Gauss–Newton model of all 25 parameters, fit_learned_notes.md). ``lm_batch`` samples of the fitting batch per
+    # block phase, a fresh draw each (None: all of them for "joint", LM_ROWS_BATCH for "rows"). On digits 2 NFE
+    # (joint, the whole batch) the loss drops ~0.97 → 0.71 in 2 iterations and ≤ 0.3 % more in 4 more; at 4 NFE
+    # one iteration per block on 32 samples beat two on 16 (fresh samples average the minibatch noise out).
+    lm_rounds: int = 4
+    lm_steps: int = 1
     lm_batch: int | None = None
+    lm_blocks: str = "auto"
     # Wall-clock seconds: for the whole ``fit_learned`` call when it starts from the fast init (its cost is part
     # of the fit), else for the optimisation alone (a closed-form or given start was paid for separately). A step
     # is not started where it and the last held-out check would end past it, and the held-out best so far is
@@ -144,8 +155,12 @@ class LearnConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise FitError(f"--{name.replace('_', '-')} must be an integer ≥ 0, got {v!r}")
-        if isinstance(self.lm_steps, bool) or not isinstance(self.lm_steps, int) or self.lm_steps < 1:
-            raise FitError(f"--lm-steps must be an integer ≥ 1, got {self.lm_steps!r}")
+        if self.lm_blocks not in LM_BLOCKS:
+            raise FitError(f"--lm-blocks must be one of {', '.join(LM_BLOCKS)}, got {self.lm_blocks!r}")
+        for name in ("lm_rounds", "lm_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise FitError(f"--{name.replace('_', '-')} must be an integer ≥ 1, got {v!r}")
         if self.lm_batch is not None and (isinstance(self.lm_batch, bool) or self.lm_batch < 1):
             raise FitError(f"--lm-batch must be ≥ 1, got {self.lm_batch!r}")
         if self.minibatch is not None and self.minibatch < 1:
@@ -288,7 +303,7 @@ class _Params:
                 # the init was compiled in the s = 1 history form (fitcore.to_plan): the same rows re-expressed
                 built = compile_plan(built, (), s=next(iter(ss)))
             rows = built.rows
-        except (ValueError, FewstepError):
+        except (ValueError, ArithmeticError, FewstepError):
             return None
         if len(rows) != len(self.init.rows):
             return None
@@ -513,9 +528,23 @@ def _uses_lbfgs(cfg: LearnConfig, nsteps: int) -> bool:
     return cfg.optimizer == "lbfgs" or (cfg.optimizer == "auto" and nsteps >= LBFGS_MIN_EVALS)
 
 
+def _lm_blocks(cfg: LearnConfig, params: _Params) -> list[torch.Tensor]:
+    """The parameter blocks of one LM round, as masks over ``params.vector()`` (see ``LearnConfig.lm_blocks``)."""
+    nd, total = params.delta.numel(), params.vector().numel()
+    if cfg.lm_blocks == "joint" or (cfg.lm_blocks == "auto" and total <= LM_AUTO_PARAMS):
+        return [torch.ones(total, dtype=torch.bool)]
+    out = []
+    if total > nd:
+        out.append(torch.arange(total) >= nd)
+    for i0, np_, nq in reversed(params.layout):
+        out.append((torch.arange(total) >= i0) & (torch.arange(total) < i0 + 2 + np_ + nq))
+    return out
+
+
 def _uses_lm(cfg: LearnConfig, params: _Params) -> bool:
     return cfg.optimizer == "lm" or (cfg.optimizer == "auto" and cfg.loss == "l2"
-                                     and params.vector().numel() <= LM_AUTO_PARAMS)
+                                     and (params.vector().numel() <= LM_AUTO_PARAMS
+                                          or len(params.layout) <= LM_AUTO_NFE))
 
 
 def _lbfgs(f: Callable[[], torch.Tensor], var: list, max_evals: int, memory: int = 10) -> int:
@@ -584,6 +613,7 @@ def _lbfgs(f: Callable[[], torch.Tensor], var: list, max_evals: int, memory: int
 
 
 LM_FD_STEP = 1e-4  # forward-difference step of the Levenberg–Marquardt Jacobian, in parameter units (_lm_phase)
+LM_THETA_MIN, LM_THETA_MAX = math.log(1e-6), math.log(10.0)  # bounds of an LM candidate's log σ gaps
 LM_DAMPING = (0.1, 1.0, 10.0)  # the damping factors tried side by side at every LM iteration (× the current λ)
 
 
@@ -604,8 +634,8 @@ def _residuals(obj: _Objective, x: torch.Tensor, ref: torch.Tensor, vecs: torch.
 
 
 def _lm_phase(obj: _Objective, free: torch.Tensor, iters: int, gen, deadline: float | None, clock: dict,
-              recouple: Callable[[], None] | None = None,
-              say: Callable[[str], None] = lambda s: None) -> tuple[int, bool]:
+              recouple: Callable[[], None] | None = None, say: Callable[[str], None] = lambda s: None,
+              batch_size: int | None = None) -> tuple[int, bool]:
     """``iters`` Levenberg–Marquardt iterations (Marquardt 1963) on the parameters where ``free`` is True; returns
     (iterations taken, ran out of time).
 
@@ -622,27 +652,24 @@ def _lm_phase(obj: _Objective, free: torch.Tensor, iters: int, gen, deadline: fl
     checked by its actual loss. Each
     iteration solves (JᵀJ + λ·diag(JᵀJ)) s = −Jᵀr for the damping factors ``LM_DAMPING``·λ, runs those candidates
     side by side on the same minibatch, and keeps the best if it lowers the loss (λ follows it); else λ grows
-    100× and nothing moves. The samples (``lm_batch`` of the fitting batch, default all) are drawn once per
+    100× and nothing moves. The samples (``batch_size`` of the fitting batch, None: all) are drawn once per
     phase, so accept / reject compares like with like."""
-    params, cfg, t = obj.params, obj.cfg, obj.train
+    params, t = obj.params, obj.train
     durations = clock.setdefault("lm", [])
     n = t.z.shape[0]
     idx = torch.arange(n)
-    if cfg.lm_batch is not None and cfg.lm_batch < n:
-        idx = torch.randperm(n, generator=gen)[:cfg.lm_batch]
+    if batch_size is not None and batch_size < n:
+        idx = torch.randperm(n, generator=gen)[:batch_size]
     sub = Batch(t.z[idx], None if t.cond is None else t.cond[idx], t.guidance, t.dtype)
     ref = obj.ref[idx]
     cols = free.nonzero().reshape(-1)
-    hist = max(params.k, 1)
+    nd = params.delta.numel()
     lam = clock.get("lm_lambda", 1e-2)
 
-    def losses(vecs: torch.Tensor, jacobian: bool = False) -> torch.Tensor:
-        if jacobian:
-            x = _perturbed_endpoints(params, vecs, obj.den, sub)
-        else:
-            x = torch.stack(_side_by_side([params.rows_at(v) for v in vecs], params.init.sigma_init * sub.z, hist,
-                                          obj.den, sub))
-        return _residuals(obj, x, ref, vecs)
+    def losses(vecs: torch.Tensor, base=None):
+        """Residuals at vecs[0] (the current point) and vecs[1:]; with the current point's run ``base``."""
+        x, base = _perturbed_endpoints(params, vecs, obj.den, sub, base)
+        return _residuals(obj, x, ref, vecs), base
 
     for it in range(iters):
         start = time.perf_counter()
@@ -653,7 +680,7 @@ def _lm_phase(obj: _Objective, free: torch.Tensor, iters: int, gen, deadline: fl
         v = params.vector()
         vecs = v.repeat(len(cols) + 1, 1)
         vecs[torch.arange(1, len(cols) + 1), cols] += LM_FD_STEP
-        r = losses(vecs, jacobian=True)
+        r, base = losses(vecs)
         if not bool(torch.isfinite(r[0]).all()):
             return it, False  # the current point diverges on this minibatch: nothing to linearise around
         jac = (r[1:] - r[0]) / LM_FD_STEP  # [P, R]
@@ -667,10 +694,14 @@ def _lm_phase(obj: _Objective, free: torch.Tensor, iters: int, gen, deadline: fl
                 continue
             w = v.clone()
             w[cols] += step
+            # an undamped step can throw a log-gap far out: e^θ ∈ [1e-6, 10] keeps every σ of the plan positive,
+            # distinct and finite in float64 (≥ σ_init·e^(−10·E))
+            w[nd:] = w[nd:].clamp(LM_THETA_MIN, LM_THETA_MAX)
             cands.append((lam * f, w))
         f0 = float(r[0].pow(2).sum())
         if cands:
-            rc = losses(torch.stack([w for _, w in cands]))
+            # the candidates differ from the current point only where ``free`` is: each resumes where it first differs
+            rc = losses(torch.stack([v] + [w for _, w in cands]), base)[0][1:]
             fc = rc.pow(2).sum(1)
             fc = torch.where(torch.isfinite(fc), fc, torch.full_like(fc, math.inf))
             b = int(fc.argmin())
@@ -768,9 +799,12 @@ def learn(init: Plan, den, train: Batch, ref: torch.Tensor, held: Batch, held_re
     joint = 0 < min(n_coef, n_grid) < cfg.joint_below and params.theta.numel() > 0
     if joint:
         kinds = ("joint",)
-    use_lm = _uses_lm(cfg, params)
-    schedule = [(0, "lm")] if use_lm else [(rnd, kind) for rnd in range(rounds) for kind in kinds]
-    for rnd, kind in schedule:
+    use_lm, blocks = _uses_lm(cfg, params), []
+    if use_lm:
+        kinds, blocks = ("lm",), _lm_blocks(cfg, params)
+        lm_batch = cfg.lm_batch if cfg.lm_batch is not None else (None if len(blocks) == 1 else LM_ROWS_BATCH)
+        rounds = cfg.lm_rounds
+    for rnd, kind in [(rnd, kind) for rnd in range(rounds) for kind in kinds]:
         nsteps = {"coef": n_coef, "grid": n_grid, "joint": n_coef + n_grid, "lm": cfg.lm_steps}[kind]
         if out_of_time or nsteps == 0 or (kind == "grid" and params.theta.numel() == 0):
             continue
@@ -786,17 +820,21 @@ def learn(init: Plan, den, train: Batch, ref: torch.Tensor, held: Batch, held_re
         else:
             var, scales = ([params.delta], [cfg.lr]) if kind == "coef" else ([params.theta], [cfg.grid_lr])
         if kind == "lm":
-            free = torch.ones(params.vector().numel(), dtype=torch.bool)
-            # the base rows are re-linearised at every iteration's point (the σ's move far in a few steps)
-            done, out_of_time = _lm_phase(obj, free, nsteps, gen, stop_at, clock, lambda: params.couple(family),
-                                          say)
+            done = 0
+            for free in blocks:
+                # the base rows are re-linearised at every iteration's point (the σ's move far in a few steps)
+                d, out_of_time = _lm_phase(obj, free, nsteps, gen, stop_at, clock, lambda: params.couple(family),
+                                           say, lm_batch)
+                done += d
+                if out_of_time:
+                    break
         else:
             done, out_of_time = _phase(obj, var, lr_scale, nsteps, gen, stop_at, scales, clock)
         steps += done
         if done == 0:  # out of time before this phase's first step: nothing new to check
             break
         err = _heldout_rms(params, den, held, held_ref)
-        tag = "lm" if kind == "lm" else f"round {rnd + 1} {kind}"
+        tag = f"round {rnd + 1} {kind}"
         history.append((tag, err))
         if math.isfinite(err) and err < best["err"]:
             best.update(err=err, state=params.state(), phase=tag)
@@ -813,7 +851,8 @@ def learn(init: Plan, den, train: Batch, ref: torch.Tensor, held: Batch, held_re
             "heldout_rmse": best["err"], "best_phase": best["phase"], "steps": steps, "history_k": params.k,
             "out_of_budget": out_of_time,
             "grid_coupled": coupled, "optimizer": "lm" if use_lm else cfg.optimizer,
-            "rounds": 1 if use_lm else rounds, "step_fraction": frac, "joint_phases": joint,
+            "rounds": rounds, "lm_blocks": len(blocks) if use_lm else None, "step_fraction": frac,
+            "joint_phases": joint,
             "stopped_early": cfg.patience is not None and stale >= cfg.patience,
             "learn_seconds": round(time.perf_counter() - t0, 3),
             "phases": [[t, v] for t, v in history], "learn_config": asdict(cfg)}
@@ -950,7 +989,8 @@ def _side_by_side(row_lists: list, x0: torch.Tensor, history: int, den, batch: B
             c=_Free(col([q.c for q in prs]).reshape(bshape)),
             q=tuple(_Free(col([q.q[k] for q in prs]).reshape(bshape)) for k in range(len(r.q))),
             s=r.s, g=0.0, guidance=r.guidance))
-    cond = None if batch.cond is None else batch.cond.repeat(m, *([1] * (batch.cond.ndim - 1)))
+    # by index, not .repeat: a pipeline's conditioning is a NamedCond, which indexes every tensor along the batch
+    cond = None if batch.cond is None else batch.cond[torch.arange(m * n) % n]
     view = SimpleNamespace(rows=rows, history=history)
 
     def evaluate(e, row, u):
@@ -968,27 +1008,32 @@ def _side_by_side(row_lists: list, x0: torch.Tensor, history: int, den, batch: B
     return list(x.split(n))
 
 
-def _perturbed_endpoints(params: _Params, vecs: torch.Tensor, den, batch: Batch) -> torch.Tensor:
+def _perturbed_endpoints(params: _Params, vecs: torch.Tensor, den, batch: Batch, base=None):
     """Endpoints [m, n, …] of the plans at ``vecs[0]`` (the base point) and ``vecs[1:]`` (small perturbations of it,
     the Jacobian's columns). A perturbed plan reruns only what its change reaches: from the first row whose σ or
     coefficients differ from the base's, from the base run's state there, and without that row's network call
     where only its c / q differ (the network's input is the base's). A row-e coefficient thus costs E − e calls
-    (or E − e − 1) instead of E: about half the Jacobian's network calls (2 NFE: 8 of 20 for DPM-Solver++(2M))."""
+    (or E − e − 1) instead of E: about half the Jacobian's network calls (2 NFE: 8 of 20 for DPM-Solver++(2M)).
+    Returns (endpoints, the base run); pass that back as ``base`` for more perturbations of the same ``vecs[0]``
+    on the same ``batch`` (it is not run again)."""
     hist_k = max(params.k, 1)
-    base = params.rows_at(vecs[0])
-    rec, outs = [], []
-    xb = _side_by_side([base], params.init.sigma_init * batch.z, hist_k, den, batch, record=rec, outs=outs)[0]
+    if base is None:
+        rec, outs = [], []
+        xb = _side_by_side([params.rows_at(vecs[0])], params.init.sigma_init * batch.z, hist_k, den, batch,
+                           record=rec, outs=outs)[0]
+        base = (params.rows_at(vecs[0]), rec, outs, xb)
+    rows0, rec, outs, xb = base
     res = [None] * len(vecs)
     res[0] = xb
     groups: dict = {}
     for i in range(1, len(vecs)):
         rows = params.rows_at(vecs[i])
-        f = next((e for e, (r, b) in enumerate(zip(rows, base))
+        f = next((e for e, (r, b) in enumerate(zip(rows, rows0))
                   if (r.sigma, r.a, r.p, r.c, r.q) != (b.sigma, b.a, b.p, b.c, b.q)), None)
         if f is None:
             res[i] = xb
             continue
-        same_in = (rows[f].sigma, rows[f].a, rows[f].p) == (base[f].sigma, base[f].a, base[f].p)
+        same_in = (rows[f].sigma, rows[f].a, rows[f].p) == (rows0[f].sigma, rows0[f].a, rows0[f].p)
         groups.setdefault((f, same_in), []).append((i, rows[f:]))
     for (f, same_in), items in groups.items():
         x0, hist = rec[f]
@@ -996,7 +1041,7 @@ def _perturbed_endpoints(params: _Params, vecs: torch.Tensor, den, batch: Batch)
                                first_d=outs[f] if same_in else None)
         for (i, _), x in zip(items, outs_f):
             res[i] = x
-    return torch.stack(res)
+    return torch.stack(res), base
 
 
 def _split(b: Batch, sl: slice) -> Batch:
