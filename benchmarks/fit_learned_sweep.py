@@ -79,18 +79,22 @@ def write_md(res: dict) -> None:
         f"{res['test_n']} noises of seed 1 against the reference solve (FD-digits of the reference solve: "
         f"{_fmt(ref, 2)}). `train` = the fitted plan's RMSE on its own fitting batch, `held-out` = on the 50 "
         "samples after it (what picks the plan), gap = test / train. Seconds: one `fit_learned` call in a warmed "
-        "process, one torch thread, `nice -n 19` on the shared box (CPU = process time; wall includes other jobs). "
-        "Budget none unless the config says otherwise.",
+        "process, one torch thread unless the config says `threads=2` (CPU = process time, summed over threads; "
+        "wall includes other jobs). Budget none unless the config says otherwise. `opt.`: the optimizer the fit "
+        "used (`auto` resolves to lm up to 4 NFE). Rows with —: fitted before the LM optimizer existed, when the "
+        "default was Adam and `optimizer=auto` meant L-BFGS in phases of ≥ 10 steps, else Adam.",
         "",
         "| solver | NFE | config | batch | fit seed | train RMSE | held-out | test RMSE | gap | FD | prec. | rec. "
-        "| winner | steps | CPU s | wall s | 2-NFE target | 4-NFE target |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---|",
+        "| winner | opt. | steps | CPU s | wall s | 2-NFE target | 4-NFE target |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---|---|",
     ]
     for r in res["rows"]:
         t = r["test"]
         cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items() if k != "budget") or "defaults"
         if r["config"].get("budget") is not None:
             cfg += f", budget={r['config']['budget']}"
+        if r.get("threads", 1) != 1:
+            cfg += f", threads={r['threads']}"
         if r["init"] != "fast":
             ic = r.get("init_seconds")
             cfg += f", init={r['init']}" + (f" (+{ic['cpu']:.0f} CPU s, fitted once)" if ic else " (in CPU s)")
@@ -101,7 +105,8 @@ def write_md(res: dict) -> None:
             f"| {_fmt(r['heldout_rmse'])} | {_fmt(t['rmse_vs_reference'])} "
             f"| {t['rmse_vs_reference'] / r['train_rmse']:.2f} "
             f"| {_fmt(t['fd_digits'], 2)} | {_fmt(t.get('precision'), 3)} | {_fmt(t.get('recall'), 3)} "
-            f"| {r['winner']} | {r['steps']} | {r['cpu']:.1f} | {r['wall']:.1f} | {both} | {four} |")
+            f"| {r['winner']} | {r.get('optimizer_used') or '—'} | {r['steps']} | {r['cpu']:.1f} | {r['wall']:.1f} "
+            f"| {both} | {four} |")
     lines.append("")
     two = [r for r in res["rows"] if r["nfe"] == 2]
     four = [r for r in res["rows"] if r["nfe"] == 4]
@@ -131,8 +136,10 @@ def main(argv=None) -> int:
     ap.add_argument("--test", type=int, default=1000)
     ap.add_argument("--fresh", action="store_true", help="start the JSON over instead of appending")
     ap.add_argument("--md-only", action="store_true", help="only regenerate the .md from the JSON")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1; `fewstep fit` uses torch's default, all cores)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     if args.md_only:
         with open(OUT + ".json") as f:
             write_md(json.load(f))
@@ -198,6 +205,7 @@ def main(argv=None) -> int:
                "heldout_rmse": pv["heldout_rmse"], "heldout_rmse_init": pv["heldout_rmse_init"],
                "winner": pv["winner"], "steps": pv["steps"], "best_phase": pv["best_phase"],
                "out_of_budget": pv["out_of_budget"], "loadavg_1min": os.getloadavg()[0],
+               "threads": torch.get_num_threads(), "optimizer_used": pv.get("optimizer"),
                "test": quality(t, run_plan(t, plan, inputs), inputs, tref),
                "spec": ":".join([solver, str(nfe)] + [f"{k}={v}" for k, v in {**cfg, **ex}.items()
                                                       if not (k in EXTRA and v == EXTRA[k])])}
