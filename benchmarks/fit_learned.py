@@ -229,10 +229,22 @@ def summary(out: str) -> int:
             if r["what"] == "fit_learned (defaults)" and "test" in r and speed.get("test_n") == lf["n_heldout"]:
                 add(r["nfe"], f"{r['solver']} learned (fast init)", r["test"]["rmse_vs_reference"],
                     r["test"]["fd_digits"], lf["reference"]["fd_digits"], src)
+    sweep = load("fit_learned_sweep.json")
+    if sweep and lf and sweep.get("test_n") == lf["n_heldout"]:
+        # the sweep's configurations on the same 1000 test noises; fit seed 0 only, as every other row here (the
+        # sweep's other seeds show the spread, and taking the best seed would pick the luckiest draw)
+        src = f"fit_learned_sweep ({sweep['test_n']})"
+        for r in sweep["rows"]:
+            if r["seed"] == 0:
+                opt = r.get("optimizer_used") or "pre-LM"
+                add(r["nfe"], f"{r['solver']} learned ({opt}: {r['spec'].split(':', 2)[-1] or 'defaults'})",
+                    r["test"]["rmse_vs_reference"], r["test"]["fd_digits"], sweep["reference_fd"], src)
     lines = ["# Digits: the best sampler at each number of sequential network calls", "",
              "Across the fitted plans (`fit_learned_digits.json`, `fit_digits_grid.json`) and the distilled students "
              "(`distill_digits.json`, W = 1; `dmd2_digits.json`, FD only, noise seed 2; `cud_digits.json` when "
-             "present, FD only) and the fast default learned fit (`fit_learned_speed_defaults.json`). The rest are "
+             "present, FD only), the fast default learned fit (`fit_learned_speed_defaults.json`; before the LM "
+             "optimizer) and the learned-plan sweep (`fit_learned_sweep.json`, fit seed 0 rows; `lm` = the default "
+             "since Levenberg–Marquardt, `pre-LM` = configurations fitted before it). The rest are "
              "measured on held-out noise seed 1 against the RK4 reference from the same noise, on different sample "
              "counts (in brackets); distill_digits' students against the guided teacher's reference at W = 1 (the same"
              " ODE as the conditional teacher's). FD-digits is biased upward on fewer samples (the reference solve "
