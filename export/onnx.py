@@ -497,14 +497,15 @@ def export_onnx(denoiser, plan: Plan | None, path, *, sample_shape, num_classes:
         sigma_init = plan.sigma_init
     contract = contract_for(graph, kind, batch, plan, sigma_init)
     check_model_runs(graph, contract)
+    weights = _param_bytes(den, dec)
+    external = weights > EXTERNAL_DATA_ABOVE if external_data is None else bool(external_data)
+
     t0 = time.perf_counter()
     with (fused_attention(den, dec) if attention == "ort" else contextlib.nullcontext(0) as fused,
           winograd_convs(den, dec) if conv == "winograd" else contextlib.nullcontext([]) as wino):
         if attention == "ort" and not fused:
             raise ExportError(f"--attention ort: {type(denoiser).__name__} has no attention layer to fuse "
                               "(diffusers attention with its default processor)")
-        weights = _param_bytes(den, dec)  # with the Winograd weights, which are module state for the trace
-        external = weights > EXTERNAL_DATA_ABOVE if external_data is None else bool(external_data)
         model = _trace_graph(onnx, graph, contract, batch, dt, denoiser, unit_guidance_branch, large=external)
     if conv == "winograd" and not any(f.used for f in wino):
         raise ExportError(f"--conv winograd: {type(denoiser).__name__} has no 3×3 convolution with ≥ "

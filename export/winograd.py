@@ -28,7 +28,6 @@ import torch.nn.functional as F
 CONV_KINDS = ("onnx", "winograd")
 MIN_CHANNELS = 640  # input channels; at 320 (SD's 64² level) the rewrite was slower (conv_winograd.md)
 MAX_PIXELS = 32 * 32  # H·W of the input
-BUFFER = "winograd_weight"  # G g Gᵀ, a buffer of the convolution for the trace
 
 # F(2×2, 3×3) (Lavin & Gray 2016): y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
@@ -77,17 +76,14 @@ class _WinogradForward:
 
     def __init__(self, conv: nn.Conv2d, original):
         self.conv, self.original, self.used = conv, original, 0
-        # a (persistent) buffer, not a plain tensor: the exporter stores module state once as an initializer (external
-        # data on a large model), where a plain tensor would be a Constant node inlined at every call site — for SD 1.5
-        # four copies of ~1 GB inside the proto, past protobuf's 2 GB and 24 GB of RAM
-        conv.register_buffer(BUFFER, transformed_weight(conv.weight))
+        self.u = transformed_weight(conv.weight)
 
     def __call__(self, x):
         h, w = int(x.shape[-2]), int(x.shape[-1])
         if h * w > MAX_PIXELS or h % 2 or w % 2:
             return self.original(x)
         self.used += 1
-        return winograd_conv(x, getattr(self.conv, BUFFER), self.conv.bias)
+        return winograd_conv(x, self.u, self.conv.bias)
 
 
 @contextlib.contextmanager
@@ -109,4 +105,3 @@ def winograd_convs(*modules):
     finally:
         for m, _ in patched:
             del m.forward
-            delattr(m, BUFFER)
