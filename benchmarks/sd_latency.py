@@ -7,7 +7,6 @@ threads:
   (a) fewstep: `fewstep export --attention ort` writes the whole sampler as one ONNX graph (CFG and the solver's
       coefficients in the graph, attention as ONNX Runtime's fused MultiHeadAttention, external data over 2 GB);
       `fewstep-run --bench` times it in the C++ runtime; (a0) the same with `--attention onnx` (standard ops);
-      (a') (a) plus `--conv winograd` (the 640- and 1280-channel 3×3 convolutions as Winograd F(2×2, 3×3));
   (b) optimum-style: the UNet alone as ONNX in ONNX Runtime, called once per step from a Python loop around
       diffusers' DPMSolverMultistepScheduler (what optimum's ORTStableDiffusionPipeline does); (b') the same loop
       over a UNet exported with the same fused attention (what the fusion alone is worth, outside fewstep);
@@ -36,7 +35,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NFE, GUIDANCE, SEED = 4, 7.5, 0
-PATHS = ("fewstep", "fewstep_wino", "fewstep_plain", "ort_loop", "ort_loop_fused", "eager")
+PATHS = ("fewstep", "fewstep_plain", "ort_loop", "ort_loop_fused", "eager")
 
 # runwayml/stable-diffusion-v1-5 unet/config.json and scheduler/scheduler_config.json as published (written here:
 # nothing is downloaded).
@@ -164,21 +163,20 @@ from fewstep.export.onnx import export_teacher
 from fewstep.runtime.models import load
 from fewstep.runtime.solvers import build
 from fewstep.training.fitcore import with_guidance
-folder, out, w, nfe, attention, conv = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), sys.argv[5], \
-    sys.argv[6]
+folder, out, w, nfe, attention = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 den = load(folder).denoiser
 plan = with_guidance(build("dpmpp-2m", nfe, den.sigma_min, den.sigma_max), w)
 t0 = time.perf_counter()
-r = export_teacher(folder, plan, out, attention=attention, conv=conv)
+r = export_teacher(folder, plan, out, attention=attention)
 print(json.dumps({"export_seconds": round(time.perf_counter() - t0, 1), "onnx_bytes": r.bytes,
                   "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
 """
 
 
-def export_fewstep(folder: str, out: str, attention: str = "onnx", conv: str = "onnx") -> dict:
+def export_fewstep(folder: str, out: str, attention: str = "onnx") -> dict:
     """The whole sampler as one engine, W = 7.5 written into every row (CFG's two halves in the graph, one copy
     of the weights). Its own process: peak RSS."""
-    p = subprocess.run([sys.executable, "-c", EXPORT, folder, out, str(GUIDANCE), str(NFE), attention, conv],
+    p = subprocess.run([sys.executable, "-c", EXPORT, folder, out, str(GUIDANCE), str(NFE), attention],
                        capture_output=True, text=True, cwd="/")
     if p.returncode != 0:
         return {"error": (p.stderr.strip() or f"exit {p.returncode}").splitlines()[-1][:300]}
@@ -278,7 +276,6 @@ def child(args) -> None:
           "ort_loop": lambda: path_ort_loop(args.dir, cfg, args.repeats, args.threads),
           "ort_loop_fused": lambda: path_ort_loop(args.dir, cfg, args.repeats, args.threads, "unet_fused.onnx"),
           "fewstep": lambda: path_fewstep(args.dir, cfg, args.repeats, args.threads, "fewstep_fused.onnx"),
-          "fewstep_wino": lambda: path_fewstep(args.dir, cfg, args.repeats, args.threads, "fewstep_wino.onnx"),
           "fewstep_plain": lambda: path_fewstep(args.dir, cfg, args.repeats, args.threads),
           "export_unet": lambda: (export_unet(args.dir, os.path.join(args.dir, "onnx", "unet.onnx")), {}),
           "export_unet_fused": lambda: (export_unet(args.dir, os.path.join(args.dir, "onnx", "unet_fused.onnx"),
@@ -309,9 +306,7 @@ def main(argv=None) -> int:
     ap.add_argument("--note", default="", help="a line for the markdown (what else ran on the box)")
     ap.add_argument("--reuse-exports", action="store_true",
                     help="keep ONNX files an earlier run exported (with their <file>.export.json figures)")
-    ap.add_argument("--paths", help=f"which of {','.join(PATHS)} to time (default: all; the tiny config has "
-                    "no convolution wide enough for fewstep_wino)")
-    ap.add_argument("--tag", default="", help="suffix of the results files (e.g. _wino: sd15_latency_wino.md)")
+    ap.add_argument("--paths", default=",".join(PATHS), help=f"which of {','.join(PATHS)} to time")
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     args, _ = ap.parse_known_args(argv)
@@ -322,8 +317,6 @@ def main(argv=None) -> int:
     from fewstep.report import machine, write_results
 
     cfg = SD15_UNET if args.config == "sd15" else TINY_UNET
-    if args.paths is None:
-        args.paths = ",".join(p for p in PATHS if args.config == "sd15" or p != "fewstep_wino")
     folder = os.path.abspath(os.path.join(args.work, args.config))
     t0 = time.perf_counter()
     build_pipeline(folder, cfg)
@@ -337,9 +330,6 @@ def main(argv=None) -> int:
             "fewstep_sampler": ("fewstep.onnx", lambda: export_fewstep(folder, os.path.join(d, "fewstep.onnx"))),
             "fewstep_sampler_fused": ("fewstep_fused.onnx",
                                       lambda: export_fewstep(folder, os.path.join(d, "fewstep_fused.onnx"), "ort"))}
-    if "fewstep_wino" in args.paths.split(","):  # the tiny UNet has no convolution wide enough for it
-        jobs["fewstep_sampler_wino"] = ("fewstep_wino.onnx", lambda: export_fewstep(
-            folder, os.path.join(d, "fewstep_wino.onnx"), "ort", "winograd"))
     exports = {k: _export(os.path.join(d, f), job, args.reuse_exports) for k, (f, job) in jobs.items()}
     rows = []
     for threads in (int(t) for t in args.threads.split(",")):
@@ -358,7 +348,7 @@ def main(argv=None) -> int:
            "batch": 1, "repeats": args.repeats, "note": args.note, "build_seconds": round(built, 1),
            "exports": exports, "rows": rows,
            "machine": machine(None, ort=True)}
-    stem = ("sd15_latency" if args.config == "sd15" else "sd_latency_tiny") + args.tag
+    stem = "sd15_latency" if args.config == "sd15" else "sd_latency_tiny"
     write_results(args.out, stem, res, markdown(res))
     print(f"-> {os.path.join(args.out, stem)}.json/.md")
     return 0
@@ -382,13 +372,11 @@ def markdown(r: dict) -> str:
         out.append(f"| {k}{' (reused)' if e.get('reused') else ''} | {e.get('export_seconds', '–')} | "
                    + (_size(e["bytes"]) if "bytes" in e else e.get("error", "–")[:80])
                    + f" | {e.get('peak_rss_mib', '–')} |")
-    cols = [("fewstep", "(a) fewstep engine, fused attention"),
-            ("fewstep_wino", "(a') (a) + Winograd convolutions"), ("fewstep_plain", "(a0) fewstep engine, plain"),
+    cols = [("fewstep", "(a) fewstep engine, fused attention"), ("fewstep_plain", "(a0) fewstep engine, plain"),
             ("ort_loop", "(b) UNet ONNX + Python scheduler"), ("ort_loop_fused", "(b') (b) with fused attention"),
             ("eager", "(c) diffusers eager")]
-    out += ["", "| threads | " + " | ".join(c for _, c in cols) + " | (a)÷(b) | (a)÷(c) | (a')÷(b) | (a')÷(c) | "
-            "(a0)÷(b) | (b')÷(b) | peak RSS a / a' / a0 / b / b' / c (MiB) |",
-            "|---:|" + "---:|" * (len(cols) + 6) + "---|"]
+    out += ["", "| threads | " + " | ".join(c for _, c in cols) + " | (a)÷(b) | (a)÷(c) | (a0)÷(b) | (b')÷(b) | "
+            "peak RSS a / a0 / b / b' / c (MiB) |", "|---:|" + "---:|" * (len(cols) + 4) + "---|"]
     for t in sorted({x["threads"] for x in r["rows"]}):
         by = {x["path"]: x for x in r["rows"] if x["threads"] == t}
         med = {k: by.get(k, {}).get("median_s") for k, _ in cols}
@@ -401,14 +389,12 @@ def markdown(r: dict) -> str:
 
         rss = " / ".join(str(by.get(k, {}).get("peak_rss_mib", "–")) for k, _ in cols)
         out.append(f"| {t} | " + " | ".join(f(med[k]) for k, _ in cols) + f" | {ratio('fewstep', 'ort_loop')} | "
-                   f"{ratio('fewstep', 'eager')} | {ratio('fewstep_wino', 'ort_loop')} | "
-                   f"{ratio('fewstep_wino', 'eager')} | {ratio('fewstep_plain', 'ort_loop')} | "
+                   f"{ratio('fewstep', 'eager')} | {ratio('fewstep_plain', 'ort_loop')} | "
                    f"{ratio('ort_loop_fused', 'ort_loop')} | {rss} |")
     errs = [f"- {x['path']} at {x['threads']} thread(s): {x['error']}" for x in r["rows"] if "error" in x]
     if errs:
         out += ["", "Paths that did not run:", *errs]
-    out += ["", "Peak RSS (`getrusage` ru_maxrss): the process that runs the sampler — fewstep-run for (a), (a') and "
-            "(a0), "
+    out += ["", "Peak RSS (`getrusage` ru_maxrss): the process that runs the sampler — fewstep-run for (a) and (a0), "
             "the Python process for (b), (b') and (c)."]
     return "\n".join(out) + "\n"
 

@@ -56,10 +56,6 @@ def register(sub, bench_sub) -> None:
                    help="onnx: attention as standard ops (every runtime, TensorRT included); ort: diffusers' "
                         "attention layers as ONNX Runtime's fused MultiHeadAttention (faster in ONNX Runtime, "
                         "no score matrix in memory; ONNX Runtime only)")
-    p.add_argument("--conv", default="onnx", choices=("onnx", "winograd"),
-                   help="onnx: Conv nodes; winograd: 3x3 convolutions with >= 640 input channels on <= 32x32 "
-                        "pixels as Winograd F(2x2,3x3) in standard ops (fewer multiplies; faster in ONNX Runtime on "
-                        "the CPU, benchmarks/results/conv_winograd.md)")
     p.add_argument("--external-data", action="store_true",
                    help="weights in OUT.data beside the .onnx (automatic above 2 GiB, the protobuf limit)")
     p.add_argument("--verify", action="store_true",
@@ -111,7 +107,7 @@ def cmd_export(args) -> int:
         print(f"fewstep export: tracing {plan.name} ({plan.nfe} evaluations) ...", file=sys.stderr, flush=True)
     res = export_model(teacher, plan, out, decode=args.decode, dtype=args.dtype, batch=args.batch,
                        step_graph=args.step_graph, force=args.force, external_data=args.external_data or None,
-                       attention=args.attention, conv=args.conv)
+                       attention=args.attention)
     c = res.contract
     ins = ", ".join(f"{s['name']}{s['shape']}" for s in c["inputs"])
     what = "step graph" if args.step_graph else f"{plan.name}, {c['nfe']} NFE"

@@ -30,9 +30,7 @@ from ..errors import FewstepError
 from ..runtime.denoisers import GUIDANCE_INPUT, cat_cond, cfg_combine, guidance_applies
 from ..runtime.executor import run_rows
 from ..runtime.plan import Plan, atomic_write_bytes
-from . import winograd
 from .attention import ATTENTION_KINDS, fused_attention
-from .winograd import CONV_KINDS, winograd_convs
 
 FORMAT = "fewstep.engine/1"
 OPSET = 17
@@ -457,7 +455,7 @@ def export_onnx(denoiser, plan: Plan | None, path, *, sample_shape, num_classes:
                 force: bool = False, guidance_input: bool | None = None, conditional: bool | None = None,
                 extra_metadata: dict | None = None, unit_guidance_branch: bool = True,
                 cond_inputs: list[dict] | None = None, decoder: nn.Module | None = None,
-                external_data: bool | None = None, attention: str = "onnx", conv: str = "onnx") -> ExportResult:
+                external_data: bool | None = None, attention: str = "onnx") -> ExportResult:
     """Export ``plan`` over ``denoiser`` (or, with ``step_graph``, the denoiser alone) to ``path``.
 
     batch None = dynamic (dim_param "batch"), else that fixed batch. ``guidance_input`` /
@@ -470,16 +468,12 @@ def export_onnx(denoiser, plan: Plan | None, path, *, sample_shape, num_classes:
     (the engine's output is then ``image``). ``external_data``: weights in ``<out>.data`` beside the .onnx
     (None: when the weights pass 2 GiB − 64 MiB, the protobuf limit less a margin). ``attention``: "onnx" (standard
     ops) or "ort" (diffusers attention layers as ONNX Runtime's fused MultiHeadAttention, ``attention.py``).
-    ``conv``: "onnx" (Conv nodes) or "winograd" (wide 3×3 convolutions on small images as Winograd F(2×2, 3×3) in
-    standard ops, ``winograd.py``).
     Every check runs before the file is written; the file (and its data file) is written atomically.
     """
     onnx = require_onnx()
     dt = parse_dtype(dtype)
     if attention not in ATTENTION_KINDS:
         raise ExportError(f"--attention must be one of {', '.join(ATTENTION_KINDS)}, got {attention!r}")
-    if conv not in CONV_KINDS:
-        raise ExportError(f"--conv must be one of {', '.join(CONV_KINDS)}, got {conv!r}")
     if attention == "ort" and dt == torch.bfloat16:
         raise ExportError("--attention ort: ONNX Runtime's MultiHeadAttention has no bfloat16 kernel (fp32 or fp16)")
     path = check_out_path(path)
@@ -501,22 +495,16 @@ def export_onnx(denoiser, plan: Plan | None, path, *, sample_shape, num_classes:
     external = weights > EXTERNAL_DATA_ABOVE if external_data is None else bool(external_data)
 
     t0 = time.perf_counter()
-    with (fused_attention(den, dec) if attention == "ort" else contextlib.nullcontext(0) as fused,
-          winograd_convs(den, dec) if conv == "winograd" else contextlib.nullcontext([]) as wino):
+    with fused_attention(den, dec) if attention == "ort" else contextlib.nullcontext(0) as fused:
         if attention == "ort" and not fused:
             raise ExportError(f"--attention ort: {type(denoiser).__name__} has no attention layer to fuse "
                               "(diffusers attention with its default processor)")
         model = _trace_graph(onnx, graph, contract, batch, dt, denoiser, unit_guidance_branch, large=external)
-    if conv == "winograd" and not any(f.used for f in wino):
-        raise ExportError(f"--conv winograd: {type(denoiser).__name__} has no 3×3 convolution with ≥ "
-                          f"{winograd.MIN_CHANNELS} input channels on ≤ {winograd.MAX_PIXELS} pixels to rewrite")
     _check_interface(onnx, model, contract)
     meta = {"fewstep.format": FORMAT, "fewstep.kind": kind, "fewstep.teacher_hash": teacher_hash or "",
             "fewstep.contract": json.dumps(contract)}
     if attention == "ort":  # TensorRT's parser has no contrib ops: build_tensorrt refuses such an engine
         meta["fewstep.attention"] = "ort"
-    if conv == "winograd":
-        meta["fewstep.conv"] = "winograd"
     if plan is not None:
         meta["fewstep.plan"] = plan.to_json()
     model = _finish(onnx, model, {**meta, **(extra_metadata or {})}, dt, check=not external)
