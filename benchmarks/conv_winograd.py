@@ -9,6 +9,9 @@ SD 1.5 UNet's conv sizes with CFG's batch 2 (320 ch at 64², 640 at 32², 1280 a
 warm-up, both graphs in one process, one and two intra-op threads; the error against a float64 convolution.
 
     .venv/bin/python benchmarks/conv_winograd.py      # -> benchmarks/results/conv_winograd.{json,md}
+
+In isolation the wide low-resolution convolutions are faster this way; an SD 1.5 engine with them rewritten was
+much slower (`results/sd15_winograd_engine.md`), so fewstep's exporter does not do it.
 """
 
 from __future__ import annotations
