@@ -654,11 +654,10 @@ def _lm_phase(obj: _Objective, free: torch.Tensor, iters: int, gen, deadline: fl
     float32, so an endpoint carries rounding of ~1e-7 of its scale, and a step of 1e-4 (in units of each
     coefficient's scale, or of a log σ gap) moves it by ~1e-4·|J|: the differences hold ~3 significant digits and
     the O(h) truncation is ~1e-4 relative (h ≈ √ε₃₂ balances the two), ample for a search direction that is then
-    checked by its actual loss. Each
-    iteration solves (JᵀJ + λ·diag(JᵀJ)) s = −Jᵀr for the damping factors ``LM_DAMPING``·λ, runs those candidates
-    side by side on the same minibatch, and keeps the best if it lowers the loss (λ follows it); else λ grows
-    100× and nothing moves. The samples (``batch_size`` of the fitting batch, None: all) are drawn once per
-    phase, so accept / reject compares like with like."""
+    checked by its actual loss. Each iteration solves (JᵀJ + λ·diag(JᵀJ)) s = −Jᵀr for the damping factors
+    ``LM_DAMPING``·λ, runs those candidates side by side on the same minibatch, and keeps the best if it lowers the
+    loss (λ follows it); else λ grows 100× and nothing moves. The samples (``batch_size`` of the fitting batch,
+    None: all) are drawn once per phase, so accept / reject compares like with like."""
     params, t = obj.params, obj.train
     durations = clock.setdefault("lm", [])
     n = t.z.shape[0]
