@@ -589,7 +589,7 @@ def test_perturbed_endpoints_rerun_only_what_a_change_reaches(gmm, monkeypatch):
         got, base = learned._perturbed_endpoints(params, vecs, den, b)
         shared = sum(calls)
         calls.clear()
-        want = torch.stack(learned._side_by_side([params.rows_at(w) for w in vecs], params.init.sigma_init * b.z,
+        want = torch.stack(learned._side_by_side([params.rows(False, at=w) for w in vecs], params.init.sigma_init * b.z,
                                                  2, den, b))
         monkeypatch.setattr(learned, "call_denoiser", real)
         assert sum(calls) == len(vecs) * nfe * 10 and shared < 0.75 * sum(calls), (shared, sum(calls))

@@ -61,16 +61,17 @@ from .fitcore import Batch, FitError, check_int, make_batch, reference_target, r
 
 METHODS = ("learned", "plan")  # "plan": the name issue 20 uses
 LOSSES = ("l2", "ld3")
-# lm: Levenberg–Marquardt (_lm_phase); auto: LM on a plan of ≤ LM_AUTO_PARAMS free parameters with the L2 loss,
-# else L-BFGS in phases of ≥ LBFGS_MIN_EVALS evaluations, else Adam
+# lm: Levenberg–Marquardt (_lm_phase); auto: LM up to LM_AUTO_NFE (or ≤ LM_AUTO_PARAMS parameters) with the L2
+# loss, else L-BFGS in phases of ≥ LBFGS_MIN_EVALS evaluations, else Adam
 OPTIMIZERS = ("adam", "lbfgs", "auto", "lm")
-# 2-NFE plans (DPM-Solver++(2M): 8 coefficients + 1 σ). At 4 NFE (25) the loss is too curved for a Gauss–Newton
-# model over all parameters: on digits only steps damped to gradient-descent size lowered it, 6 iterations
-# (~18 CPU s) reached held-out RMSE 0.10 where Adam reaches 0.058 in 10 s (fit_learned_notes.md).
+# LM on all parameters at once up to this many (2-NFE plans: DPM-Solver++(2M) has 8 coefficients + 1 σ), by blocks
+# above. At 4 NFE (25) the loss is too curved for a Gauss–Newton model over all parameters: on digits only steps
+# damped to gradient-descent size lowered it, 6 iterations (~18 CPU s) reached held-out RMSE 0.10 where Adam
+# reaches 0.058 in 10 s (fit_learned_notes.md).
 LM_AUTO_PARAMS = 12
 LM_BLOCKS = ("auto", "joint", "rows")
 LM_ROWS_BATCH = 32  # samples per block phase of "rows" (LearnConfig.lm_batch)
-# "auto" uses LM up to this NFE. Digits, 10 s budget: 4 NFE DPM-Solver++(2M) test RMSE 0.0494 / 0.0492 / 0.0504
+# "auto" uses LM up to this NFE. Digits, 10 s budget: 4 NFE DPM-Solver++(2M) test RMSE 0.0494 / 0.0475 / 0.0504
 # over fit seeds 0 / 2 / 3 against Adam's 0.0599 / 0.0554 / 0.0977 (fit_learned_notes.md); past 4 NFE a round of
 # row blocks costs ~NFE²/2 row runs and Adam's first-order phases are the cheaper refinement of a good fast init.
 LM_AUTO_NFE = 4
@@ -96,8 +97,8 @@ class LearnConfig:
     # Both step sizes are scaled by min(1, lr_nfe / NFE): E rows move together, so the endpoint moves ~E times
     # as far per step; at 10 NFE (digits) 2e-2 / 1e-1 made the first phase worse, 5e-3 / 2e-2 improved every one.
     lr_nfe: int | None = 4
-    # "auto": Levenberg–Marquardt at 2 NFE (digits DPM-Solver++(2M)-2 test RMSE 0.1036 → 0.0946 and FD 8.11 → 7.05
-    # against Adam, in ~5 CPU s; fit_learned_notes.md), Adam elsewhere under the default step counts.
+    # "auto": Levenberg–Marquardt up to LM_AUTO_NFE (digits DPM-Solver++(2M)-2 test RMSE 0.1036 → 0.0946 and FD
+    # 8.11 → 7.05 against Adam, in 3.5 s; fit_learned_notes.md), Adam past it under the default step counts.
     optimizer: str = "auto"
     minibatch: int | None = 16  # samples per Adam step (None: the whole fitting batch)
     # Levenberg–Marquardt (--optimizer lm; "auto" picks it up to LM_AUTO_NFE): ``lm_rounds`` rounds of ``lm_steps``
@@ -288,8 +289,11 @@ class _Params:
         self.jac = torch.zeros(len(vals), self.theta.numel(), dtype=torch.float64)
         self.anchor = self.theta.detach().clone()
 
-    def coefs(self) -> torch.Tensor:
-        return self.coef0 + self.scale * self.delta + self.jac @ (self.theta - self.anchor)
+    def coefs(self, delta=None, theta=None) -> torch.Tensor:
+        """The coefficient vector at (``delta``, ``theta``), default the current parameters."""
+        delta = self.delta if delta is None else delta
+        theta = self.theta if theta is None else theta
+        return self.coef0 + self.scale * delta + self.jac @ (theta - self.anchor)
 
     def _build_coefs(self, theta: np.ndarray) -> np.ndarray | None:
         """The coefficient vector of the base family's plan on the grid that ``theta`` gives (None: that plan does
@@ -361,16 +365,21 @@ class _Params:
             self.coef0 = now - self.scale * self.delta
         return True
 
-    def sigmas(self) -> torch.Tensor:
+    def sigmas(self, theta=None) -> torch.Tensor:
         top = math.log(self.init.sigma_init)
-        logs = top - torch.cumsum(torch.exp(self.theta), 0)
+        logs = top - torch.cumsum(torch.exp(self.theta if theta is None else theta), 0)
         if self.fixed_top:
             logs = torch.cat([logs.new_tensor([top]), logs])
         return torch.exp(logs)
 
-    def rows(self, free: bool):
-        """Rows for ``run_rows``: coefficients as ``_Free`` tensors (free) or floats, σ's as 0-dim tensors."""
-        c, sig = self.coefs(), self.sigmas()
+    def rows(self, free: bool, at: torch.Tensor | None = None):
+        """Rows for ``run_rows``: coefficients as ``_Free`` tensors and σ's as 0-dim tensors (free), or all floats;
+        at the flat parameter vector ``at`` (``vector()``'s layout) instead of the current parameters."""
+        nd = self.delta.numel()
+        delta, theta = (None, None) if at is None else (at[:nd], at[nd:])
+        c, sig = self.coefs(delta, theta), self.sigmas(theta)
+        if not free:
+            sig = sig.tolist()
         out = []
         for e, (i0, np_, nq) in enumerate(self.layout):
             v = [_Free(c[i]) for i in range(i0, i0 + 2 + np_ + nq)] if free else c[i0:i0 + 2 + np_ + nq].tolist()
@@ -380,31 +389,13 @@ class _Params:
         return out
 
     def vector(self) -> torch.Tensor:
-        """The free parameters as one flat vector [δ, θ] (what ``rows_at`` and ``set_vector`` take)."""
+        """The free parameters as one flat vector [δ, θ] (what ``rows(at=…)`` and ``set_vector`` take)."""
         return torch.cat([self.delta.detach(), self.theta.detach()])
 
     def set_vector(self, v: torch.Tensor) -> None:
         with torch.no_grad():
             self.delta.copy_(v[:self.delta.numel()])
             self.theta.copy_(v[self.delta.numel():])
-
-    def rows_at(self, v: torch.Tensor) -> list:
-        """``rows(free=False)`` at the flat parameter vector ``v`` instead of the current one."""
-        nd = self.delta.numel()
-        delta, theta = v[:nd], v[nd:]
-        c = (self.coef0 + self.scale * delta + self.jac @ (theta - self.anchor)).tolist()
-        top = math.log(self.init.sigma_init)
-        logs = top - torch.cumsum(torch.exp(theta), 0)
-        if self.fixed_top:
-            logs = torch.cat([logs.new_tensor([top]), logs])
-        sig = torch.exp(logs).tolist()
-        out = []
-        for e, (i0, np_, nq) in enumerate(self.layout):
-            r = self.init.rows[e]
-            out.append(SimpleNamespace(sigma=sig[self.row_sig[e]], a=c[i0], p=tuple(c[i0 + 1:i0 + 1 + np_]),
-                                       c=c[i0 + 1 + np_], q=tuple(c[i0 + 2 + np_:i0 + 2 + np_ + nq]), g=0.0, s=r.s,
-                                       guidance=r.guidance))
-        return out
 
     def plan(self, name: str, provenance: dict) -> Plan:
         with torch.no_grad():
@@ -1022,16 +1013,15 @@ def _perturbed_endpoints(params: _Params, vecs: torch.Tensor, den, batch: Batch,
     on the same ``batch`` (it is not run again)."""
     hist_k = max(params.k, 1)
     if base is None:
-        rec, outs = [], []
-        xb = _side_by_side([params.rows_at(vecs[0])], params.init.sigma_init * batch.z, hist_k, den, batch,
-                           record=rec, outs=outs)[0]
-        base = (params.rows_at(vecs[0]), rec, outs, xb)
+        rec, outs, rows0 = [], [], params.rows(False, at=vecs[0])
+        xb = _side_by_side([rows0], params.init.sigma_init * batch.z, hist_k, den, batch, record=rec, outs=outs)[0]
+        base = (rows0, rec, outs, xb)
     rows0, rec, outs, xb = base
     res = [None] * len(vecs)
     res[0] = xb
     groups: dict = {}
     for i in range(1, len(vecs)):
-        rows = params.rows_at(vecs[i])
+        rows = params.rows(False, at=vecs[i])
         f = next((e for e, (r, b) in enumerate(zip(rows, rows0))
                   if (r.sigma, r.a, r.p, r.c, r.q) != (b.sigma, b.a, b.p, b.c, b.q)), None)
         if f is None:
