@@ -76,7 +76,7 @@ def test_learned_beats_closed_form_on_heldout_noise(gmm, pair):
 
 @pytest.mark.parametrize("cfg", [
     LearnConfig(optimizer="adam", rounds=4, coef_steps=60, grid_steps=0, reg=0.0, minibatch=None, budget=None),
-    LearnConfig(optimizer="lm", lm_blocks="joint", lm_rounds=1, lm_steps=10, reg=0.0, budget=None),
+    LearnConfig(optimizer="lm", lm_blocks="joint", lm_rounds=1, lm_steps=10, lm_batch=100, reg=0.0, budget=None),
     LearnConfig(optimizer="lm", lm_blocks="rows", lm_rounds=3, reg=0.0, budget=None),
 ], ids=["adam", "lm-joint", "lm-rows"])
 def test_perturbed_coefficients_converge_back(gmm, cfg):
@@ -287,8 +287,8 @@ def test_lbfgs_minimises_a_quadratic_within_its_evaluations():
 
 
 def test_auto_optimizer_uses_lbfgs_only_in_long_phases(gmm, monkeypatch):
-    """optimizer "auto" past LM_AUTO_NFE: L-BFGS in a phase of ≥ LBFGS_MIN_EVALS steps, Adam below (spied on
-    both)."""
+    """optimizer "auto" with LD3's loss (not LM's): L-BFGS in a phase of ≥ LBFGS_MIN_EVALS steps, Adam below (spied
+    on both)."""
     calls = []
     real = learned._lbfgs
 
@@ -298,14 +298,14 @@ def test_auto_optimizer_uses_lbfgs_only_in_long_phases(gmm, monkeypatch):
 
     monkeypatch.setattr(learned, "_lbfgs", spy)
     den = gmm.denoiser
-    init = build("dpmpp-2m", learned.LM_AUTO_NFE + 1, den.sigma_min, den.sigma_max)
+    init = build("dpmpp-2m", 5, den.sigma_min, den.sigma_max)
     b = Batch(torch.randn(24, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64), None, None,
               torch.float64)
     ref = run(init, den, b) * 0.9
     tr, he = learned._split(b, slice(0, 16)), learned._split(b, slice(16, 24))
     n = learned.LBFGS_MIN_EVALS
-    cfg = LearnConfig(optimizer="auto", rounds=1, coef_steps=n, grid_steps=n - 1, minibatch=8, evals=None,
-                      patience=None, budget=None)
+    cfg = LearnConfig(optimizer="auto", loss="ld3", rounds=1, coef_steps=n, grid_steps=n - 1, minibatch=8,
+                      evals=None, patience=None, budget=None)
     _, info = learn(init, den, tr, ref[:16], he, ref[16:], cfg, family="dpmpp-2m")
     assert calls == [n] and info["steps"] <= 2 * n - 1
     assert info["heldout_rmse"] <= info["heldout_rmse_init"]
@@ -601,27 +601,31 @@ def test_perturbed_endpoints_rerun_only_what_a_change_reaches(gmm, monkeypatch):
         assert float(moved.min()) > 1e-9  # every column is resolved: ≥ 1000× the tolerance above
 
 
-def test_auto_uses_lm_up_to_4_nfe(gmm):
-    """The default optimizer ("auto") runs Levenberg–Marquardt up to LM_AUTO_NFE: at 2 NFE on all parameters at
-    once (≤ LM_AUTO_PARAMS), at 4 NFE by blocks (the σ's, then each row), ``lm_rounds`` rounds of ``lm_steps``
-    iterations per block, never worse than the start on the held-out split; 5 NFE and LD3's loss keep the
-    first-order phases."""
-    assert LearnConfig().optimizer == "auto" and learned.LM_AUTO_NFE == 4
+def test_auto_uses_lm(gmm):
+    """The default optimizer ("auto") with the L2 loss is Levenberg–Marquardt at every NFE, on all parameters at
+    once, on LM_SAMPLE_ROWS // NFE samples (within [8, 32]) per iteration, ``lm_rounds`` rounds of ``lm_steps``
+    iterations whatever ``patience`` says, never worse than the start on the held-out split; "rows" runs the σ's and
+    then each row as blocks; LD3's loss keeps the first-order phases."""
+    assert LearnConfig().optimizer == "auto" and LearnConfig().lm_blocks == "joint"
     pv = fit_learned(gmm, "dpmpp-2m", 2, LearnConfig(budget=None, lm_rounds=1, lm_steps=2), batch=40,
                      heldout=20).provenance
     assert pv["optimizer"] == "lm" and pv["steps"] == 2 and pv["heldout_rmse"] <= pv["heldout_rmse_init"]
-    assert pv["lm_blocks"] == 1
-    pv = fit_learned(gmm, "dpmpp-2m", 4, LearnConfig(budget=None, lm_rounds=2), batch=40, heldout=20).provenance
-    assert pv["optimizer"] == "lm" and pv["lm_blocks"] == 1 + 4 and pv["steps"] == 2 * 5
-    assert [t for t, _ in pv["phases"]] == ["init", "round 1 lm", "round 2 lm"][:len(pv["phases"])]
-    assert pv["heldout_rmse"] <= pv["heldout_rmse_init"]
-    pv = fit_learned(gmm, "dpmpp-2m", 5, LearnConfig(budget=None, rounds=1), batch=40, heldout=20).provenance
-    assert pv["optimizer"] == "auto" and "round 1 coef" in [t for t, _ in pv["phases"]]
+    assert pv["lm_blocks"] == 1 and pv["lm_batch"] == 32
+    for nfe in (4, 5):
+        pv = fit_learned(gmm, "dpmpp-2m", nfe, LearnConfig(budget=None, lm_rounds=3, patience=1), batch=40,
+                         heldout=20).provenance
+        assert pv["optimizer"] == "lm" and pv["lm_blocks"] == 1 and pv["steps"] == 3 and not pv["stopped_early"]
+        assert pv["lm_batch"] == learned.LM_SAMPLE_ROWS // nfe
+        assert [t for t, _ in pv["phases"]] == ["init", "round 1 lm", "round 2 lm", "round 3 lm"]
+        assert pv["heldout_rmse"] <= pv["heldout_rmse_init"]
+    pv = fit_learned(gmm, "dpmpp-2m", 4, LearnConfig(budget=None, lm_rounds=2, lm_blocks="rows"), batch=40,
+                     heldout=20).provenance
+    assert pv["lm_blocks"] == 1 + 4 and pv["steps"] == 2 * 5 and pv["lm_batch"] == learned.LM_ROWS_BATCH
     pv = fit_learned(gmm, "dpmpp-2m", 2, LearnConfig(budget=None, rounds=1, loss="ld3"), batch=40,
                      heldout=20).provenance
     assert pv["optimizer"] == "auto" and "round 1 lm" not in [t for t, _ in pv["phases"]]
     for kw, match in ((dict(optimizer="lm", loss="ld3"), "--optimizer lm"), (dict(lm_steps=0), "--lm-steps"),
-                      (dict(lm_batch=0), "--lm-batch"), (dict(lm_blocks="cols"), "--lm-blocks"),
+                      (dict(lm_batch=0), "--lm-batch"), (dict(lm_blocks="auto"), "--lm-blocks"),
                       (dict(lm_rounds=0), "--lm-rounds")):
         with pytest.raises(FitError, match=match):
             LearnConfig(**kw).check()

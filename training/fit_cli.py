@@ -42,7 +42,7 @@ def register(sub, bench_sub) -> None:
 
 
 def _learned_args(p) -> None:
-    from .learned import LM_AUTO_NFE, LM_AUTO_PARAMS, LM_BLOCKS, LOSSES, LR_DECAYS, OPTIMIZERS, LearnConfig
+    from .learned import LM_BLOCKS, LM_SAMPLE_ROWS, LOSSES, LR_DECAYS, OPTIMIZERS, LearnConfig
 
     d = LearnConfig()
     g = p.add_argument_group("--method learned (S4S-Alt / LD3; training/learned.py)")
@@ -57,18 +57,18 @@ def _learned_args(p) -> None:
     g.add_argument("--grid-steps", type=int, default=d.grid_steps, help=f"steps per grid phase ({d.grid_steps})")
     g.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS,
                    help="adam; lbfgs (one minibatch per phase); lm (Levenberg-Marquardt, --lm-* flags); "
-                        f"auto: lm up to {LM_AUTO_NFE} NFE with the l2 loss, else lbfgs in phases of >= 10 steps, "
-                        f"else adam ({d.optimizer})")
+                        "auto: lm with the l2 loss; with ld3, lbfgs in phases of >= 10 steps, else adam "
+                        f"({d.optimizer})")
     g.add_argument("--minibatch", type=int, default=d.minibatch, help=f"samples per Adam step ({d.minibatch})")
     g.add_argument("--lm-rounds", type=int, default=d.lm_rounds,
                    help=f"Levenberg-Marquardt rounds, a held-out check after each ({d.lm_rounds})")
     g.add_argument("--lm-steps", type=int, default=d.lm_steps,
                    help=f"Levenberg-Marquardt iterations per parameter block per round ({d.lm_steps})")
     g.add_argument("--lm-blocks", default=d.lm_blocks, choices=LM_BLOCKS,
-                   help=f"joint: all parameters at once; rows: the sigmas, then each row; auto: joint on plans of "
-                        f"<= {LM_AUTO_PARAMS} parameters ({d.lm_blocks})")
+                   help=f"joint: all parameters at once; rows: the sigmas, then each row ({d.lm_blocks})")
     g.add_argument("--lm-batch", type=int, default=d.lm_batch,
-                   help="samples per Levenberg-Marquardt block phase (default: all for joint, 32 for rows)")
+                   help=f"samples per Levenberg-Marquardt iteration (default: {LM_SAMPLE_ROWS} // NFE within 8..32 "
+                        "for joint, 32 for rows)")
     g.add_argument("--budget", type=float, default=d.budget,
                    help=f"wall-clock seconds: the whole fit from the fast init, else the gradient phases "
                         f"({d.budget:g}; 0: no limit); the held-out best so far is returned")
@@ -79,8 +79,8 @@ def _learned_args(p) -> None:
     g.add_argument("--history", type=int, help="K of the learned rows (default: max(init's K, 2))")
     g.add_argument("--evals", type=int, default=d.evals,
                    help=f"network evaluations for all steps ({d.evals}; 0: no limit)")
-    g.add_argument("--patience", type=int, default=d.patience, help=f"phases without a held-out gain before stopping "
-                   f"({d.patience}; 0: never stop)")
+    g.add_argument("--patience", type=int, default=d.patience, help=f"Adam / L-BFGS phases without a held-out gain "
+                   f"before stopping ({d.patience}; 0: never stop; lm runs its --lm-rounds)")
     g.add_argument("--lr-decay", default=d.lr_decay, choices=LR_DECAYS,
                    help=f"step-size schedule: in each phase (cosine) or over the rounds ({d.lr_decay})")
     g.add_argument("--spread", type=float, default=d.spread,

@@ -61,20 +61,16 @@ from .fitcore import Batch, FitError, check_int, make_batch, reference_target, r
 
 METHODS = ("learned", "plan")  # "plan": the name issue 20 uses
 LOSSES = ("l2", "ld3")
-# lm: Levenberg–Marquardt (_lm_phase); auto: LM up to LM_AUTO_NFE (or ≤ LM_AUTO_PARAMS parameters) with the L2
-# loss, else L-BFGS in phases of ≥ LBFGS_MIN_EVALS evaluations, else Adam
+# lm: Levenberg–Marquardt (_lm_phase); auto: LM with the L2 loss, else L-BFGS in phases of ≥ LBFGS_MIN_EVALS
+# evaluations, else Adam
 OPTIMIZERS = ("adam", "lbfgs", "auto", "lm")
-# LM on all parameters at once up to this many (2-NFE plans: DPM-Solver++(2M) has 8 coefficients + 1 σ), by blocks
-# above. At 4 NFE (25) the loss is too curved for a Gauss–Newton model over all parameters: on digits only steps
-# damped to gradient-descent size lowered it, 6 iterations (~18 CPU s) reached held-out RMSE 0.10 where Adam
-# reaches 0.058 in 10 s (fit_learned_notes.md).
-LM_AUTO_PARAMS = 12
-LM_BLOCKS = ("auto", "joint", "rows")
+LM_BLOCKS = ("joint", "rows")
 LM_ROWS_BATCH = 32  # samples per block phase of "rows" (LearnConfig.lm_batch)
-# "auto" uses LM up to this NFE. Digits, 10 s budget: 4 NFE DPM-Solver++(2M) test RMSE 0.0494 / 0.0475 / 0.0504
-# over fit seeds 0 / 2 / 3 against Adam's 0.0599 / 0.0554 / 0.0977 (fit_learned_notes.md); past 4 NFE a round of
-# row blocks costs ~NFE²/2 row runs and Adam's first-order phases are the cheaper refinement of a good fast init.
-LM_AUTO_NFE = 4
+# Joint LM's samples per iteration (LearnConfig.lm_batch None): LM_SAMPLE_ROWS // NFE within [8, 32], so an
+# iteration's Jacobian (P + 1 runs of ≤ NFE rows, P ≈ 7·NFE parameters) costs ~7·LM_SAMPLE_ROWS·NFE sample-rows:
+# digits, 10 s budget, fit seeds 0 / 2 / 3 / 4 / 5 at 4 NFE, 24 samples (12 rounds) beat 32 on four of five
+# (fit_learned_notes.md, "Levenberg–Marquardt II").
+LM_SAMPLE_ROWS = 96
 LBFGS_MIN_EVALS = 10
 LR_DECAYS = ("none", "cosine", "rounds")
 REFERENCE_CACHE_VERSION = 1  # bump when the reference solve changes
@@ -97,22 +93,22 @@ class LearnConfig:
     # Both step sizes are scaled by min(1, lr_nfe / NFE): E rows move together, so the endpoint moves ~E times
     # as far per step; at 10 NFE (digits) 2e-2 / 1e-1 made the first phase worse, 5e-3 / 2e-2 improved every one.
     lr_nfe: int | None = 4
-    # "auto": Levenberg–Marquardt up to LM_AUTO_NFE (digits DPM-Solver++(2M)-2 test RMSE 0.1036 → 0.0946 and FD
-    # 8.11 → 7.05 against Adam, in 3.5 s; fit_learned_notes.md), Adam past it under the default step counts.
+    # "auto": Levenberg–Marquardt with the L2 loss at every NFE (digits DPM-Solver++(2M), 10 s budget: test RMSE
+    # 0.045 against Adam's 0.060 at 4 NFE, 0.017 against 0.022 at 10; fit_learned_notes.md), Adam / L-BFGS with LD3.
     optimizer: str = "auto"
     minibatch: int | None = 16  # samples per Adam step (None: the whole fitting batch)
-    # Levenberg–Marquardt (--optimizer lm; "auto" picks it up to LM_AUTO_NFE): ``lm_rounds`` rounds of ``lm_steps``
-    # iterations per block of parameters, a held-out check after each round. Blocks ("auto": joint on a plan of
-    # ≤ LM_AUTO_PARAMS parameters, else rows): "joint", all parameters at once; "rows", the σ's, then each row's
-    # coefficients from the last row to the first (block coordinate descent: at 4 NFE the loss is too curved for a
-    # Gauss–Newton model of all 25 parameters, fit_learned_notes.md). ``lm_batch`` samples of the fitting batch per
-    # block phase, a fresh draw each (None: all of them for "joint", LM_ROWS_BATCH for "rows"). On digits 2 NFE
-    # (joint, the whole batch) the loss drops ~0.97 → 0.71 in 2 iterations and ≤ 0.3 % more in 4 more; at 4 NFE
-    # one iteration per block on 32 samples beat two on 16 (fresh samples average the minibatch noise out).
-    lm_rounds: int = 4
+    # Levenberg–Marquardt (--optimizer lm; "auto" picks it with the L2 loss): ``lm_rounds`` rounds of ``lm_steps``
+    # iterations per block of parameters, a held-out check after each round; the rounds stop at ``lm_rounds`` or
+    # the budget, not at ``patience`` (one round is an iteration on a fresh minibatch, so its held-out error is
+    # noisy; the held-out best is kept). Blocks: "joint", all parameters at once; "rows", the σ's, then each row's
+    # coefficients from the last row to the first (block coordinate descent). ``lm_batch`` samples of the fitting
+    # batch per block phase, a fresh draw each (None: LM_SAMPLE_ROWS // NFE within [8, 32] for "joint",
+    # LM_ROWS_BATCH for "rows"). Joint beat rows at 3–4 NFE once the Jacobian's step was 1e-3 (LM_FD_STEP):
+    # digits 4 NFE test RMSE 0.045 against 0.050 at fit seeds 0 / 2 / 3 (fit_learned_notes.md).
+    lm_rounds: int = 12
     lm_steps: int = 1
     lm_batch: int | None = None
-    lm_blocks: str = "auto"
+    lm_blocks: str = "joint"
     # Wall-clock seconds: for the whole ``fit_learned`` call when it starts from the fast init (its cost is part
     # of the fit), else for the optimisation alone (a closed-form or given start was paid for separately). A step
     # is not started where it and the last held-out check would end past it, and the held-out best so far is
@@ -527,7 +523,7 @@ def _uses_lbfgs(cfg: LearnConfig, nsteps: int) -> bool:
 def _lm_blocks(cfg: LearnConfig, params: _Params) -> list[torch.Tensor]:
     """The parameter blocks of one LM round, as masks over ``params.vector()`` (see ``LearnConfig.lm_blocks``)."""
     nd, total = params.delta.numel(), params.vector().numel()
-    if cfg.lm_blocks == "joint" or (cfg.lm_blocks == "auto" and total <= LM_AUTO_PARAMS):
+    if cfg.lm_blocks == "joint":
         return [torch.ones(total, dtype=torch.bool)]
     out = []
     if total > nd:
@@ -537,10 +533,8 @@ def _lm_blocks(cfg: LearnConfig, params: _Params) -> list[torch.Tensor]:
     return out
 
 
-def _uses_lm(cfg: LearnConfig, params: _Params) -> bool:
-    return cfg.optimizer == "lm" or (cfg.optimizer == "auto" and cfg.loss == "l2"
-                                     and (params.vector().numel() <= LM_AUTO_PARAMS
-                                          or len(params.layout) <= LM_AUTO_NFE))
+def _uses_lm(cfg: LearnConfig) -> bool:
+    return cfg.optimizer == "lm" or (cfg.optimizer == "auto" and cfg.loss == "l2")
 
 
 def _lbfgs(f: Callable[[], torch.Tensor], var: list, max_evals: int, memory: int = 10) -> int:
@@ -608,7 +602,13 @@ def _lbfgs(f: Callable[[], torch.Tensor], var: list, max_evals: int, memory: int
     return evals
 
 
-LM_FD_STEP = 1e-4  # forward-difference step of the Levenberg–Marquardt Jacobian, in parameter units (_lm_phase)
+# Forward-difference step of the Levenberg–Marquardt Jacobian, in parameter units (_lm_phase). The network runs in
+# float32, so a difference carries its rounding (~1e-6 of the state) over h: against a float64 central-difference
+# Jacobian (digits DPM-Solver++(2M)-4, benchmarks/results/fit_lm_jacobian.md) h = 1e-4 was off by 4 % (median
+# column) and 1e-3 by 0.5 %, 1e-2 by 0.7 % (there the O(h) truncation dominates). Columns of small effect were
+# pure noise at 1e-4 (×30 off), and a Gauss–Newton step divides by their size: with 1e-3 joint LM went from worse
+# than by-row blocks to better (fit_learned_notes.md).
+LM_FD_STEP = 1e-3
 LM_THETA_MIN, LM_THETA_MAX = math.log(1e-6), math.log(10.0)  # bounds of an LM candidate's log σ gaps
 LM_DAMPING = (0.1, 1.0, 10.0)  # the damping factors tried side by side at every LM iteration (× the current λ)
 
@@ -636,19 +636,18 @@ def _lm_phase(obj: _Objective, free: torch.Tensor, iters: int, gen, deadline: fl
     (iterations taken, ran out of time).
 
     The loss is a sum of squares in a few dozen parameters (digits DPM-Solver++(2M)-4: 22 coefficients and 3 σ
-    gaps), the case Gauss–Newton is made for: where Adam needed ~200 minibatch steps (~40 CPU s) to take digits
-    4-NFE held-out RMSE below 0.05, a damped Gauss–Newton step uses the curvature of every parameter pair at once.
+    gaps; 10 NFE: 67), the case Gauss–Newton is made for: where Adam needed ~200 minibatch steps (~40 CPU s) to
+    take digits 4-NFE held-out RMSE below 0.05, a damped Gauss–Newton step uses the curvature of every parameter
+    pair at once.
     The Jacobian is taken by forward differences (step ``LM_FD_STEP``): the P + 1 perturbed plans run side by side
     (``_side_by_side``, one network call per row on (P + 1)·minibatch samples), forward only, where a call costs
     per sample (0.5 ms for a digits sample at batch ≥ 64 against 2.4 ms for forward + backward at 16), and each
-    perturbed plan reruns only the rows its change reaches (``_perturbed_endpoints``). Accuracy: the network runs in
-    float32, so an endpoint carries rounding of ~1e-7 of its scale, and a step of 1e-4 (in units of each
-    coefficient's scale, or of a log σ gap) moves it by ~1e-4·|J|: the differences hold ~3 significant digits and
-    the O(h) truncation is ~1e-4 relative (h ≈ √ε₃₂ balances the two), ample for a search direction that is then
-    checked by its actual loss. Each iteration solves (JᵀJ + λ·diag(JᵀJ)) s = −Jᵀr for the damping factors
-    ``LM_DAMPING``·λ, runs those candidates side by side on the same minibatch, and keeps the best if it lowers the
-    loss (λ follows it); else λ grows 100× and nothing moves. The samples (``batch_size`` of the fitting batch,
-    None: all) are drawn once per phase, so accept / reject compares like with like."""
+    perturbed plan reruns only the rows its change reaches (``_perturbed_endpoints``). Accuracy: see LM_FD_STEP
+    (0.5 % per column at its step; a search direction, then checked by its actual loss). Each iteration solves
+    (JᵀJ + λ·diag(JᵀJ)) s = −Jᵀr for the damping factors ``LM_DAMPING``·λ, runs those candidates side by side on
+    the same minibatch, and keeps the best if it lowers the loss (λ follows it); else λ grows 100× and nothing
+    moves. The samples (``batch_size`` of the fitting batch, None: all) are drawn once per phase, so accept /
+    reject compares like with like."""
     params, t = obj.params, obj.train
     durations = clock.setdefault("lm", [])
     n = t.z.shape[0]
@@ -794,16 +793,18 @@ def learn(init: Plan, den, train: Batch, ref: torch.Tensor, held: Batch, held_re
     joint = 0 < min(n_coef, n_grid) < cfg.joint_below and params.theta.numel() > 0
     if joint:
         kinds = ("joint",)
-    use_lm, blocks = _uses_lm(cfg, params), []
+    use_lm, blocks, lm_batch = _uses_lm(cfg), [], None
     if use_lm:
         kinds, blocks = ("lm",), _lm_blocks(cfg, params)
-        lm_batch = cfg.lm_batch if cfg.lm_batch is not None else (None if len(blocks) == 1 else LM_ROWS_BATCH)
+        lm_batch = cfg.lm_batch
+        if lm_batch is None:
+            lm_batch = max(8, min(32, LM_SAMPLE_ROWS // init.nfe)) if len(blocks) == 1 else LM_ROWS_BATCH
         rounds = cfg.lm_rounds
     for rnd, kind in [(rnd, kind) for rnd in range(rounds) for kind in kinds]:
         nsteps = {"coef": n_coef, "grid": n_grid, "joint": n_coef + n_grid, "lm": cfg.lm_steps}[kind]
         if out_of_time or nsteps == 0 or (kind == "grid" and params.theta.numel() == 0):
             continue
-        if cfg.patience is not None and stale >= cfg.patience:
+        if cfg.patience is not None and stale >= cfg.patience and not use_lm:
             break
         if kind != "coef":
             coupled = params.couple(family) or coupled
@@ -846,9 +847,10 @@ def learn(init: Plan, den, train: Batch, ref: torch.Tensor, held: Batch, held_re
             "heldout_rmse": best["err"], "best_phase": best["phase"], "steps": steps, "history_k": params.k,
             "out_of_budget": out_of_time,
             "grid_coupled": coupled, "optimizer": "lm" if use_lm else cfg.optimizer,
-            "rounds": rounds, "lm_blocks": len(blocks) if use_lm else None, "step_fraction": frac,
+            "rounds": rounds, "lm_blocks": len(blocks) if use_lm else None,
+            "lm_batch": min(lm_batch or n_train, n_train) if use_lm else None, "step_fraction": frac,
             "joint_phases": joint,
-            "stopped_early": cfg.patience is not None and stale >= cfg.patience,
+            "stopped_early": not use_lm and cfg.patience is not None and stale >= cfg.patience,
             "learn_seconds": round(time.perf_counter() - t0, 3),
             "phases": [[t, v] for t, v in history], "learn_config": asdict(cfg)}
     if won:
