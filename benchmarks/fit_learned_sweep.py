@@ -81,7 +81,9 @@ def write_md(res: dict) -> None:
         "samples after it (what picks the plan), gap = test / train. Seconds: one `fit_learned` call in a warmed "
         "process, one torch thread unless the config says `threads=2` (CPU = process time, summed over threads; "
         "wall includes other jobs). Budget none unless the config says otherwise. `opt.`: the optimizer the fit "
-        "used (`auto` resolves to lm up to 4 NFE). Rows with —: fitted before the LM optimizer existed, when the "
+        "used (`auto` resolves to lm with the L2 loss); `lm joint h=0.001`: LM on all parameters with the "
+        "Jacobian step 1e-3, the default since commit 55e1a6f; `lm` alone: the first LM default (step 1e-4; by "
+        "row blocks at 3–4 NFE, Adam past 4). Rows with —: fitted before the LM optimizer existed, when the "
         "default was Adam and `optimizer=auto` meant L-BFGS in phases of ≥ 10 steps, else Adam.",
         "",
         "| solver | NFE | config | batch | fit seed | train RMSE | held-out | test RMSE | gap | FD | prec. | rec. "
@@ -128,6 +130,16 @@ def write_md(res: dict) -> None:
         lines.append("- 4 NFE, lowest RMSE: " + best(four, "").lstrip(": "))
     lines.append("")
     atomic_write_text(OUT + ".md", "\n".join(lines))
+
+
+def optimizer_label(pv: dict) -> str | None:
+    """The optimizer a fit used; for LM also its blocks and Jacobian step (they changed after the first LM rows)."""
+    from fewstep.training.learned import LM_FD_STEP
+
+    opt = pv.get("optimizer")
+    if opt != "lm":
+        return opt
+    return f"lm {pv['learn_config']['lm_blocks']} h={LM_FD_STEP:g}"
 
 
 def main(argv=None) -> int:
@@ -205,7 +217,7 @@ def main(argv=None) -> int:
                "heldout_rmse": pv["heldout_rmse"], "heldout_rmse_init": pv["heldout_rmse_init"],
                "winner": pv["winner"], "steps": pv["steps"], "best_phase": pv["best_phase"],
                "out_of_budget": pv["out_of_budget"], "loadavg_1min": os.getloadavg()[0],
-               "threads": torch.get_num_threads(), "optimizer_used": pv.get("optimizer"),
+               "threads": torch.get_num_threads(), "optimizer_used": optimizer_label(pv),
                "test": quality(t, run_plan(t, plan, inputs), inputs, tref),
                "spec": ":".join([solver, str(nfe)] + [f"{k}={v}" for k, v in {**cfg, **ex}.items()
                                                       if not (k in EXTRA and v == EXTRA[k])])}

@@ -79,6 +79,9 @@ def student_from_teacher(teacher: EDMDenoiser, w_fourier: int = 16) -> GuidedDen
     missing, unexpected = model.load_state_dict(teacher.model.state_dict(), strict=False)
     if unexpected or any(not k.startswith("w_mlp.") for k in missing):
         raise DistillError(f"the teacher is not a digits UNet (unexpected {unexpected[:3]}, missing {missing[:3]})")
+    # the layout the loader gives every digits UNet (digits_net.load_checked): the same kernels as the teacher's,
+    # so the student starts as the same function bit for bit
+    model = model.to(memory_format=torch.channels_last)
     return GuidedDenoiser(model, sigma_data=teacher.sigma_data, sigma_min=teacher.sigma_min,
                           sigma_max=teacher.sigma_max, null_label=NULL_LABEL)
 

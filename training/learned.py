@@ -7,16 +7,17 @@ here the parameters are the rows themselves (a, p, c, q of every row within the 
 ``fit.fit``, e.g. timesteps + D-ODE, which costs 45–416 CPU s on digits) and optimised through the reference
 executor's own loop (``executor.run_rows``) to match the reference solve from the same noise:
 
-- up to 4 NFE (the default "auto"; ``--optimizer lm`` anywhere): Levenberg–Marquardt (``_lm_phase``), the loss
-  being a sum of squares in 9–25 parameters: a forward-difference Jacobian from side-by-side forward runs that
-  resume where each perturbation first acts (``_perturbed_endpoints``), all parameters at once at 2 NFE, by
-  blocks (the σ's, then each row) at 3–4; it needs forward runs only, at batch sizes where a digits call costs
-  per sample;
-- otherwise: coefficient phase (σ's fixed), then grid phase (``grid_first``: the other way round), ``rounds``
-  times, with Adam or L-BFGS (``_lbfgs``, one minibatch per phase; "auto": L-BFGS in phases long enough for its
-  curvature pairs to pay, Adam below; the step size optionally decays, ``lr_decay``); in the grid phase the
-  base solver's rows move with the σ's (``_Params.couple``) and the fitted corrections stay, so the grid phase
-  does what the rebuilt-per-grid Nelder–Mead does, from one gradient per step;
+- with the L2 loss (the default "auto"; ``--optimizer lm``): Levenberg–Marquardt (``_lm_phase``), the loss
+  being a sum of squares in 9–73 parameters (2–10 NFE): a forward-difference Jacobian from side-by-side forward
+  runs that resume where each perturbation first acts (``_perturbed_endpoints``), all parameters at once on a
+  fresh minibatch per iteration (``--lm-blocks rows``: the σ's, then each row); it needs forward runs only, at
+  batch sizes where a digits call costs per sample;
+- with LD3's loss (or ``--optimizer adam|lbfgs``): coefficient phase (σ's fixed), then grid phase
+  (``grid_first``: the other way round), ``rounds`` times, with Adam or L-BFGS (``_lbfgs``, one minibatch per
+  phase; "auto": L-BFGS in phases long enough for its curvature pairs to pay, Adam below; the step size
+  optionally decays, ``lr_decay``); in the grid phase the base solver's rows move with the σ's
+  (``_Params.couple``) and the fitted corrections stay, so the grid phase does what the rebuilt-per-grid
+  Nelder–Mead does, from one gradient per step;
 - cost: the network's forward and backward are 97 % of a fit (the rest is Python), so the knobs are network
   evaluations: minibatch 16, a budget ``evals`` for all steps, ``patience`` phases without a held-out gain, the
   fast init's candidate grids run side by side (``_run_many``); and a wall-clock ``budget`` (10 s) for the whole
