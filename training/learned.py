@@ -69,8 +69,8 @@ LM_BLOCKS = ("joint", "rows")
 LM_ROWS_BATCH = 32  # samples per block phase of "rows" (LearnConfig.lm_batch)
 # Joint LM's samples per iteration (LearnConfig.lm_batch None): LM_SAMPLE_ROWS // NFE within [8, 32], so an
 # iteration's Jacobian (P + 1 runs of ≤ NFE rows, P ≈ 7·NFE parameters) costs ~7·LM_SAMPLE_ROWS·NFE sample-rows:
-# digits, 10 s budget, fit seeds 0 / 2 / 3 / 4 / 5 at 4 NFE, 24 samples (12 rounds) beat 32 on four of five
-# (fit_learned_notes.md, "Levenberg–Marquardt II").
+# digits DPM-Solver++(2M)-4, 10 s budget, fit seeds 0 / 2 / 3 / 4 / 5, 12 rounds: 24 samples as good as 32 (mean
+# test RMSE 0.0452 vs 0.0455, scratch; fit_learned_notes.md, "Levenberg–Marquardt II"), and cheaper per iteration.
 LM_SAMPLE_ROWS = 96
 LBFGS_MIN_EVALS = 10
 LR_DECAYS = ("none", "cosine", "rounds")
@@ -104,8 +104,8 @@ class LearnConfig:
     # noisy; the held-out best is kept). Blocks: "joint", all parameters at once; "rows", the σ's, then each row's
     # coefficients from the last row to the first (block coordinate descent). ``lm_batch`` samples of the fitting
     # batch per block phase, a fresh draw each (None: LM_SAMPLE_ROWS // NFE within [8, 32] for "joint",
-    # LM_ROWS_BATCH for "rows"). Joint beat rows at 3–4 NFE once the Jacobian's step was 1e-3 (LM_FD_STEP):
-    # digits 4 NFE test RMSE 0.045 against 0.050 at fit seeds 0 / 2 / 3 (fit_learned_notes.md).
+    # LM_ROWS_BATCH for "rows"). With the Jacobian's step 1e-3 (LM_FD_STEP) joint beat rows at 4 NFE: digits
+    # DPM-Solver++(2M), fit seeds 0 / 2 / 3 / 4 / 5, mean test RMSE 0.0452 vs 0.0511 (fit_learned_notes.md).
     lm_rounds: int = 12
     lm_steps: int = 1
     lm_batch: int | None = None
@@ -637,7 +637,7 @@ def _lm_phase(obj: _Objective, free: torch.Tensor, iters: int, gen, deadline: fl
     (iterations taken, ran out of time).
 
     The loss is a sum of squares in a few dozen parameters (digits DPM-Solver++(2M)-4: 22 coefficients and 3 σ
-    gaps; 10 NFE: 67), the case Gauss–Newton is made for: where Adam needed ~200 minibatch steps (~40 CPU s) to
+    gaps; 10 NFE: 64 and 9), the case Gauss–Newton is made for: where Adam needed ~200 minibatch steps (~40 CPU s) to
     take digits 4-NFE held-out RMSE below 0.05, a damped Gauss–Newton step uses the curvature of every parameter
     pair at once.
     The Jacobian is taken by forward differences (step ``LM_FD_STEP``): the P + 1 perturbed plans run side by side
