@@ -246,7 +246,7 @@ def load_checked(make, path: str) -> nn.Module:
         raise ValueError(f"{path}: tensor {extra[0]} is not part of this network ({len(extra)} unexpected)")
     model = make()
     model.load_state_dict(load_file(path))
-    # Channels-last convolutions: 0.76–0.87× the time per sample on the CPU at batch 32–512 (oneDNN's
+    # Channels-last convolutions: 0.77–0.88× the time per sample on the CPU at batch 32–512 (oneDNN's
     # NHWC kernels; benchmarks/results/digits_net_layout.md); the input needs no conversion (1 channel).
     return model.to(memory_format=torch.channels_last)
 

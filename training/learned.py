@@ -756,6 +756,13 @@ def _phase(obj: _Objective, var: list, lr: float, nsteps: int, gen, deadline: fl
     return nsteps, False
 
 
+def _learn_params(init: Plan, cfg: LearnConfig) -> _Params:
+    """The parameters ``learn`` optimises: ``init``'s rows with history K = ``cfg.history`` (default
+    max(init's K, min(E − 1, 2))), never below the init's own."""
+    k = cfg.history if cfg.history is not None else max(init.history, min(init.nfe - 1, 2))
+    return _Params(init, max(k, init.history))
+
+
 def learn(init: Plan, den, train: Batch, ref: torch.Tensor, held: Batch, held_ref: torch.Tensor,
           cfg: LearnConfig, say: Callable[[str], None] = lambda s: None, seed: int = 0, family: str | None = None,
           deadline: float | None = None):
@@ -766,8 +773,7 @@ def learn(init: Plan, den, train: Batch, ref: torch.Tensor, held: Batch, held_re
     t0 = time.perf_counter()
     if deadline is None and cfg.budget is not None:
         deadline = t0 + cfg.budget
-    k = cfg.history if cfg.history is not None else max(init.history, min(init.nfe - 1, 2))
-    params = _Params(init, max(k, init.history))
+    params = _learn_params(init, cfg)
     with torch.no_grad():
         x0 = endpoint(params, den, held, held.z, held.cond)
     init_err = rms(x0, held_ref)
