@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     wrap(learned, "_phase", "gradient phases")
     wrap(learned._Objective, "__call__", "gradient phases: forward")
     wrap(torch.Tensor, "backward", "gradient phases: backward")
-    wrap(learned, "_heldout_rms", "held-out checks (after phases)")
+    wrap(learned._Heldout, "__call__", "held-out checks (after phases)")
     wrap(learned._Params, "couple", "grid coupling")
     wrap(learned, "traced_denoiser", "tracing the network")
 

@@ -73,6 +73,61 @@ class Denoiser(nn.Module):
     def guidance_mode(self) -> str:
         return GUIDANCE_CFG if self.has_null_cond() else GUIDANCE_NONE
 
+    # Where ``features`` reads the network: the first module so named (diffusers UNets: ``mid_block``; the digits
+    # UNet: ``mid``, a list whose last block is taken), else the middle one of ``transformer_blocks`` (SD3, Flux).
+    FEATURE_MODULES = ("mid_block", "mid")
+    FEATURE_BLOCK_LISTS = ("transformer_blocks",)
+
+    def feature_module(self) -> nn.Module | None:
+        """The module whose output ``features`` returns; None where the network has none (or there is no network)."""
+        if not isinstance(self.model, nn.Module):
+            return None
+        mods = list(self.model.named_modules())
+        for names, pick in ((self.FEATURE_MODULES, lambda m: m[-1]),
+                            (self.FEATURE_BLOCK_LISTS, lambda m: m[len(m) // 2])):
+            for name, m in mods:
+                if name.rsplit(".", 1)[-1] in names:
+                    if isinstance(m, nn.ModuleList):
+                        if not len(m):
+                            continue
+                        m = pick(m)
+                    return m
+        return None
+
+    def features(self, x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
+        """[B, F]: the network's activations at its middle (``feature_module``) for input x at noise level σ, the
+        rest of the network not run. A distance in them is a perceptual distance in the model's own terms (the
+        learned Plan's ``--features`` term); taken with the unconditional input where the denoiser has one, so
+        they describe the image, not the prompt or class."""
+        mod = self.feature_module()
+        if mod is None:
+            raise ValueError(f"{type(self).__name__}: its network has no middle block to take features from "
+                             f"(looked for {', '.join(self.FEATURE_MODULES + self.FEATURE_BLOCK_LISTS)})")
+        if cond is not None and self.has_null_cond():
+            try:
+                cond = self.null_cond(cond)
+            except ValueError:  # e.g. a pipeline batch without negative inputs: its own conditioning
+                pass
+        got = []
+
+        def hook(_m, _inp, out):
+            got.append(out)
+            raise _FeaturesTaken
+
+        handle = mod.register_forward_hook(hook)
+        try:
+            _, _, c_in, t = self.preconditioning(sigma, x.ndim, x.dtype)
+            self.run_model(x * c_in, t, cond)
+        except _FeaturesTaken:
+            pass
+        finally:
+            handle.remove()
+        if not got:
+            raise ValueError(f"{type(self).__name__}: the forward pass did not reach {type(mod).__name__}")
+        outs = got[0] if isinstance(got[0], (tuple, list)) else (got[0],)
+        n = x.shape[0]
+        return torch.cat([o.reshape(n, -1) for o in outs if isinstance(o, torch.Tensor) and o.shape[:1] == (n,)], 1)
+
     # --- the denoiser ------------------------------------------------------------------
     def preconditioning(self, sigma: torch.Tensor, ndim: int, dtype: torch.dtype):
         """σ [B] → (c_skip, c_out, c_in) shaped [B, 1, …] (``ndim`` dims) in ``dtype``, and t [B] in float64.
@@ -98,6 +153,10 @@ class Denoiser(nn.Module):
         n = x.shape[0]
         both = self._denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_cond(self.null_cond(cond), cond))
         return cfg_combine(both[:n], both[n:], w)
+
+
+class _FeaturesTaken(Exception):
+    """Raised by ``Denoiser.features``' hook: the features are taken, the rest of the network need not run."""
 
 
 def cat_cond(a, b):

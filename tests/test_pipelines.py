@@ -466,6 +466,48 @@ def test_learned_plan_takes_prompts(folders):
     assert pv["init_method"] == "fast" and pv["optimizer"] == "lm" and pv["heldout_rmse"] <= pv["heldout_rmse_init"]
 
 
+@pytest.mark.parametrize("key", ["sd", "sdxl", "sd3"])
+def test_features_read_the_middle_block_unconditionally(folders, key):
+    """``Denoiser.features`` (the learned Plan's ``--features`` term) on a pipeline: the UNets' ``mid_block``, SD3's
+    middle transformer block; the same tensors a full forward pass with the negative (unconditional) inputs
+    gives at that module, the rest of the network not run."""
+    m = load(folders[key])
+    den = m.denoiser
+    mod = den.feature_module()
+    back = den.model.backbone
+    assert mod is (back.transformer_blocks[len(back.transformer_blocks) // 2] if key == "sd3" else back.mid_block)
+    n = 2
+    x = torch.randn(n, *m.shape, generator=torch.Generator().manual_seed(1))
+    sig = torch.full((n,), 0.7, dtype=torch.float64)
+    cond = _embeddings(m, n, 2)
+    got = den.features(x, sig, cond)
+    seen = []
+    handle = mod.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        _, _, c_in, t = den.preconditioning(sig, x.ndim, x.dtype)
+        den.run_model(x * c_in, t, den.null_cond(cond))
+    finally:
+        handle.remove()
+    outs = seen[0] if isinstance(seen[0], tuple) else (seen[0],)
+    want = torch.cat([o.reshape(n, -1) for o in outs if isinstance(o, torch.Tensor)], 1)
+    assert torch.equal(got, want) and not mod._forward_hooks
+    assert not torch.equal(got, den.features(x, sig, NamedCond({k: v for k, v in cond.items()
+                                                                 if not k.startswith(NEG)})))
+
+
+def test_learned_plan_with_features_on_a_pipeline(folders):
+    """The feature term through a pipeline's named conditioning (LM's side-by-side candidates repeat it)."""
+    from fewstep.runtime.pipelines import CondSource
+    from fewstep.training.learned import LearnConfig, fit_learned
+
+    m = load(folders["sd"])
+    m.cond_source = CondSource(m.pipeline, ("a cat", "a dog", "a cow"))
+    plan = fit_learned(m, "ddim", 2, LearnConfig(lm_rounds=1, budget=None, features=0.5), batch=3, heldout=2,
+                       guidance=1.5)
+    pv = plan.provenance
+    assert pv["optimizer"] == "lm" and pv["heldout_score"] <= 1.5 and len(pv["heldout_scales"]) == 2
+
+
 def test_broken_folders_are_one_line(folders, tmp_path):
     import shutil
 

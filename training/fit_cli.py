@@ -85,6 +85,11 @@ def _learned_args(p) -> None:
                    help=f"step-size schedule: in each phase (cosine) or over the rounds ({d.lr_decay})")
     g.add_argument("--spread", type=float, default=d.spread,
                    help=f"weight of matching each sample's contrast (std) to the reference's ({d.spread})")
+    g.add_argument("--features", type=float, default=d.features,
+                   help="weight of matching the endpoint's features in the teacher's own network (its middle block) "
+                        f"to the reference's, beside the pixel L2 ({d.features}: off)")
+    g.add_argument("--feature-sigma", type=float, default=d.feature_sigma,
+                   help=f"noise level at which those features are read ({d.feature_sigma})")
     g.add_argument("--grid-first", action="store_true", help="each round: grid phase before the coefficient phase")
 
 
@@ -99,6 +104,7 @@ def _cmd_fit_learned(args, say) -> int:
                       grid_steps=args.grid_steps, optimizer=args.optimizer, minibatch=args.minibatch,
                       budget=args.budget or None, history=args.history, evals=args.evals or None,
                       patience=args.patience or None, lr_decay=args.lr_decay, spread=args.spread,
+                      features=args.features, feature_sigma=args.feature_sigma,
                       grid_first=args.grid_first, joint_below=args.joint_below, lm_steps=args.lm_steps,
                       lm_batch=args.lm_batch, lm_blocks=args.lm_blocks, lm_rounds=args.lm_rounds).check()
     init = None

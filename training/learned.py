@@ -133,6 +133,14 @@ class LearnConfig:
     # against the reference's; counters L2's shrinkage toward the mean (blur). The fast default's 2-NFE digits
     # are not blurred (their FD excess is feature spread), and there it raised FD (fit_learned_notes.md).
     spread: float = 0.0
+    # Weight of the feature term: the endpoint's and the reference's features in the teacher's own network
+    # (``Denoiser.features``: its middle block, at noise level ``feature_sigma``, unconditional), their mean
+    # square difference relative to the start's, beside the pixel L2 (relative to its start's too, so the weight
+    # means the same on every model). L2 alone leaves the 2-NFE digits plans at FD within ±0.3 of the reference
+    # solve's, depending on the fit seed's draw; the model's features weigh the errors a classifier sees
+    # (fit_learned_notes.md, "A feature term"). 0: off.
+    features: float = 0.0
+    feature_sigma: float = 0.5
     grid_first: bool = False  # each round runs the grid phase before the coefficient phase
     # Where the evaluation budget shrinks a phase below this many steps, each round runs its coefficient and grid
     # steps as one joint phase (both step sizes as configured; one held-out check per round instead of two). A
@@ -150,7 +158,9 @@ class LearnConfig:
                            "its Jacobian); use --loss l2 or another optimizer")
         if self.lr_decay not in LR_DECAYS:
             raise FitError(f"--lr-decay must be one of {', '.join(LR_DECAYS)}, got {self.lr_decay!r}")
-        for name in ("slack", "reg", "lr", "grid_lr", "spread"):
+        if not (math.isfinite(self.feature_sigma) and self.feature_sigma > 0):
+            raise FitError(f"--feature-sigma must be a finite number > 0, got {self.feature_sigma}")
+        for name in ("slack", "reg", "lr", "grid_lr", "spread", "features"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise FitError(f"--{name.replace('_', '-')} must be a finite number ≥ 0, got {v}")
@@ -443,9 +453,51 @@ def _spread_loss(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (sx - sr).pow(2).mean()
 
 
-def _heldout_rms(params: _Params, den, batch: Batch, ref) -> float:
-    with torch.no_grad():
-        return rms(endpoint(params, den, batch, batch.z, batch.cond), ref)
+def _features(den, x: torch.Tensor, cond, sigma: float, dtype: torch.dtype) -> torch.Tensor:
+    """[N, F] float64: ``den.features`` of the states ``x`` [N, …] at noise level ``sigma`` (``cond`` indexed along
+    the batch like ``x``), in calls of at most SIDE_BY_SIDE_ENTRIES entries; differentiable where ``x`` is."""
+    n = x.shape[0]
+    per = max(1, SIDE_BY_SIDE_ENTRIES // max(1, x[0].numel()))
+    out = []
+    for i in range(0, n, per):
+        j = min(n, i + per)
+        ci = None if cond is None else cond[torch.arange(i, j)]
+        sig = torch.full((j - i,), float(sigma), dtype=torch.float64)
+        out.append(den.features(x[i:j].to(dtype), sig, ci).to(torch.float64))
+    return torch.cat(out)
+
+
+class _Heldout:
+    """The held-out check: RMSE of the endpoint against the reference and the score that picks the best phase,
+    the objective without its regulariser (pixel MSE relative to the start's, plus the feature term)."""
+
+    def __init__(self, den, batch: Batch, ref: torch.Tensor, cfg: LearnConfig):
+        self.den, self.batch, self.ref, self.cfg = den, batch, ref, cfg
+        self.mse0 = self.fmse0 = 1.0
+        self.fref = (_features(den, ref, batch.cond, cfg.feature_sigma, batch.dtype) if cfg.features else None)
+
+    def start(self, x0: torch.Tensor) -> tuple[float, float]:
+        """Takes the start's endpoint as the terms' scales (``_Objective`` uses the same); returns its check."""
+        mse = float(_mse(x0, self.ref))
+        self.mse0 = mse if math.isfinite(mse) and mse > 0 else 1.0
+        if self.fref is not None:
+            f = float(_mse(self._feat(x0), self.fref))
+            self.fmse0 = f if math.isfinite(f) and f > 0 else 1.0
+        return self.score(x0)
+
+    def _feat(self, x):
+        return _features(self.den, x, self.batch.cond, self.cfg.feature_sigma, self.batch.dtype)
+
+    def score(self, x: torch.Tensor) -> tuple[float, float]:
+        err = rms(x, self.ref)
+        s = float(_mse(x, self.ref)) / self.mse0
+        if self.fref is not None and math.isfinite(s):
+            s += self.cfg.features * float(_mse(self._feat(x), self.fref)) / self.fmse0
+        return err, (s if math.isfinite(s) and math.isfinite(err) else math.inf)
+
+    def __call__(self, params: _Params) -> tuple[float, float]:
+        with torch.no_grad():
+            return self.score(endpoint(params, self.den, self.batch, self.batch.z, self.batch.cond))
 
 
 # ---------------------------------------------------------------------------------------
@@ -482,8 +534,16 @@ class _Objective:
     """The training loss of ``params`` on ``train`` (relative to the init's, plus the regulariser) and, for LD3,
     the per-sample offsets of the student's noise inside the slack ball (z units, RMS ≤ ``slack``)."""
 
-    def __init__(self, params: _Params, den, train: Batch, ref: torch.Tensor, cfg: LearnConfig, mse0: float):
+    def __init__(self, params: _Params, den, train: Batch, ref: torch.Tensor, cfg: LearnConfig, mse0: float,
+                 fmse0: float = 1.0):
         self.params, self.den, self.train, self.ref, self.cfg = params, den, train, ref, cfg
+        # the feature term (``LearnConfig.features``): the reference's features, once; ``fmse0`` is the start's
+        # held-out feature MSE, its scale as ``mse0`` is the pixel term's
+        self.fnorm = max(fmse0, 1e-30)
+        self.fref = None
+        if cfg.features:
+            with torch.no_grad():
+                self.fref = _features(den, ref, train.cond, cfg.feature_sigma, train.dtype)
         self.shift = torch.zeros_like(train.z, requires_grad=True) if cfg.loss == "ld3" else None
         # Relative to the init's loss, so ``reg`` means the same on every model. ``mse0`` is the init's held-out
         # MSE, which the caller has anyway: another run over the training batch only to normalise cost 100·NFE
@@ -501,6 +561,9 @@ class _Objective:
         loss = _mse(x, r) / self.norm
         if self.cfg.spread:
             loss = loss + self.cfg.spread * _spread_loss(x, r) / self.norm
+        if self.fref is not None:
+            fx = _features(self.den, x, cond, self.cfg.feature_sigma, t.dtype)
+            loss = loss + self.cfg.features * _mse(fx, self.fref if idx is None else self.fref[idx]) / self.fnorm
         if self.cfg.reg:
             loss = loss + self.cfg.reg * (self.params.delta ** 2).mean()
         return loss
@@ -614,12 +677,21 @@ LM_THETA_MIN, LM_THETA_MAX = math.log(1e-6), math.log(10.0)  # bounds of an LM c
 LM_DAMPING = (0.1, 1.0, 10.0)  # the damping factors tried side by side at every LM iteration (× the current λ)
 
 
-def _residuals(obj: _Objective, x: torch.Tensor, ref: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
-    """Per candidate (``x[i]`` run with the flat parameters ``vecs[i]``): the residual vector r whose ‖r‖² is
-    ``_Objective``'s L2 loss: endpoint error, the spread term and the pull toward the closed-form rows."""
+def _residuals(obj: _Objective, x: torch.Tensor, idx: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
+    """Per candidate (``x[i]``, the samples ``idx`` of the fitting batch run with the flat parameters ``vecs[i]``):
+    the residual vector r whose ‖r‖² is ``_Objective``'s L2 loss: endpoint error, the spread and feature terms and
+    the pull toward the closed-form rows."""
     cfg, m, n = obj.cfg, x.shape[0], x.shape[1]
+    ref = obj.ref[idx]
     d = x.to(torch.float64) - ref.unsqueeze(0)
     parts = [d.reshape(m, -1) / math.sqrt(d[0].numel() * obj.norm)]
+    if obj.fref is not None:
+        t = obj.train
+        cond = None if t.cond is None else t.cond[idx[torch.arange(m * n) % n]]
+        with torch.no_grad():
+            fx = _features(obj.den, x.reshape(m * n, *x.shape[2:]), cond, cfg.feature_sigma, t.dtype)
+        fd = fx.reshape(m, n, -1) - obj.fref[idx].unsqueeze(0)
+        parts.append(fd.reshape(m, -1) * math.sqrt(cfg.features / (fd[0].numel() * obj.fnorm)))
     if cfg.spread:
         sx = x.to(torch.float64).reshape(m, n, -1).std(2, unbiased=False)
         sr = ref.reshape(n, -1).std(1, unbiased=False)
@@ -656,7 +728,6 @@ def _lm_phase(obj: _Objective, free: torch.Tensor, iters: int, gen, deadline: fl
     if batch_size is not None and batch_size < n:
         idx = torch.randperm(n, generator=gen)[:batch_size]
     sub = Batch(t.z[idx], None if t.cond is None else t.cond[idx], t.guidance, t.dtype)
-    ref = obj.ref[idx]
     cols = free.nonzero().reshape(-1)
     nd = params.delta.numel()
     lam = clock.get("lm_lambda", 1e-2)
@@ -664,7 +735,7 @@ def _lm_phase(obj: _Objective, free: torch.Tensor, iters: int, gen, deadline: fl
     def losses(vecs: torch.Tensor, base=None):
         """Residuals at vecs[0] (the current point) and vecs[1:]; with the current point's run ``base``."""
         x, base = _perturbed_endpoints(params, vecs, obj.den, sub, base)
-        return _residuals(obj, x, ref, vecs), base
+        return _residuals(obj, x, idx, vecs), base
 
     for it in range(iters):
         start = time.perf_counter()
@@ -767,24 +838,29 @@ def learn(init: Plan, den, train: Batch, ref: torch.Tensor, held: Batch, held_re
           cfg: LearnConfig, say: Callable[[str], None] = lambda s: None, seed: int = 0, family: str | None = None,
           deadline: float | None = None):
     """Optimise ``init``'s rows on ``train``; returns (best plan on ``held``, info). ``init`` itself is a
-    candidate, so the result is never worse than it on ``held`` (as the run_rows endpoint measures it).
+    candidate, so the result is never worse than it on ``held`` (as the run_rows endpoint measures it: in RMSE, or
+    with the feature term in the objective's pixel + feature score, ``_Heldout``).
     ``deadline`` (a ``time.perf_counter()`` value) replaces ``cfg.budget`` counted from now."""
     cfg = cfg.check()
     t0 = time.perf_counter()
     if deadline is None and cfg.budget is not None:
         deadline = t0 + cfg.budget
     params = _learn_params(init, cfg)
+    if cfg.features and den.feature_module() is None:
+        raise FitError(f"--features: the {type(den).__name__} teacher has no network with a middle block "
+                       f"(mid_block, mid or transformer_blocks) to take features from; use --features 0")
+    check = _Heldout(den, held, held_ref, cfg)
     with torch.no_grad():
         x0 = endpoint(params, den, held, held.z, held.cond)
-    init_err = rms(x0, held_ref)
+        init_err, init_score = check.start(x0)
     # Every phase ends with a held-out check like this one: steps stop early enough for it to fit the budget.
     check_seconds = time.perf_counter() - t0
     stop_at = None if deadline is None else deadline - check_seconds
     clock = {}
     n_train = train.z.shape[0]
-    obj = _Objective(params, den, train, ref, cfg, float(_mse(x0, held_ref)) if math.isfinite(init_err) else 1.0)
+    obj = _Objective(params, den, train, ref, cfg, check.mse0, check.fmse0)
     gen = torch.Generator().manual_seed(seed)
-    best = {"err": init_err, "state": params.state(), "phase": "init"}
+    best = {"err": init_err, "score": init_score, "state": params.state(), "phase": "init"}
     history, steps, out_of_time, stale, coupled = [("init", init_err)], 0, False, 0, False
     # The evaluation budget shrinks every phase alike (rounded up) and keeps all rounds: on digits
     # DPM-Solver++(2M)-4, 3 rounds of 7 steps reached held-out RMSE 0.056, 2 rounds of 10 only 0.069, though each
@@ -836,11 +912,11 @@ def learn(init: Plan, den, train: Batch, ref: torch.Tensor, held: Batch, held_re
         steps += done
         if done == 0:  # out of time before this phase's first step: nothing new to check
             break
-        err = _heldout_rms(params, den, held, held_ref)
+        err, score = check(params)
         tag = f"round {rnd + 1} {kind}"
         history.append((tag, err))
-        if math.isfinite(err) and err < best["err"]:
-            best.update(err=err, state=params.state(), phase=tag)
+        if score < best["score"]:
+            best.update(err=err, score=score, state=params.state(), phase=tag)
             stale = 0
         else:
             stale += 1
@@ -851,7 +927,10 @@ def learn(init: Plan, den, train: Batch, ref: torch.Tensor, held: Batch, held_re
     won = best["phase"] != "init"
     plan = params.plan(init.name, dict(init.provenance)) if won else init
     info = {"winner": "learned" if won else "closed-form", "heldout_rmse_init": init_err,
-            "heldout_rmse": best["err"], "best_phase": best["phase"], "steps": steps, "history_k": params.k,
+            "heldout_rmse": best["err"], "heldout_score": best["score"] if cfg.features else None,
+            # the score's scales: the start's held-out pixel and feature MSE (means over every entry)
+            "heldout_scales": [check.mse0, check.fmse0] if cfg.features else None,
+            "best_phase": best["phase"], "steps": steps, "history_k": params.k,
             "out_of_budget": out_of_time,
             "grid_coupled": coupled, "optimizer": "lm" if use_lm else cfg.optimizer,
             "rounds": rounds, "lm_blocks": len(blocks) if use_lm else None,
