@@ -11,6 +11,11 @@ threads:
       diffusers' DPMSolverMultistepScheduler (what optimum's ORTStableDiffusionPipeline does); (b') the same loop
       over a UNet exported with the same fused attention (what the fusion alone is worth, outside fewstep);
   (c) diffusers' StableDiffusionPipeline in torch eager with the same scheduler.
+On OpenVINO (the wheels `make openvino` unpacks; --paths fewstep_ov,ov_loop):
+  (a_ov) the plain engine of (a0) through the C++ runtime on ONNX Runtime's OpenVINO execution provider
+      (`fewstep-run --provider openvino`, the onnxruntime-openvino library swapped in by FEWSTEP_ORT_LIBRARY);
+  (b_ov) optimum-intel-style: the plain UNet ONNX of (b) compiled by OpenVINO's own runtime (CPU, f32, latency
+      hint), called once per step from the same Python loop around diffusers' scheduler.
 Prompt embeddings are random tensors of the text encoder's shape (the text encoder runs once per prompt in every
 path and is not part of the sampler). Medians over --repeats after one warm-up. Writes
 benchmarks/results/sd15_latency.{json,md}.
@@ -19,6 +24,8 @@ benchmarks/results/sd15_latency.{json,md}.
   python benchmarks/sd_latency.py --config tiny     # the same code path on a tiny UNet (seconds; for checking)
   python benchmarks/sd_latency.py --reuse-exports   # time again with the ONNX files of an earlier run (each export
                                                     # keeps its figures in <file>.export.json beside it)
+  python benchmarks/sd_latency.py --paths fewstep_ov,fewstep_plain,ov_loop,ort_loop,eager --stem sd15_openvino
+                                                    # OpenVINO beside the CPU paths (exports only what they run)
 """
 
 from __future__ import annotations
@@ -36,6 +43,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 NFE, GUIDANCE, SEED = 4, 7.5, 0
 PATHS = ("fewstep", "fewstep_plain", "ort_loop", "ort_loop_fused", "eager")
+OV_PATHS = ("fewstep_ov", "ov_loop")
+# the export each path runs (exports are made only for the paths asked for)
+NEEDS = {"fewstep": "fewstep_sampler_fused", "fewstep_plain": "fewstep_sampler", "fewstep_ov": "fewstep_sampler",
+         "ort_loop": "unet_only", "ov_loop": "unet_only", "ort_loop_fused": "unet_only_fused", "eager": None}
 
 # runwayml/stable-diffusion-v1-5 unet/config.json and scheduler/scheduler_config.json as published (written here:
 # nothing is downloaded).
@@ -187,15 +198,34 @@ def export_fewstep(folder: str, out: str, attention: str = "onnx") -> dict:
     return res
 
 
-def path_ort_loop(folder, unet_cfg, repeats, threads, unet_file="unet.onnx"):
+def path_ort_loop(folder, unet_cfg, repeats, threads, unet_file="unet.onnx", runtime="ort"):
     import numpy as np
-    import onnxruntime as ort
     import torch
     from diffusers import DPMSolverMultistepScheduler
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(os.path.join(folder, "onnx", unet_file), so, providers=["CPUExecutionProvider"])
+    model = os.path.join(folder, "onnx", unet_file)
+    if runtime == "openvino":  # OpenVINO's own runtime on the same file (what optimum-intel's pipeline runs)
+        from cpu_suite import ov_paths
+
+        sys.path.insert(0, ov_paths()[1])
+        import openvino as ov
+
+        cm = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+                                                    "INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": 1})
+        req = cm.create_infer_request()
+        port = {n: p for p in cm.inputs for n in p.get_names()}
+
+        def unet(feeds):
+            return req.infer({port[k]: v for k, v in feeds.items()})[cm.outputs[0]].copy()
+    else:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+        def unet(feeds):
+            return sess.run(None, feeds)[0]
     sched = DPMSolverMultistepScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
     emb, neg, lat = inputs(unet_cfg)
     cond = np.concatenate([neg, emb])
@@ -206,7 +236,7 @@ def path_ort_loop(folder, unet_cfg, repeats, threads, unet_file="unet.onnx"):
         for t in sched.timesteps:
             inp = sched.scale_model_input(torch.cat([x, x]), t).numpy()
             tt = np.full((2,), float(t), np.float32)
-            e = torch.from_numpy(sess.run(None, {"sample": inp, "timestep": tt, "encoder_hidden_states": cond})[0])
+            e = torch.from_numpy(unet({"sample": inp, "timestep": tt, "encoder_hidden_states": cond}))
             e = e[:1] + GUIDANCE * (e[1:] - e[:1])
             x = sched.step(e, t, x, return_dict=False)[0]
         return x
@@ -214,7 +244,7 @@ def path_ort_loop(folder, unet_cfg, repeats, threads, unet_file="unet.onnx"):
     return _time(once, repeats), {}
 
 
-def path_fewstep(folder, unet_cfg, repeats, threads, engine="fewstep.onnx"):
+def path_fewstep(folder, unet_cfg, repeats, threads, engine="fewstep.onnx", provider="cpu"):
     """The engine exported by the parent, timed by fewstep-run's own --bench (p50 of `repeats` runs)."""
     import numpy as np
 
@@ -227,9 +257,14 @@ def path_fewstep(folder, unet_cfg, repeats, threads, engine="fewstep.onnx"):
         or os.path.join(HERE, "..", "build", "dev", "fewstep-run")
     cmd = [exe, os.path.join(d, engine), "--n", "1", "--threads", str(threads),
            "--input", f"encoder_hidden_states={os.path.join(d, 'emb.npy')}",
-           "--input", f"negative_encoder_hidden_states={os.path.join(d, 'neg.npy')}", "--bench", str(repeats)]
+           "--input", f"negative_encoder_hidden_states={os.path.join(d, 'neg.npy')}", "--bench", str(repeats),
+           "--provider", provider]
     env = dict(os.environ)
-    if "FEWSTEP_ORT_LIBRARY" not in env:  # a development build has no onnxruntime beside it: the Python package's
+    if provider == "openvino":  # the onnxruntime-openvino build's library (OpenVINO's beside it)
+        from cpu_suite import ov_paths
+
+        env["FEWSTEP_ORT_LIBRARY"] = ov_paths()[0]
+    elif "FEWSTEP_ORT_LIBRARY" not in env:  # a development build has no onnxruntime beside it: the Python package's
         from fewstep import _C
 
         env["FEWSTEP_ORT_LIBRARY"] = _C.find_ort_library()
@@ -277,6 +312,8 @@ def child(args) -> None:
           "ort_loop_fused": lambda: path_ort_loop(args.dir, cfg, args.repeats, args.threads, "unet_fused.onnx"),
           "fewstep": lambda: path_fewstep(args.dir, cfg, args.repeats, args.threads, "fewstep_fused.onnx"),
           "fewstep_plain": lambda: path_fewstep(args.dir, cfg, args.repeats, args.threads),
+          "fewstep_ov": lambda: path_fewstep(args.dir, cfg, args.repeats, args.threads, provider="openvino"),
+          "ov_loop": lambda: path_ort_loop(args.dir, cfg, args.repeats, args.threads, runtime="openvino"),
           "export_unet": lambda: (export_unet(args.dir, os.path.join(args.dir, "onnx", "unet.onnx")), {}),
           "export_unet_fused": lambda: (export_unet(args.dir, os.path.join(args.dir, "onnx", "unet_fused.onnx"),
                                                     "ort"), {})}[args.path]
@@ -306,14 +343,20 @@ def main(argv=None) -> int:
     ap.add_argument("--note", default="", help="a line for the markdown (what else ran on the box)")
     ap.add_argument("--reuse-exports", action="store_true",
                     help="keep ONNX files an earlier run exported (with their <file>.export.json figures)")
-    ap.add_argument("--paths", default=",".join(PATHS), help=f"which of {','.join(PATHS)} to time")
+    ap.add_argument("--paths", default=",".join(PATHS), help=f"which of {','.join(PATHS + OV_PATHS)} to time")
+    ap.add_argument("--stem", help="results file name (default sd15_latency / sd_latency_tiny)")
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     args, _ = ap.parse_known_args(argv)
     if args.path:
         args.threads = int(args.threads)
+        sys.path.insert(0, HERE)  # cpu_suite (the OpenVINO wheels)
         child(args)
         return 0
+    paths = args.paths.split(",")
+    bad = [p for p in paths if p not in NEEDS]
+    if bad:
+        raise SystemExit(f"--paths: unknown {', '.join(bad)}; known: {', '.join(NEEDS)}")
     from fewstep.report import machine, write_results
 
     cfg = SD15_UNET if args.config == "sd15" else TINY_UNET
@@ -330,10 +373,11 @@ def main(argv=None) -> int:
             "fewstep_sampler": ("fewstep.onnx", lambda: export_fewstep(folder, os.path.join(d, "fewstep.onnx"))),
             "fewstep_sampler_fused": ("fewstep_fused.onnx",
                                       lambda: export_fewstep(folder, os.path.join(d, "fewstep_fused.onnx"), "ort"))}
-    exports = {k: _export(os.path.join(d, f), job, args.reuse_exports) for k, (f, job) in jobs.items()}
+    exports = {k: _export(os.path.join(d, f), job, args.reuse_exports) for k, (f, job) in jobs.items()
+               if k in {NEEDS[p] for p in paths}}
     rows = []
     for threads in (int(t) for t in args.threads.split(",")):
-        for path in args.paths.split(","):
+        for path in paths:
             r = run_child(path, folder, args.config, threads, args.repeats)
             rows.append({"path": path, "threads": threads, **r})
             print(path, threads, {k: v for k, v in r.items() if k != "bench"}, flush=True)
@@ -348,7 +392,7 @@ def main(argv=None) -> int:
            "batch": 1, "repeats": args.repeats, "note": args.note, "build_seconds": round(built, 1),
            "exports": exports, "rows": rows,
            "machine": machine(None, ort=True)}
-    stem = "sd15_latency" if args.config == "sd15" else "sd_latency_tiny"
+    stem = args.stem or ("sd15_latency" if args.config == "sd15" else "sd_latency_tiny")
     write_results(args.out, stem, res, markdown(res))
     print(f"-> {os.path.join(args.out, stem)}.json/.md")
     return 0
@@ -372,14 +416,25 @@ def markdown(r: dict) -> str:
         out.append(f"| {k}{' (reused)' if e.get('reused') else ''} | {e.get('export_seconds', '–')} | "
                    + (_size(e["bytes"]) if "bytes" in e else e.get("error", "–")[:80])
                    + f" | {e.get('peak_rss_mib', '–')} |")
-    cols = [("fewstep", "(a) fewstep engine, fused attention"), ("fewstep_plain", "(a0) fewstep engine, plain"),
-            ("ort_loop", "(b) UNet ONNX + Python scheduler"), ("ort_loop_fused", "(b') (b) with fused attention"),
-            ("eager", "(c) diffusers eager")]
-    out += ["", "| threads | " + " | ".join(c for _, c in cols) + " | (a)÷(b) | (a)÷(c) | (a0)÷(b) | (b')÷(b) | "
-            "peak RSS a / a0 / b / b' / c (MiB) |", "|---:|" + "---:|" * (len(cols) + 4) + "---|"]
+    labels = {"fewstep": ("(a)", "fewstep engine, fused attention"),
+              "fewstep_plain": ("(a0)", "fewstep engine, plain"),
+              "fewstep_ov": ("(a_ov)", "fewstep engine (plain) on the OpenVINO EP"),
+              "ort_loop": ("(b)", "UNet ONNX + Python scheduler"),
+              "ort_loop_fused": ("(b')", "(b) with fused attention"),
+              "ov_loop": ("(b_ov)", "UNet ONNX in OpenVINO + Python scheduler"), "eager": ("(c)", "diffusers eager")}
+    present = {x["path"] for x in r["rows"]}
+    cols = [k for k in labels if k in present]
+    ratios = [(a, b) for a, b in (("fewstep", "ort_loop"), ("fewstep", "eager"), ("fewstep_plain", "ort_loop"),
+                                  ("ort_loop_fused", "ort_loop"), ("fewstep_ov", "ort_loop"), ("fewstep_ov", "eager"),
+                                  ("fewstep_ov", "ov_loop"), ("fewstep_ov", "fewstep_plain"), ("ov_loop", "eager"))
+              if a in present and b in present]
+    out += ["", "| threads | " + " | ".join(" ".join(labels[k]) for k in cols) + " | "
+            + "".join(f"{labels[a][0]}÷{labels[b][0]} | " for a, b in ratios)
+            + "peak RSS " + " / ".join(labels[k][0].strip("()") for k in cols) + " (MiB) |",
+            "|---:|" + "---:|" * (len(cols) + len(ratios)) + "---|"]
     for t in sorted({x["threads"] for x in r["rows"]}):
         by = {x["path"]: x for x in r["rows"] if x["threads"] == t}
-        med = {k: by.get(k, {}).get("median_s") for k, _ in cols}
+        med = {k: by.get(k, {}).get("median_s") for k in cols}
 
         def f(v):
             return "–" if v is None else f"{v:.3f} s"
@@ -387,15 +442,14 @@ def markdown(r: dict) -> str:
         def ratio(a, b, med=med):
             return "–" if med[a] is None or med[b] is None else f"{med[a] / med[b]:.2f}"
 
-        rss = " / ".join(str(by.get(k, {}).get("peak_rss_mib", "–")) for k, _ in cols)
-        out.append(f"| {t} | " + " | ".join(f(med[k]) for k, _ in cols) + f" | {ratio('fewstep', 'ort_loop')} | "
-                   f"{ratio('fewstep', 'eager')} | {ratio('fewstep_plain', 'ort_loop')} | "
-                   f"{ratio('ort_loop_fused', 'ort_loop')} | {rss} |")
+        rss = " / ".join(str(by.get(k, {}).get("peak_rss_mib", "–")) for k in cols)
+        out.append(f"| {t} | " + " | ".join(f(med[k]) for k in cols) + " | "
+                   + "".join(f"{ratio(a, b)} | " for a, b in ratios) + f"{rss} |")
     errs = [f"- {x['path']} at {x['threads']} thread(s): {x['error']}" for x in r["rows"] if "error" in x]
     if errs:
         out += ["", "Paths that did not run:", *errs]
-    out += ["", "Peak RSS (`getrusage` ru_maxrss): the process that runs the sampler — fewstep-run for (a) and (a0), "
-            "the Python process for (b), (b') and (c)."]
+    out += ["", "Peak RSS (`getrusage` ru_maxrss): the process that runs the sampler — fewstep-run for the (a) "
+            "paths, the Python process for the (b) paths and (c)."]
     return "\n".join(out) + "\n"
 
 
