@@ -426,7 +426,8 @@ def markdown(r: dict) -> str:
     cols = [k for k in labels if k in present]
     ratios = [(a, b) for a, b in (("fewstep", "ort_loop"), ("fewstep", "eager"), ("fewstep_plain", "ort_loop"),
                                   ("ort_loop_fused", "ort_loop"), ("fewstep_ov", "ort_loop"), ("fewstep_ov", "eager"),
-                                  ("fewstep_ov", "ov_loop"), ("fewstep_ov", "fewstep_plain"), ("ov_loop", "eager"))
+                                  ("fewstep_ov", "ov_loop"), ("fewstep_ov", "fewstep_plain"), ("ov_loop", "ort_loop"),
+                                  ("ov_loop", "eager"))
               if a in present and b in present]
     out += ["", "| threads | " + " | ".join(" ".join(labels[k]) for k in cols) + " | "
             + "".join(f"{labels[a][0]}÷{labels[b][0]} | " for a, b in ratios)
