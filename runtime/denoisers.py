@@ -126,7 +126,10 @@ class Denoiser(nn.Module):
             raise ValueError(f"{type(self).__name__}: the forward pass did not reach {type(mod).__name__}")
         outs = got[0] if isinstance(got[0], (tuple, list)) else (got[0],)
         n = x.shape[0]
-        return torch.cat([o.reshape(n, -1) for o in outs if isinstance(o, torch.Tensor) and o.shape[:1] == (n,)], 1)
+        feats = [o.reshape(n, -1) for o in outs if isinstance(o, torch.Tensor) and o.shape[:1] == (n,)]
+        if not feats:
+            raise ValueError(f"{type(self).__name__}: {type(mod).__name__} gave no tensor with the batch's {n} rows")
+        return torch.cat(feats, 1)
 
     # --- the denoiser ------------------------------------------------------------------
     def preconditioning(self, sigma: torch.Tensor, ndim: int, dtype: torch.dtype):
