@@ -468,8 +468,9 @@ def _features(den, x: torch.Tensor, cond, sigma: float, dtype: torch.dtype) -> t
 
 
 class _Heldout:
-    """The held-out check: RMSE of the endpoint against the reference and the score that picks the best phase,
-    the objective without its regulariser (pixel MSE relative to the start's, plus the feature term)."""
+    """The held-out check: RMSE of the endpoint against the reference and the score that picks the best phase:
+    the RMSE itself, or with the feature term the objective without its regulariser (pixel MSE relative to the
+    start's plus W · feature MSE relative to the start's)."""
 
     def __init__(self, den, batch: Batch, ref: torch.Tensor, cfg: LearnConfig):
         self.den, self.batch, self.ref, self.cfg = den, batch, ref, cfg
@@ -490,10 +491,13 @@ class _Heldout:
 
     def score(self, x: torch.Tensor) -> tuple[float, float]:
         err = rms(x, self.ref)
+        if not math.isfinite(err):
+            return err, math.inf
+        if self.fref is None:  # no feature term: the RMSE itself picks (per-sample RMS, not the global MSE)
+            return err, err
         s = float(_mse(x, self.ref)) / self.mse0
-        if self.fref is not None and math.isfinite(s):
-            s += self.cfg.features * float(_mse(self._feat(x), self.fref)) / self.fmse0
-        return err, (s if math.isfinite(s) and math.isfinite(err) else math.inf)
+        s += self.cfg.features * float(_mse(self._feat(x), self.fref)) / self.fmse0
+        return err, (s if math.isfinite(s) else math.inf)
 
     def __call__(self, params: _Params) -> tuple[float, float]:
         with torch.no_grad():
@@ -848,7 +852,8 @@ def learn(init: Plan, den, train: Batch, ref: torch.Tensor, held: Batch, held_re
     params = _learn_params(init, cfg)
     if cfg.features and den.feature_module() is None:
         raise FitError(f"--features: the {type(den).__name__} teacher has no network with a middle block "
-                       f"(mid_block, mid or transformer_blocks) to take features from; use --features 0")
+                       f"({', '.join(den.FEATURE_MODULES + den.FEATURE_BLOCK_LISTS)}) to take features from; "
+                       "use --features 0")
     check = _Heldout(den, held, held_ref, cfg)
     with torch.no_grad():
         x0 = endpoint(params, den, held, held.z, held.cond)
