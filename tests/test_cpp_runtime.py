@@ -454,9 +454,19 @@ def ort_headers_arg():
     return args
 
 
+_NATIVE: list[Path] = []  # the one build of this pytest session (the test_cpp_* modules share it)
+
+
 def native_build(tmp_path_factory) -> Path:
     """libfewstep + fewstep-run: built in a temp dir, or $FEWSTEP_NATIVE_BUILD (a build dir of this checkout
-    already configured with -DFEWSTEP_PYTHON=OFF), brought up to date, so a C++ change is tested at once."""
+    already configured with -DFEWSTEP_PYTHON=OFF), brought up to date, so a C++ change is tested at once.
+    Built once per session: the modules that need it only read it (run its programs, install from it)."""
+    if not _NATIVE:
+        _NATIVE.append(_native_build(tmp_path_factory))
+    return _NATIVE[0]
+
+
+def _native_build(tmp_path_factory) -> Path:
     cmake = _cmake()
     given = os.environ.get("FEWSTEP_NATIVE_BUILD")
     if given:
