@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGET = 0.7
@@ -55,7 +53,7 @@ def unet_flops(cfg: dict) -> dict:
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             if "softmax" in str(func):  # on meta, attention runs as bmm + (safe) softmax + bmm
-                Softmaxes.n += out.numel()
+                self.n += out.numel()
             return out
 
     with torch.device("meta"):
@@ -63,20 +61,16 @@ def unet_flops(cfg: dict) -> dict:
         s = cfg["sample_size"]
         x, e = torch.empty(2, 4, s, s), torch.empty(2, 77, cfg["cross_attention_dim"])
         t = torch.tensor([500.0, 500.0])
-    with FlopCounterMode(display=False) as fc, Softmaxes():
+    with FlopCounterMode(display=False) as fc, Softmaxes() as sm:
         u(x, t, e)
     by = {str(k).replace("aten.", ""): int(v) for k, v in fc.get_flop_counts()["Global"].items()}
-    return {"total": int(fc.get_total_flops()), "by_op": by, "softmax_elements": Softmaxes.n}
+    return {"total": int(fc.get_total_flops()), "by_op": by, "softmax_elements": sm.n}
 
 
 def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    from sd_latency import _time  # warm-up, then the median of ``repeats``
+
+    return _time(fn, repeats)["median_s"]
 
 
 def _ort_session(nodes, inputs, outputs, inits, threads: int, ms_domain: bool = False):
