@@ -256,7 +256,11 @@ def load_diffusers(path, scheduler_config=None, *, torch_dtype: torch.dtype | No
         import diffusers
     except ImportError as e:
         raise ImportError("load_diffusers needs the diffusers package: pip install diffusers") from e
-    unet = getattr(diffusers, cls_name).from_pretrained(unet_dir, torch_dtype=torch_dtype, local_files_only=True)
+    from .folder_check import DIFFUSERS_STEMS, check_component, diffusers_builder
+
+    cls = getattr(diffusers, cls_name)
+    check_component(str(unet_dir), str(unet_dir), diffusers_builder(cls, str(unet_dir)), DIFFUSERS_STEMS, strict=True)
+    unet = cls.from_pretrained(unet_dir, torch_dtype=torch_dtype, local_files_only=True)
     if device is not None:
         unet = unet.to(device)
     return from_diffusers(unet.eval(), scheduler_config, null_label=null_label, uncond=uncond,

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..errors import FewstepError
 from . import denoisers as _d
+from .folder_check import DIFFUSERS_STEMS, TRANSFORMERS_STEMS, check_component, diffusers_builder, transformers_builder
 
 NEG = "negative_"
 FAMILIES = ("sd", "sdxl", "sd3")
@@ -192,7 +193,12 @@ class Pipeline:
         if not hasattr(mod, cls):
             raise PipelineError(f"{self.root}: component {name} is a {cls}, which {lib} does not have")
         kw = {"low_cpu_mem_usage": False} if lib == "diffusers" else {}  # no "install accelerate" warning
-        obj = getattr(mod, cls).from_pretrained(sub, local_files_only=True, **kw)
+        cls = getattr(mod, cls)
+        if isinstance(cls, type) and issubclass(cls, nn.Module):  # not the tokenizers
+            build = diffusers_builder(cls, sub) if lib == "diffusers" else transformers_builder(cls, sub)
+            check_component(sub, sub, build, DIFFUSERS_STEMS if lib == "diffusers" else TRANSFORMERS_STEMS,
+                            strict=False)
+        obj = cls.from_pretrained(sub, local_files_only=True, **kw)
         return obj.eval() if isinstance(obj, nn.Module) else obj
 
     # --- text → embeddings
@@ -330,12 +336,16 @@ def load_pipeline(path: str, torch_dtype: torch.dtype | None = None) -> Pipeline
     except ImportError:
         raise PipelineError("a pipeline folder needs the diffusers package: pip install 'fewstep[pipelines]'") \
             from None
-    backbone = getattr(diffusers, ent[1]).from_pretrained(os.path.join(root, name), torch_dtype=torch_dtype,
-                                                          local_files_only=True, low_cpu_mem_usage=False)
-    backbone = backbone.eval().requires_grad_(False)
+    cls, sub = getattr(diffusers, ent[1]), os.path.join(root, name)
     size = cfg.get("sample_size", 64)
-    hw = (size, size) if isinstance(size, int) else tuple(size)
-    shape = (int(cfg["in_channels"]), int(hw[0]), int(hw[1]))
+    hw = [size, size] if isinstance(size, int) else size
+    shape = (cfg.get("in_channels"), *hw) if isinstance(hw, list) and len(hw) == 2 else ()
+    if len(shape) != 3 or not all(type(v) is int and v > 0 for v in shape):
+        raise PipelineError(f"{sub}/config.json: in_channels and sample_size must be positive integers "
+                            f"(got {cfg.get('in_channels')!r}, {size!r})")
+    check_component(sub, sub, diffusers_builder(cls, sub), DIFFUSERS_STEMS, strict=True)
+    backbone = cls.from_pretrained(sub, torch_dtype=torch_dtype, local_files_only=True, low_cpu_mem_usage=False)
+    backbone = backbone.eval().requires_grad_(False)
     return Pipeline(root, family, index, backbone, sched, _cond_inputs(root, family, cfg), shape)
 
 

@@ -31,6 +31,9 @@ def make_inputs(teacher: Model, plan: Plan, n: int, seed: int, cls: int | None =
 
     if n < 1:
         raise InputError(f"--n must be ≥ 1, got {n}")
+    if math.prod(teacher.shape) > _noise.MAX_ELEMENTS:  # the model's own sample size, not --n, is the problem
+        raise InputError(f"the model's samples are {'×'.join(map(str, teacher.shape))} "
+                         f"({math.prod(teacher.shape):,} values), more than the {_noise.MAX_ELEMENTS:,} one run holds")
     if n * math.prod(teacher.shape) > _noise.MAX_ELEMENTS:
         raise InputError(f"{n:,} samples of {math.prod(teacher.shape):,} values are more than the "
                          f"{_noise.MAX_ELEMENTS:,} values one run holds; ask for fewer samples (--n, --batch)")

@@ -8,6 +8,7 @@ c_skip·x + c_out·unet(c_in·x, t) written out here.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -416,6 +417,15 @@ def test_config_errors(tmp_path):
         load_diffusers(tmp_path / "bare")
     with pytest.raises(ValueError, match="null_label"):
         from_diffusers(unet, {}, null_label=3)  # an unconditional unet has no class labels
+    # A config that is not its weights' is refused before the model is built at full size.
+    cfg_path = tmp_path / "bare" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for edit, msg in [({"block_out_channels": [40000, 80000]}, "far larger than its weights"),
+                      ({"layers_per_block": 10**6}, "far larger than its weights"),
+                      ({"block_out_channels": [c * 2 for c in cfg["block_out_channels"]]}, r"conv_in\.weight is")]:
+        cfg_path.write_text(json.dumps({**cfg, **edit}))
+        with pytest.raises(ValueError, match=msg):
+            load_diffusers(tmp_path / "bare", {"beta_schedule": "linear"})
     with pytest.raises(ValueError, match="not supported"):
         from_diffusers(unet, {"_class_name": "ScoreSdeVeScheduler"})
 

@@ -520,6 +520,15 @@ def test_broken_folders_are_one_line(folders, tmp_path):
         edit(d)
         return str(d)
 
+    def config(d, sub, **kw):
+        c = json.loads((d / sub / "config.json").read_text())
+        c.update(kw)
+        (d / sub / "config.json").write_text(json.dumps(c))
+
+    def weights(d, sub, head):
+        f = d / sub / "diffusion_pytorch_model.safetensors"
+        f.write_bytes(head + f.read_bytes()[len(head):])
+
     def index(d, **kw):
         idx = json.loads((d / "model_index.json").read_text())
         idx.update(kw)
@@ -533,11 +542,38 @@ def test_broken_folders_are_one_line(folders, tmp_path):
         (lambda d: os.remove(d / "scheduler" / "scheduler_config.json"), "no scheduler/scheduler_config.json"),
         (lambda d: (d / "unet" / "config.json").write_text("{not json"), "unet config"),
         (lambda d: os.remove(d / "unet" / "diffusion_pytorch_model.safetensors"), "cannot load it"),
+        # configs that are not their weights': refused before from_pretrained builds them at full size
+        (lambda d: config(d, "unet", block_out_channels=[40000, 80000]), "far larger than its weights"),
+        (lambda d: config(d, "unet", layers_per_block=10**6), "far larger than its weights"),
+        (lambda d: config(d, "unet", block_out_channels=[16, 32]), r"conv_in\.weight is \[16, 4, 3, 3\] in its "
+                                                                   r"config\.json but \[8, 4, 3, 3\]"),
+        (lambda d: config(d, "unet", layers_per_block=2), "weights lack"),
+        (lambda d: config(d, "unet", sample_size=-8), "positive integers"),
+        (lambda d: weights(d, "unet", (1 << 40).to_bytes(8, "little")), "not a safetensors file"),
+        (lambda d: weights(d, "unet", b'\x10\0\0\0\0\0\0\0{"a": [1, 2, 3]}'), "malformed header entry"),
     ]
     for edit, msg in cases:
         with pytest.raises((FewstepError, ModelError), match=msg) as e:  # the CLI's exit-2 errors
             load(broken(edit))
         assert "\n" not in str(e.value)
+
+    # the text encoder and the VAE are built when first used: the same check then
+    from fewstep.runtime.pipelines import CondSource
+
+    m = load(broken(lambda d: config(d, "text_encoder", hidden_size=50000, intermediate_size=50000)))
+    with pytest.raises(FewstepError, match=r"text_encoder: its config\.json describes a model far larger"):
+        CondSource(m.pipeline, ("a cat",))(1)
+    m = load(broken(lambda d: config(d, "vae", block_out_channels=[30000, 60000])))
+    with pytest.raises(FewstepError, match=r"vae: its config\.json describes a model far larger"):
+        m.pipeline.decoder()
+
+    # a sample size no run can hold names the model's size, not --n
+    from fewstep.runtime.sampling import make_inputs
+    from fewstep.runtime.solvers import get
+
+    m = load(broken(lambda d: config(d, "unet", sample_size=10**9)))
+    with pytest.raises(ValueError, match=r"the model's samples are 4×1000000000×1000000000"):  # InputError
+        make_inputs(m, get("ddim").build([m.denoiser.sigma_max, 0.0]), 1, 0)
 
 
 def test_missing_transformers_is_one_line(folders, monkeypatch):
