@@ -149,7 +149,7 @@ def check_component(folder: str, what: str, build: Callable[[], nn.Module], stem
     missing = [k for k in want if k not in shapes]
     if missing:
         raise FolderError(f"{what}: its weights lack {len(missing)} of the {len(want)} tensors its config.json "
-                          f"describes (first: {missing[0]}); config and weights are from different models")
+                          f"describes (first: {missing[0]}): the weights are incomplete or another model's")
     for k, s in want.items():
         if shapes[k] != s:
             raise FolderError(f"{what}: {k} is {list(s)} in its config.json but {list(shapes[k])} in its weights; "
