@@ -51,6 +51,22 @@ def scheduler_config_dict(scheduler_config) -> dict:
     raise TypeError(f"scheduler_config: expected a dict, a scheduler or a path, got {type(scheduler_config).__name__}")
 
 
+MAX_TRAIN_TIMESTEPS = 1_000_000  # published schedulers train on 1,000 (a few on 4,000)
+
+
+def _number(cfg: dict, key: str, default, ok, want: str) -> float:
+    """A number from a scheduler config, checked (``ok``; NaN fails any comparison) before it is used."""
+    v = cfg.get(key, default)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not ok(v):
+        raise ValueError(f"scheduler config: {key} must be {want}, got {str(v)[:40]}")
+    return float(v)
+
+
+def _train_steps(cfg: dict) -> int:
+    return int(_number(cfg, "num_train_timesteps", 1000, lambda v: 2 <= v <= MAX_TRAIN_TIMESTEPS and v == int(v),
+                       f"an integer in [2, {MAX_TRAIN_TIMESTEPS:,}]"))
+
+
 def _linear(n, start, end):
     return torch.linspace(start, end, n, dtype=torch.float64)
 
@@ -94,14 +110,20 @@ def _zero_terminal_snr(ac: torch.Tensor) -> torch.Tensor:
 def alphas_cumprod_from_config(config) -> torch.Tensor:
     """ᾱ_t (float64, length num_train_timesteps) of a DDPM-family scheduler config."""
     cfg = scheduler_config_dict(config)
-    n = int(cfg.get("num_train_timesteps", 1000))
+    n = _train_steps(cfg)  # the table below is n float64s
     if cfg.get("trained_betas") is not None:
-        betas = torch.as_tensor(cfg["trained_betas"], dtype=torch.float64).reshape(-1)
+        tb = cfg["trained_betas"]
+        if not isinstance(tb, list) or not 2 <= len(tb) <= MAX_TRAIN_TIMESTEPS \
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in tb):
+            raise ValueError(f"scheduler config: trained_betas must be a list of 2 to {MAX_TRAIN_TIMESTEPS:,} numbers")
+        betas = torch.tensor(tb, dtype=torch.float64)
     else:
         name = cfg.get("beta_schedule", "linear")
         if name not in BETA_SCHEDULES:
             raise ValueError(f"scheduler config: unknown beta_schedule {name!r}; supported: {sorted(BETA_SCHEDULES)}")
-        betas = BETA_SCHEDULES[name](n, float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02)))
+        ends = [_number(cfg, k, d, lambda v: 0 <= v < 1, "a number in [0, 1)")
+                for k, d in (("beta_start", 1e-4), ("beta_end", 0.02))]
+        betas = BETA_SCHEDULES[name](n, ends[0], ends[1])
     ac = torch.cumprod(1 - betas, 0)
     if cfg.get("rescale_betas_zero_snr", False):
         ac = _zero_terminal_snr(ac)
@@ -171,10 +193,12 @@ def denoiser_for(net: nn.Module, scheduler_config, null=None) -> Denoiser:
     cfg = scheduler_config_dict(scheduler_config)
     kind = _kind(cfg)
     if kind == "flow":
-        n = int(cfg.get("num_train_timesteps", 1000))
+        n = _train_steps(cfg)
         # diffusers' training grid is t = k/N, k = 1..N; shifting t' = s·t/(1 + (s−1)·t) is σ' = s·σ.
         # t = 1 is σ = ∞, so σ_max is the next point, t = (N−1)/N.
-        shift = 1.0 if cfg.get("use_dynamic_shifting") else float(cfg.get("shift", cfg.get("flow_shift", 1.0)))
+        key = "shift" if "shift" in cfg or "flow_shift" not in cfg else "flow_shift"
+        shift = 1.0 if cfg.get("use_dynamic_shifting") else \
+            _number(cfg, key, 1.0, lambda v: 0 < v < math.inf, "a positive number")
         if cfg.get("invert_sigmas"):
             raise ValueError("scheduler config: invert_sigmas (reversed flow time) is not supported")
         den = FlowDenoiser(net, t_scale=float(n), sigma_min=shift / (n - 1), sigma_max=shift * (n - 1),
@@ -184,9 +208,10 @@ def denoiser_for(net: nn.Module, scheduler_config, null=None) -> Denoiser:
         if pred != "epsilon" or cfg.get("precondition_type", "edm") != "edm":
             raise ValueError(f"scheduler config: EDM with prediction_type {pred!r} / precondition_type "
                              f"{cfg.get('precondition_type')!r} is not supported (epsilon + edm is)")
-        den = EDMDenoiser(net, sigma_data=float(cfg.get("sigma_data", 0.5)),
-                          sigma_min=float(cfg.get("sigma_min", 0.002)), sigma_max=float(cfg.get("sigma_max", 80.0)),
-                          null_label=null)
+        pos = (lambda v: 0 < v < math.inf, "a positive number")
+        sd, lo, hi = (_number(cfg, k, d, *pos) for k, d in (("sigma_data", 0.5), ("sigma_min", 0.002),
+                                                             ("sigma_max", 80.0)))
+        den = EDMDenoiser(net, sigma_data=sd, sigma_min=lo, sigma_max=hi, null_label=null)
     else:
         pred = cfg.get("prediction_type", "epsilon")
         if pred not in VP_DENOISERS:

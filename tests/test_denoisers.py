@@ -405,7 +405,21 @@ def test_beta_table_bound_fails_a_wrong_schedule(kw):
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="beta_schedule"):
         alphas_cumprod_from_config({"beta_schedule": "quartic"})
+    # hostile numbers: one line naming the field, before a table of 10^12 entries or a √ of a negative
+    for cfg, msg in [({"num_train_timesteps": 10**12}, "num_train_timesteps must be an integer"),
+                     ({"num_train_timesteps": "1000"}, "num_train_timesteps"),
+                     ({"beta_schedule": "scaled_linear", "beta_start": -1}, r"beta_start must be a number in \[0, 1\)"),
+                     ({"beta_end": float("nan")}, "beta_end"), ({"trained_betas": [0.5, "x"]}, "trained_betas")]:
+        with pytest.raises(ValueError, match=msg):
+            alphas_cumprod_from_config(cfg)
     unet = tiny_unet()
+    flow = {"_class_name": "FlowMatchEulerDiscreteScheduler"}
+    for cfg, msg in [({**flow, "num_train_timesteps": 1}, "num_train_timesteps"),  # was a ZeroDivisionError
+                     ({**flow, "shift": -1.0}, "shift must be a positive number"),
+                     ({**flow, "flow_shift": float("inf")}, "flow_shift"),
+                     ({"_class_name": "EDMEulerScheduler", "sigma_min": float("nan")}, "sigma_min")]:
+        with pytest.raises(ValueError, match=msg):
+            from_diffusers(unet, cfg)
     with pytest.raises(ValueError, match="prediction_type"):
         from_diffusers(unet, {"_class_name": "DDPMScheduler", "prediction_type": "score"})
     with pytest.raises(FileNotFoundError, match="scheduler"):
