@@ -129,9 +129,14 @@ class Decoder(nn.Module):
     def __init__(self, vae: nn.Module):
         super().__init__()
         self.vae = vae
-        self.scaling = float(vae.config.scaling_factor)
-        shift = getattr(vae.config, "shift_factor", None)
-        self.shift = float(shift) if shift is not None else 0.0
+        scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None)
+        shift = 0.0 if shift is None else shift
+        for key, v, pos in (("scaling_factor", scale, True), ("shift_factor", shift, False)):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or (pos and v <= 0):
+                where = getattr(vae.config, "_name_or_path", None) or "vae"  # the folder, when from_pretrained
+                raise PipelineError(f"{where}/config.json: {key} must be a {'positive' if pos else 'finite'} number, "
+                                    f"got {str(v)[:40]}")
+        self.scaling, self.shift = float(scale), float(shift)
 
     def forward(self, latents):
         z = latents.to(self.vae.dtype) / self.scaling + self.shift

@@ -566,6 +566,11 @@ def test_broken_folders_are_one_line(folders, tmp_path):
     m = load(broken(lambda d: config(d, "vae", block_out_channels=[30000, 60000])))
     with pytest.raises(FewstepError, match=r"vae: its config\.json describes a model far larger"):
         m.pipeline.decoder()
+    for kw, msg in [({"scaling_factor": 0}, "scaling_factor must be a positive number"),
+                    ({"shift_factor": float("nan")}, "shift_factor must be a finite number")]:
+        m = load(broken(lambda d, kw=kw: config(d, "vae", **kw)))
+        with pytest.raises(FewstepError, match=r"vae/config\.json: " + msg):  # was NaN images / an internal error
+            m.pipeline.decoder()
 
     # a sample size no run can hold names the model's size, not --n
     from fewstep.runtime.sampling import make_inputs
