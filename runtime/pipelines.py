@@ -281,17 +281,19 @@ def _tokens(tok, prompts, key: str = "input_ids", max_length: int | None = None)
 
 
 def _seq_len(root: str, tok: str, enc: str, default: int = 77) -> int:
-    p = os.path.join(root, tok, "tokenizer_config.json")
-    if os.path.isfile(p):
-        n = _read_json(p, "tokenizer config").get("model_max_length")
-        if isinstance(n, int) and 0 < n < 1 << 20:
-            return n
-    p = os.path.join(root, enc, "config.json")
-    if os.path.isfile(p):
-        n = _read_json(p, "text encoder config").get("max_position_embeddings")
-        if isinstance(n, int) and 0 < n < 1 << 20:
-            return n
-    return default
+    """The prompt length the tokenizer pads to (else the encoder's position count), which the encoder must hold."""
+    got = {}
+    for sub, file, key in ((tok, "tokenizer_config.json", "model_max_length"), (enc, "config.json",
+                                                                                 "max_position_embeddings")):
+        p = os.path.join(root, sub, file)
+        if os.path.isfile(p):
+            n = _read_json(p, f"{sub} config").get(key)
+            if isinstance(n, int) and 0 < n < 1 << 20:  # Hugging Face writes int(1e30) for "no limit"
+                got[sub] = n
+    if tok in got and enc in got and got[tok] > got[enc]:
+        raise PipelineError(f"{root}: {tok} pads prompts to {got[tok]} tokens (model_max_length) but {enc} holds "
+                            f"{got[enc]} positions (max_position_embeddings)")
+    return got.get(tok, got.get(enc, default))
 
 
 def _family(index: dict, cfg: dict, backbone_cls: str) -> str:

@@ -549,6 +549,9 @@ def test_broken_folders_are_one_line(folders, tmp_path):
                                                                    r"config\.json but \[8, 4, 3, 3\]"),
         (lambda d: config(d, "unet", layers_per_block=2), "weights lack"),
         (lambda d: config(d, "unet", sample_size=-8), "positive integers"),
+        (lambda d: (d / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(
+            {**json.loads((d / "tokenizer" / "tokenizer_config.json").read_text()), "model_max_length": 100000})),
+         "tokenizer pads prompts to 100000 tokens"),  # was an internal error when prompts were encoded
         (lambda d: weights(d, "unet", (1 << 40).to_bytes(8, "little")), "not a safetensors file"),
         (lambda d: weights(d, "unet", b'\x10\0\0\0\0\0\0\0{"a": [1, 2, 3]}'), "malformed header entry"),
     ]
