@@ -285,7 +285,8 @@ def load_diffusers(path, scheduler_config=None, *, torch_dtype: torch.dtype | No
 
     cls = getattr(diffusers, cls_name)
     check_component(str(unet_dir), str(unet_dir), diffusers_builder(cls, str(unet_dir)), DIFFUSERS_STEMS, strict=True)
-    unet = cls.from_pretrained(unet_dir, torch_dtype=torch_dtype, local_files_only=True)
+    unet = cls.from_pretrained(unet_dir, torch_dtype=torch_dtype, local_files_only=True,
+                               low_cpu_mem_usage=False)  # without accelerate: no six-line warning to stderr
     if device is not None:
         unet = unet.to(device)
     return from_diffusers(unet.eval(), scheduler_config, null_label=null_label, uncond=uncond,

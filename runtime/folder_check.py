@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import FewstepError
-from .files import check_regular, load_json, parse_json
+from .files import check_regular, load_json, one_line, parse_json
 
 MAX_HEADER_BYTES = 100 << 20  # real headers are ~100 kB (SD 1.5's UNet) to a few MB (the largest transformers)
 # Bytes per element of safetensors' dtypes: a header's shapes must account for its data offsets exactly.
@@ -30,6 +31,9 @@ ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 # The meta build may create more values and tensors than the weights hold (buffers that are not saved, tied
 # weights, a parameter made then replaced), but not unboundedly more: past this it is refused.
 BUDGET_FACTOR, BUDGET_SLACK_VALUES, BUDGET_SLACK_TENSORS = 2, 1 << 24, 4096
+# Widths, depths, vocabularies and position counts of published models stay below 10^7 (the largest: vocabularies
+# of 256k, 128k positions, rope_theta 10^6).
+MAX_CONFIG_INT = 10_000_000
 
 
 class FolderError(FewstepError):
@@ -126,32 +130,69 @@ class _Budget(TorchFunctionMode):
             raise self.Exceeded
 
 
+def check_config_ints(path: str) -> None:
+    """No integer in a model config beyond MAX_CONFIG_INT: libraries expand counts into Python lists before
+    making a single tensor (diffusers: one entry per layer), so layers_per_block = 10^9 is 8 GB of list."""
+    if not os.path.isfile(path):
+        return  # the library's loader names the missing file
+    stack = [("", load_json(path, "model config", foreign=True))]
+    while stack:
+        key, v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend((f"{key}.{k}" if key else str(k), x) for k, x in v.items())
+        elif isinstance(v, list):
+            stack.extend((key, x) for x in v)
+        elif isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_CONFIG_INT \
+                and not key.endswith("theta"):  # rotary bases (rope_theta) are not counts
+            raise FolderError(f"{path}: {key} = {v} is beyond any model's size (at most {MAX_CONFIG_INT:,})")
+
+
 def check_component(folder: str, what: str, build: Callable[[], nn.Module], stems: tuple[str, ...],
                     strict: bool) -> None:
-    """Build the component on the meta device within its weights' budget; with ``strict``, also require every
-    tensor of the built model in the weights with the same shape (for backbones, whose checkpoints name their
-    tensors as the model does; text encoders and VAEs can have tied or renamed ones, which their loaders map)."""
+    """Build the component on the meta device within its weights' budget; tensors named alike must have the same
+    shape; with ``strict`` (diffusers models, whose checkpoints name their tensors as the model does), the names
+    must match both ways too (transformers' text encoders can have tied or renamed tensors, which it maps)."""
+    check_config_ints(os.path.join(folder, "config.json"))
     shapes = weight_shapes(folder, stems)
-    if shapes is None:
-        return
-    held = sum(math.prod(s) for s in shapes.values())
-    budget = _Budget(BUDGET_FACTOR * held + BUDGET_SLACK_VALUES, BUDGET_FACTOR * len(shapes) + BUDGET_SLACK_TENSORS)
+    if shapes is None:  # pickled weights: their bytes bound the values (no tensor is under a byte)
+        pickles = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".bin")]
+        if not pickles:
+            return  # no weights at all: from_pretrained says so before it builds anything
+        held = sum(check_regular(p, "weights file") for p in pickles)
+        n_held, strict, holds = held, False, f"{held:,} bytes"
+    else:
+        held, n_held = sum(math.prod(s) for s in shapes.values()), len(shapes)
+        holds = f"{held:,} values in {n_held:,} tensors"
+    budget = _Budget(BUDGET_FACTOR * held + BUDGET_SLACK_VALUES, BUDGET_FACTOR * n_held + BUDGET_SLACK_TENSORS)
     try:
-        with torch.device("meta"), budget:
+        with torch.device("meta"), budget, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Initializing zero-element tensors is a no-op"
             model = build()
     except _Budget.Exceeded:
         raise FolderError(f"{what}: its config.json describes a model far larger than its weights (over "
-                          f"{budget.values:,} values in {budget.tensors:,} tensors; the weights hold {held:,} in "
-                          f"{len(shapes):,}); refusing to build it") from None
-    if not strict:
+                          f"{budget.values:,} values in {budget.tensors:,} tensors; the weights hold {holds}); "
+                          "refusing to build it") from None
+    except FewstepError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — a config field of the wrong type fails anywhere in the library
+        raise FolderError(f"{what}: its config.json does not build ({type(exc).__name__}: {one_line(exc, 200)})") \
+            from None
+    if shapes is None:
         return
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in want if k not in shapes]
-    if missing:
-        raise FolderError(f"{what}: its weights lack {len(missing)} of the {len(want)} tensors its config.json "
-                          f"describes (first: {missing[0]}): the weights are incomplete or another model's")
-    for k, s in want.items():
-        if shapes[k] != s:
+    if strict:  # diffusers' own loader renames the attention tensors of checkpoints from before 0.14
+        shapes = {k.replace(".query.", ".to_q.").replace(".key.", ".to_k.").replace(".value.", ".to_v.")
+                  .replace(".proj_attn.", ".to_out.0."): v for k, v in shapes.items()}
+        missing = [k for k in want if k not in shapes]
+        if missing:
+            raise FolderError(f"{what}: its weights lack {len(missing)} of the {len(want)} tensors its config.json "
+                              f"describes (first: {missing[0]}): the weights are incomplete or another model's")
+        extra = [k for k in shapes if k not in want]
+        if extra:  # diffusers would drop them with a warning: a model without, say, its attention
+            raise FolderError(f"{what}: its weights hold {len(extra)} tensors its config.json has no place for "
+                              f"(first: {extra[0]}); config and weights are from different models")
+    for k, s in want.items():  # not strict: tensors under other names (tied, renamed) are the loader's to map
+        if k in shapes and shapes[k] != s:
             raise FolderError(f"{what}: {k} is {list(s)} in its config.json but {list(shapes[k])} in its weights; "
                               "config and weights are from different models")
 

@@ -26,6 +26,7 @@ import hashlib
 import math
 import os
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,7 @@ from torch import nn
 
 from ..errors import FewstepError
 from . import denoisers as _d
+from .files import one_line
 from .folder_check import DIFFUSERS_STEMS, TRANSFORMERS_STEMS, check_component, diffusers_builder, transformers_builder
 
 NEG = "negative_"
@@ -114,6 +116,19 @@ class PipelineNet(nn.Module):
         c = {k: v.to(dt) for k, v in cond.items() if not k.startswith(NEG)}
         t = t.to(torch.float32).expand(x_in.shape[0])
         x = x_in.to(dt)
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():  # export / compile errors keep their own
+            return self._call(x, t, c)
+        try:
+            return self._call(x, t, c)
+        except (TypeError, AttributeError, KeyError, IndexError, ValueError, ZeroDivisionError) as exc:
+            # a config field the constructor took but the forward cannot use (a dict for freq_shift) fails only
+            # here; torch's own RuntimeErrors stay what they were
+            if isinstance(exc, FewstepError):
+                raise
+            raise PipelineError(f"the {type(self.backbone).__name__} of this pipeline fails on its inputs "
+                                f"({type(exc).__name__}: {one_line(exc, 200)})") from None
+
+    def _call(self, x, t, c):
         if self.family == "sd3":
             return self.backbone(hidden_states=x, timestep=t, encoder_hidden_states=c["encoder_hidden_states"],
                                  pooled_projections=c["pooled_projections"], return_dict=False)[0]
@@ -199,11 +214,19 @@ class Pipeline:
             raise PipelineError(f"{self.root}: component {name} is a {cls}, which {lib} does not have")
         kw = {"low_cpu_mem_usage": False} if lib == "diffusers" else {}  # no "install accelerate" warning
         cls = getattr(mod, cls)
-        if isinstance(cls, type) and issubclass(cls, nn.Module):  # not the tokenizers
-            build = diffusers_builder(cls, sub) if lib == "diffusers" else transformers_builder(cls, sub)
-            check_component(sub, sub, build, DIFFUSERS_STEMS if lib == "diffusers" else TRANSFORMERS_STEMS,
-                            strict=False)
-        obj = cls.from_pretrained(sub, local_files_only=True, **kw)
+        quiet = lib == "transformers" and transformers.utils.logging.get_verbosity()
+        try:
+            if quiet:  # its config warnings and load reports are many lines; fewstep says what is wrong in one
+                transformers.utils.logging.set_verbosity_error()
+            with _foreign(f"{sub}: cannot load the {getattr(cls, '__name__', cls)}"):
+                if isinstance(cls, type) and issubclass(cls, nn.Module):  # not the tokenizers
+                    build = diffusers_builder(cls, sub) if lib == "diffusers" else transformers_builder(cls, sub)
+                    check_component(sub, sub, build, DIFFUSERS_STEMS if lib == "diffusers" else TRANSFORMERS_STEMS,
+                                    strict=lib == "diffusers")
+                obj = cls.from_pretrained(sub, local_files_only=True, **kw)
+        finally:
+            if quiet:
+                transformers.utils.logging.set_verbosity(quiet)
         return obj.eval() if isinstance(obj, nn.Module) else obj
 
     # --- text → embeddings
@@ -226,7 +249,10 @@ class Pipeline:
     def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Prompts → the named conditioning (float32, [len(prompts), …]), as diffusers' pipeline encodes them."""
         encs = self.encoders()
-        prompts = list(prompts)
+        with _foreign(f"{self.root}: its tokenizers and text encoders cannot encode the prompts"):
+            return self._encode(encs, list(prompts))
+
+    def _encode(self, encs, prompts: list[str]) -> dict[str, torch.Tensor]:
         if self.family == "sd":
             (tok, enc), = encs
             ids = _tokens(tok, prompts)
@@ -273,6 +299,18 @@ class Pipeline:
                 raise PipelineError(f"{self.root}: no vae in model_index.json: pass --latents")
             self._decoder = Decoder(vae).eval().requires_grad_(False)
         return self._decoder
+
+
+@contextmanager
+def _foreign(what: str):
+    """A library call on the user's folder (loading a component, tokenising): its failure is bad input, one line
+    naming ``what``, not an internal error."""
+    try:
+        yield
+    except FewstepError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — transformers / diffusers raise anything on a malformed folder
+        raise PipelineError(f"{what} ({type(exc).__name__}: {one_line(exc, 200)})") from None
 
 
 def _tokens(tok, prompts, key: str = "input_ids", max_length: int | None = None):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -575,12 +576,38 @@ def test_broken_folders_are_one_line(folders, tmp_path):
         with pytest.raises(FewstepError, match=r"vae/config\.json: " + msg):  # was NaN images / an internal error
             m.pipeline.decoder()
 
+    # found by mutating one config field at a time and running `fewstep sample --prompt` (each was an internal error,
+    # a multi-line report, a long stall or a silently different model)
+    def tok_config(d, **kw):
+        (d / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(
+            {**json.loads((d / "tokenizer" / "tokenizer_config.json").read_text()), **kw}))
+
+    def run(edit, cond=("a cat",)):
+        m = load(broken(edit))
+        c = CondSource(m.pipeline, cond)(1)
+        x = torch.randn(1, *m.shape)
+        m.denoiser(x, torch.full((1,), float(m.denoiser.sigma_max)), c, 2.0)
+        m.pipeline.decoder()
+
+    for edit, msg in [
+        (lambda d: config(d, "text_encoder", vocab_size=3), r"token_embedding\.weight is \[3, 16\] in its config"),
+        (lambda d: tok_config(d, pad_token=5), "tokenizer: cannot load the CLIPTokenizer"),
+        (lambda d: tok_config(d, pad_token=None), "cannot encode the prompts"),
+        (lambda d: config(d, "vae", mid_block_add_attention=False), "tensors its config.json has no place for"),
+        (lambda d: config(d, "unet", freq_shift={}), "UNet2DConditionModel of this pipeline fails on its inputs"),
+        (lambda d: config(d, "unet", layers_per_block=10**9), r"layers_per_block = 1000000000 is beyond"),
+    ]:
+        t0 = time.perf_counter()
+        with pytest.raises((FewstepError, ModelError), match=msg) as e:
+            run(edit)
+        assert "\n" not in str(e.value) and time.perf_counter() - t0 < 60  # 10^9 layers: 41 s of list building
+
     # a sample size no run can hold names the model's size, not --n
     from fewstep.runtime.sampling import make_inputs
     from fewstep.runtime.solvers import get
 
-    m = load(broken(lambda d: config(d, "unet", sample_size=10**9)))
-    with pytest.raises(ValueError, match=r"the model's samples are 4×1000000000×1000000000"):  # InputError
+    m = load(broken(lambda d: config(d, "unet", sample_size=10**7)))
+    with pytest.raises(ValueError, match=r"the model's samples are 4×10000000×10000000"):  # InputError
         make_inputs(m, get("ddim").build([m.denoiser.sigma_max, 0.0]), 1, 0)
 
 
