@@ -327,6 +327,40 @@ def test_fuzz_model_folders(capsys, tmp_path_factory, files):
     assert not out.exists()
 
 
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from pipeline_fixtures import build_sd
+
+    return Path(build_sd(str(tmp_path_factory.mktemp("sd") / "sd")))
+
+
+PIPELINE_CONFIGS = ["unet/config.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+                    "vae/config.json", "tokenizer/tokenizer_config.json", "model_index.json"]
+
+
+@FUZZ
+@given(sub=st.sampled_from(PIPELINE_CONFIGS), pick=st.integers(0, 1000), value=json_value)
+def test_fuzz_pipeline_folders(capsys, tmp_path_factory, sd_folder, sub, pick, value):
+    """One field of one config of a tiny SD folder replaced by arbitrary JSON, then prompts through CFG sampling to
+    PNGs: it runs or it is one line (found this way: a vocabulary not its weights', a dict for freq_shift, ...)."""
+    d = tmp_path_factory.mktemp("fzp")
+    shutil.copytree(sd_folder, d / "sd")
+    path = d / "sd" / sub
+    cfg = json.loads(path.read_text())
+    cfg[sorted(cfg)[pick % len(cfg)]] = value
+    path.write_text(json.dumps(cfg))
+    out = d / "out"
+    rc, lines = run_cli(capsys, "sample", "--model", d / "sd", "--prompt", "a cat", "--guidance", "3", "--solver",
+                        "dpmpp-2m", "--nfe", "2", "--n", "1", "--out", out)
+    if rc == 0:  # many fields are unused, or any value of theirs is valid
+        return
+    assert rc in (2, 3), (rc, lines)
+    assert len(lines) == 1 and lines[0].startswith("fewstep: error: "), lines
+    assert not out.exists()
+
 def test_ctrl_c_leaves_nothing_behind(tmp_path):
     """SIGINT in the middle of a fit (after its first progress line): exit 130, one line, no file."""
     import signal
