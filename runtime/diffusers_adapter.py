@@ -54,16 +54,17 @@ def scheduler_config_dict(scheduler_config) -> dict:
 MAX_TRAIN_TIMESTEPS = 1_000_000  # published schedulers train on 1,000 (a few on 4,000)
 
 
-def _number(cfg: dict, key: str, default, ok, want: str) -> float:
-    """A number from a scheduler config, checked (``ok``; NaN fails any comparison) before it is used."""
+def config_number(cfg, key: str, default, ok, want: str, where: str = "scheduler config") -> float:
+    """A number from a diffusers config (absent: ``default``), checked (``ok``; NaN fails any comparison) before it
+    is used."""
     v = cfg.get(key, default)
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not ok(v):
-        raise ValueError(f"scheduler config: {key} must be {want}, got {str(v)[:40]}")
+        raise ValueError(f"{where}: {key} must be {want}, got {str(v)[:40]}")
     return float(v)
 
 
 def _train_steps(cfg: dict) -> int:
-    return int(_number(cfg, "num_train_timesteps", 1000, lambda v: 2 <= v <= MAX_TRAIN_TIMESTEPS and v == int(v),
+    return int(config_number(cfg, "num_train_timesteps", 1000, lambda v: 2 <= v <= MAX_TRAIN_TIMESTEPS and v == int(v),
                        f"an integer in [2, {MAX_TRAIN_TIMESTEPS:,}]"))
 
 
@@ -121,7 +122,7 @@ def alphas_cumprod_from_config(config) -> torch.Tensor:
         name = cfg.get("beta_schedule", "linear")
         if name not in BETA_SCHEDULES:
             raise ValueError(f"scheduler config: unknown beta_schedule {name!r}; supported: {sorted(BETA_SCHEDULES)}")
-        ends = [_number(cfg, k, d, lambda v: 0 <= v < 1, "a number in [0, 1)")
+        ends = [config_number(cfg, k, d, lambda v: 0 <= v < 1, "a number in [0, 1)")
                 for k, d in (("beta_start", 1e-4), ("beta_end", 0.02))]
         betas = BETA_SCHEDULES[name](n, ends[0], ends[1])
     ac = torch.cumprod(1 - betas, 0)
@@ -198,7 +199,7 @@ def denoiser_for(net: nn.Module, scheduler_config, null=None) -> Denoiser:
         # t = 1 is σ = ∞, so σ_max is the next point, t = (N−1)/N.
         key = "shift" if "shift" in cfg or "flow_shift" not in cfg else "flow_shift"
         shift = 1.0 if cfg.get("use_dynamic_shifting") else \
-            _number(cfg, key, 1.0, lambda v: 0 < v < math.inf, "a positive number")
+            config_number(cfg, key, 1.0, lambda v: 0 < v < math.inf, "a positive number")
         if cfg.get("invert_sigmas"):
             raise ValueError("scheduler config: invert_sigmas (reversed flow time) is not supported")
         den = FlowDenoiser(net, t_scale=float(n), sigma_min=shift / (n - 1), sigma_max=shift * (n - 1),
@@ -209,7 +210,7 @@ def denoiser_for(net: nn.Module, scheduler_config, null=None) -> Denoiser:
             raise ValueError(f"scheduler config: EDM with prediction_type {pred!r} / precondition_type "
                              f"{cfg.get('precondition_type')!r} is not supported (epsilon + edm is)")
         pos = (lambda v: 0 < v < math.inf, "a positive number")
-        sd, lo, hi = (_number(cfg, k, d, *pos) for k, d in (("sigma_data", 0.5), ("sigma_min", 0.002),
+        sd, lo, hi = (config_number(cfg, k, d, *pos) for k, d in (("sigma_data", 0.5), ("sigma_min", 0.002),
                                                              ("sigma_max", 80.0)))
         den = EDMDenoiser(net, sigma_data=sd, sigma_min=lo, sigma_max=hi, null_label=null)
     else:
@@ -281,10 +282,10 @@ def load_diffusers(path, scheduler_config=None, *, torch_dtype: torch.dtype | No
         import diffusers
     except ImportError as e:
         raise ImportError("load_diffusers needs the diffusers package: pip install diffusers") from e
-    from .folder_check import DIFFUSERS_STEMS, check_component, diffusers_builder
+    from .folder_check import check_component
 
     cls = getattr(diffusers, cls_name)
-    check_component(str(unet_dir), str(unet_dir), diffusers_builder(cls, str(unet_dir)), DIFFUSERS_STEMS, strict=True)
+    check_component(str(unet_dir), cls, "diffusers")
     unet = cls.from_pretrained(unet_dir, torch_dtype=torch_dtype, local_files_only=True,
                                low_cpu_mem_usage=False)  # without accelerate: no six-line warning to stderr
     if device is not None:

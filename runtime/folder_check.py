@@ -14,7 +14,6 @@ import math
 import os
 import struct
 import warnings
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -147,11 +146,18 @@ def check_config_ints(path: str) -> None:
             raise FolderError(f"{path}: {key} = {v} is beyond any model's size (at most {MAX_CONFIG_INT:,})")
 
 
-def check_component(folder: str, what: str, build: Callable[[], nn.Module], stems: tuple[str, ...],
-                    strict: bool) -> None:
-    """Build the component on the meta device within its weights' budget; tensors named alike must have the same
-    shape; with ``strict`` (diffusers models, whose checkpoints name their tensors as the model does), the names
-    must match both ways too (transformers' text encoders can have tied or renamed tensors, which it maps)."""
+def check_component(folder: str, cls: type[nn.Module], lib: str) -> None:
+    """Build the ``lib`` ("diffusers" / "transformers") model class ``cls`` from ``folder``'s config on the meta
+    device within its weights' budget; tensors named alike must have the same shape; for diffusers models, whose
+    checkpoints name their tensors as the model does, the names must match both ways too (transformers' text
+    encoders can have tied or renamed tensors, which it maps)."""
+    strict = lib == "diffusers"
+    if strict:
+        stems, build = ("diffusion_pytorch_model",), lambda: cls.from_config(cls.load_config(folder,
+                                                                                             local_files_only=True))
+    else:
+        stems, build = ("model",), lambda: cls._from_config(cls.config_class.from_pretrained(folder,
+                                                                                             local_files_only=True))
     check_config_ints(os.path.join(folder, "config.json"))
     shapes = weight_shapes(folder, stems)
     if shapes is None:  # pickled weights: their bytes bound the values (no tensor is under a byte)
@@ -169,13 +175,13 @@ def check_component(folder: str, what: str, build: Callable[[], nn.Module], stem
             warnings.simplefilter("ignore")  # e.g. "Initializing zero-element tensors is a no-op"
             model = build()
     except _Budget.Exceeded:
-        raise FolderError(f"{what}: its config.json describes a model far larger than its weights (over "
+        raise FolderError(f"{folder}: its config.json describes a model far larger than its weights (over "
                           f"{budget.values:,} values in {budget.tensors:,} tensors; the weights hold {holds}); "
                           "refusing to build it") from None
     except FewstepError:
         raise
     except Exception as exc:  # noqa: BLE001 — a config field of the wrong type fails anywhere in the library
-        raise FolderError(f"{what}: its config.json does not build ({type(exc).__name__}: {one_line(exc, 200)})") \
+        raise FolderError(f"{folder}: its config.json does not build ({type(exc).__name__}: {one_line(exc, 200)})") \
             from None
     if shapes is None:
         return
@@ -185,28 +191,13 @@ def check_component(folder: str, what: str, build: Callable[[], nn.Module], stem
                   .replace(".proj_attn.", ".to_out.0."): v for k, v in shapes.items()}
         missing = [k for k in want if k not in shapes]
         if missing:
-            raise FolderError(f"{what}: its weights lack {len(missing)} of the {len(want)} tensors its config.json "
+            raise FolderError(f"{folder}: its weights lack {len(missing)} of the {len(want)} tensors its config.json "
                               f"describes (first: {missing[0]}): the weights are incomplete or another model's")
         extra = [k for k in shapes if k not in want]
         if extra:  # diffusers would drop them with a warning: a model without, say, its attention
-            raise FolderError(f"{what}: its weights hold {len(extra)} tensors its config.json has no place for "
+            raise FolderError(f"{folder}: its weights hold {len(extra)} tensors its config.json has no place for "
                               f"(first: {extra[0]}); config and weights are from different models")
     for k, s in want.items():  # not strict: tensors under other names (tied, renamed) are the loader's to map
         if k in shapes and shapes[k] != s:
-            raise FolderError(f"{what}: {k} is {list(s)} in its config.json but {list(shapes[k])} in its weights; "
+            raise FolderError(f"{folder}: {k} is {list(s)} in its config.json but {list(shapes[k])} in its weights; "
                               "config and weights are from different models")
-
-
-def diffusers_builder(cls, folder: str) -> Callable[[], nn.Module]:
-    return lambda: cls.from_config(cls.load_config(folder, local_files_only=True))
-
-
-def transformers_builder(cls, folder: str) -> Callable[[], nn.Module]:
-    def build():
-        config = cls.config_class.from_pretrained(folder, local_files_only=True)
-        return cls._from_config(config)
-    return build
-
-
-DIFFUSERS_STEMS = ("diffusion_pytorch_model",)
-TRANSFORMERS_STEMS = ("model",)

@@ -35,7 +35,7 @@ from torch import nn
 from ..errors import FewstepError
 from . import denoisers as _d
 from .files import one_line
-from .folder_check import DIFFUSERS_STEMS, TRANSFORMERS_STEMS, check_component, diffusers_builder, transformers_builder
+from .folder_check import check_component
 
 NEG = "negative_"
 FAMILIES = ("sd", "sdxl", "sd3")
@@ -144,14 +144,18 @@ class Decoder(nn.Module):
     def __init__(self, vae: nn.Module):
         super().__init__()
         self.vae = vae
-        scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None)
-        shift = 0.0 if shift is None else shift
-        for key, v, pos in (("scaling_factor", scale, True), ("shift_factor", shift, False)):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or (pos and v <= 0):
-                where = getattr(vae.config, "_name_or_path", None) or "vae"  # the folder, when from_pretrained
-                raise PipelineError(f"{where}/config.json: {key} must be a {'positive' if pos else 'finite'} number, "
-                                    f"got {str(v)[:40]}")
-        self.scaling, self.shift = float(scale), float(shift)
+        from .diffusers_adapter import config_number
+
+        where = f"{getattr(vae.config, '_name_or_path', None) or 'vae'}/config.json"  # the folder (from_pretrained)
+        cfg = dict(vae.config)
+        if cfg.get("shift_factor") is None:  # SD / SDXL VAEs have none (null): no shift
+            cfg["shift_factor"] = 0.0
+        try:
+            self.scaling = config_number(cfg, "scaling_factor", None, lambda v: 0 < v < math.inf,
+                                         "a positive number", where)
+            self.shift = config_number(cfg, "shift_factor", 0.0, math.isfinite, "a finite number", where)
+        except ValueError as exc:
+            raise PipelineError(str(exc)) from None
 
     def forward(self, latents):
         z = latents.to(self.vae.dtype) / self.scaling + self.shift
@@ -220,9 +224,7 @@ class Pipeline:
                 transformers.utils.logging.set_verbosity_error()
             with _foreign(f"{sub}: cannot load the {getattr(cls, '__name__', cls)}"):
                 if isinstance(cls, type) and issubclass(cls, nn.Module):  # not the tokenizers
-                    build = diffusers_builder(cls, sub) if lib == "diffusers" else transformers_builder(cls, sub)
-                    check_component(sub, sub, build, DIFFUSERS_STEMS if lib == "diffusers" else TRANSFORMERS_STEMS,
-                                    strict=lib == "diffusers")
+                    check_component(sub, cls, lib)
                 obj = cls.from_pretrained(sub, local_files_only=True, **kw)
         finally:
             if quiet:
@@ -388,7 +390,7 @@ def load_pipeline(path: str, torch_dtype: torch.dtype | None = None) -> Pipeline
     if len(shape) != 3 or not all(type(v) is int and v > 0 for v in shape):
         raise PipelineError(f"{sub}/config.json: in_channels and sample_size must be positive integers "
                             f"(got {cfg.get('in_channels')!r}, {size!r})")
-    check_component(sub, sub, diffusers_builder(cls, sub), DIFFUSERS_STEMS, strict=True)
+    check_component(sub, cls, "diffusers")
     backbone = cls.from_pretrained(sub, torch_dtype=torch_dtype, local_files_only=True, low_cpu_mem_usage=False)
     backbone = backbone.eval().requires_grad_(False)
     return Pipeline(root, family, index, backbone, sched, _cond_inputs(root, family, cfg), shape)

@@ -521,10 +521,10 @@ def test_broken_folders_are_one_line(folders, tmp_path):
         edit(d)
         return str(d)
 
-    def config(d, sub, **kw):
-        c = json.loads((d / sub / "config.json").read_text())
+    def config(d, sub, file="config.json", **kw):
+        c = json.loads((d / sub / file).read_text())
         c.update(kw)
-        (d / sub / "config.json").write_text(json.dumps(c))
+        (d / sub / file).write_text(json.dumps(c))
 
     def weights(d, sub, head):
         f = d / sub / "diffusion_pytorch_model.safetensors"
@@ -550,8 +550,7 @@ def test_broken_folders_are_one_line(folders, tmp_path):
                                                                    r"config\.json but \[8, 4, 3, 3\]"),
         (lambda d: config(d, "unet", layers_per_block=2), "weights lack"),
         (lambda d: config(d, "unet", sample_size=-8), "positive integers"),
-        (lambda d: (d / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(
-            {**json.loads((d / "tokenizer" / "tokenizer_config.json").read_text()), "model_max_length": 100000})),
+        (lambda d: config(d, "tokenizer", "tokenizer_config.json", model_max_length=100000),
          "tokenizer pads prompts to 100000 tokens"),  # was an internal error when prompts were encoded
         (lambda d: weights(d, "unet", (1 << 40).to_bytes(8, "little")), "not a safetensors file"),
         (lambda d: weights(d, "unet", b'\x10\0\0\0\0\0\0\0{"a": [1, 2, 3]}'), "malformed header entry"),
@@ -578,10 +577,6 @@ def test_broken_folders_are_one_line(folders, tmp_path):
 
     # found by mutating one config field at a time and running `fewstep sample --prompt` (each was an internal error,
     # a multi-line report, a long stall or a silently different model)
-    def tok_config(d, **kw):
-        (d / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(
-            {**json.loads((d / "tokenizer" / "tokenizer_config.json").read_text()), **kw}))
-
     def run(edit, cond=("a cat",)):
         m = load(broken(edit))
         c = CondSource(m.pipeline, cond)(1)
@@ -591,8 +586,9 @@ def test_broken_folders_are_one_line(folders, tmp_path):
 
     for edit, msg in [
         (lambda d: config(d, "text_encoder", vocab_size=3), r"token_embedding\.weight is \[3, 16\] in its config"),
-        (lambda d: tok_config(d, pad_token=5), "tokenizer: cannot load the CLIPTokenizer"),
-        (lambda d: tok_config(d, pad_token=None), "cannot encode the prompts"),
+        (lambda d: config(d, "tokenizer", "tokenizer_config.json", pad_token=5),
+         "tokenizer: cannot load the CLIPTokenizer"),
+        (lambda d: config(d, "tokenizer", "tokenizer_config.json", pad_token=None), "cannot encode the prompts"),
         (lambda d: config(d, "vae", mid_block_add_attention=False), "tensors its config.json has no place for"),
         (lambda d: config(d, "unet", freq_shift={}), "UNet2DConditionModel of this pipeline fails on its inputs"),
         (lambda d: config(d, "unet", layers_per_block=10**9), r"layers_per_block = 1000000000 is beyond"),
