@@ -466,11 +466,16 @@ def test_fewstep_run_native_inputs(cond, native, tmp_path):
 
     far = raw('{"guidance": {"dtype": "F32", "shape": [3], "data_offsets": [0, 1000000000000]}}', b"\0" * 12)
     deep = raw("[" * 100_000 + "]" * 100_000)
+    # entries that all name the same bytes: read one by one they would cost the file's size each (10^4 entries
+    # over 4 MiB asked for 40 GB)
+    shared = raw(json.dumps({f"t{i}": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]} for i in range(1000)}),
+                 b"\0" * 12)
     emb = ["--embeddings", tmp_path / "e.safetensors", *flags(time_ids=good["time_ids"])]
     cases += [(["--embeddings", tmp_path / "garbage.safetensors"], "not a .safetensors file"),
               (["--embeddings", tmp_path / "f16.safetensors"], 'is "F16"; fewstep-run reads F32 and I64'),
               (["--embeddings", far], "do not fit its shape and the file"),
               (["--embeddings", deep], "nested too deeply"),
+              (["--embeddings", shared], "'t0' and 't1' share bytes"),
               ([*emb, *flags(guidance=good["guidance"])], "--input guidance: the embeddings file holds"),
               (emb[:2], "missing input 'time_ids'")]
     for args, match in cases:

@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <new>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -157,7 +158,14 @@ std::vector<std::pair<std::string, Npy>> read_safetensors(const std::string& pat
   const nlohmann::json j = nlohmann::json::parse(h, nullptr, false);
   if (j.is_discarded() || !j.is_object()) throw Usage(what + ": the header is not a JSON object");
   const uint64_t data_size = size - 8 - hlen;
-  std::vector<std::pair<std::string, Npy>> out;
+  // Every entry is checked first and read after: tensors may not share bytes (safetensors' own rule), so what is
+  // read is at most the file, however many entries the header lists.
+  struct Entry {
+    std::string name;
+    Npy a;
+    uint64_t begin, end;
+  };
+  std::vector<Entry> entries;
   for (const auto& [name, t] : j.items()) {
     if (name == "__metadata__") continue;
     const std::string w = what + ": tensor '" + name.substr(0, 64) + "'";
@@ -184,10 +192,23 @@ std::vector<std::pair<std::string, Npy>> read_safetensors(const std::string& pat
       throw Usage(w + ": data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) +
                   ") do not fit its shape and the file");
     a.count = size_t(n);
-    a.storage.resize(size_t((n * item + 7) / 8));
-    f.seekg(std::streamoff(8 + hlen + begin));
-    if (!f.read(reinterpret_cast<char*>(a.storage.data()), std::streamsize(n * item))) throw Usage(w + ": truncated");
-    out.emplace_back(name, std::move(a));
+    entries.push_back({name, std::move(a), begin, end});
+  }
+  std::vector<const Entry*> by_offset;
+  for (const Entry& e : entries) by_offset.push_back(&e);
+  std::stable_sort(by_offset.begin(), by_offset.end(), [](const Entry* x, const Entry* y) { return x->begin < y->begin; });
+  for (size_t i = 1; i < by_offset.size(); ++i)
+    if (by_offset[i]->begin < by_offset[i - 1]->end)
+      throw Usage(what + ": tensors '" + by_offset[i - 1]->name.substr(0, 64) + "' and '" +
+                  by_offset[i]->name.substr(0, 64) + "' share bytes");
+  std::vector<std::pair<std::string, Npy>> out;
+  for (Entry& e : entries) {
+    const uint64_t bytes = e.end - e.begin;
+    e.a.storage.resize(size_t((bytes + 7) / 8));
+    f.seekg(std::streamoff(8 + hlen + e.begin));
+    if (!f.read(reinterpret_cast<char*>(e.a.storage.data()), std::streamsize(bytes)))
+      throw Usage(what + ": tensor '" + e.name.substr(0, 64) + "': truncated");
+    out.emplace_back(std::move(e.name), std::move(e.a));
   }
   return out;
 }
@@ -467,6 +488,10 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "fewstep-run: error: %s\n", e.what());
     if (e.status() == FEWSTEP_ERR_NONFINITE) return 3;  // the result was not finite: nothing written
     return e.status() == FEWSTEP_ERR_INTERNAL ? 1 : 2;  // everything else is about the input or its setup
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "fewstep-run: error: out of memory (the inputs, the engine or --n need more than this "
+                 "machine can allocate)\n");
+    return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "fewstep-run: error: %s\n", e.what());
     return 1;
