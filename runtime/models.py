@@ -208,19 +208,31 @@ def _diffusers(path: str) -> Model:
 
 
 def _is_text_pipeline(path: str) -> bool:
-    """A pipeline folder whose backbone takes text conditioning (a plain UNet2DModel pipeline stays `_diffusers`)."""
-    from .files import load_json
+    """A pipeline folder whose backbone takes text conditioning (a plain UNet2DModel pipeline stays `_diffusers`).
+    A model_index.json whose backbone entry is not a [library, class] pair is refused here: read past, the folder
+    would load as a bare unet/ without its prompts."""
+    from .files import load_json, one_line
 
     idx = os.path.join(path, "model_index.json")
     if not os.path.isfile(idx):
         return False
     index = load_json(idx, "model_index.json", 1 << 20)
     if not isinstance(index, dict):
-        return False
-    unet, transformer = index.get("unet"), index.get("transformer")
+        raise ModelError(f"{idx}: not a JSON object")
+    pair = {k: v for k, v in index.items() if k in ("unet", "transformer") and v is not None}
+    for k, v in pair.items():
+        if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) or x is None for x in v)):
+            raise ModelError(f"{idx}: {k} must be a [library, class] pair, got {one_line(repr(v), 80)}")
+    unet, transformer = pair.get("unet"), pair.get("transformer")
+    cfg_path = os.path.join(path, "unet", "config.json")
+    if unet is not None and unet[1] is not None and os.path.isfile(cfg_path):
+        cls = load_json(cfg_path, "unet config", 1 << 20)
+        cls = cls.get("_class_name") if isinstance(cls, dict) else None
+        if cls is not None and cls != unet[1]:  # a UNet2DConditionModel read as the index's UNet2DModel: no prompts
+            raise ModelError(f"{idx} names unet class {unet[1]}, but unet/config.json describes {one_line(repr(cls), 80)}")
     # any transformer pipeline comes here too, so an unsupported family (Flux, …) is named as such
-    return (isinstance(unet, list) and len(unet) == 2 and unet[1] == "UNet2DConditionModel") \
-        or (isinstance(transformer, list) and len(transformer) == 2 and transformer[1] is not None)
+    return (unet is not None and unet[1] == "UNet2DConditionModel") \
+        or (transformer is not None and transformer[1] is not None)
 
 
 def _pipeline(path: str) -> Model:

@@ -554,6 +554,12 @@ def test_broken_folders_are_one_line(folders, tmp_path):
          "tokenizer pads prompts to 100000 tokens"),  # was an internal error when prompts were encoded
         (lambda d: weights(d, "unet", (1 << 40).to_bytes(8, "little")), "not a safetensors file"),
         (lambda d: weights(d, "unet", b'\x10\0\0\0\0\0\0\0{"a": [1, 2, 3]}'), "malformed header entry"),
+        # a backbone entry fewstep cannot read, or one its config contradicts: it was loaded as a bare unet/,
+        # a conditional UNet without its prompts
+        (lambda d: index(d, unet="UNet2DConditionModel"), r"unet must be a \[library, class\] pair"),
+        (lambda d: index(d, unet=["diffusers", "UNet2DModel"]), "names unet class UNet2DModel, but "
+                                                                "unet/config.json describes 'UNet2DConditionModel'"),
+        (lambda d: (d / "model_index.json").write_text("[]"), "not a JSON object"),
     ]
     for edit, msg in cases:
         with pytest.raises((FewstepError, ModelError), match=msg) as e:  # the CLI's exit-2 errors
