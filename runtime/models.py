@@ -229,7 +229,8 @@ def _is_text_pipeline(path: str) -> bool:
         cls = load_json(cfg_path, "unet config", 1 << 20)
         cls = cls.get("_class_name") if isinstance(cls, dict) else None
         if cls is not None and cls != unet[1]:  # a UNet2DConditionModel read as the index's UNet2DModel: no prompts
-            raise ModelError(f"{idx} names unet class {unet[1]}, but unet/config.json describes {one_line(repr(cls), 80)}")
+            raise ModelError(f"{idx} names unet class {unet[1]}, but unet/config.json describes "
+                             f"{one_line(repr(cls), 80)}")
     # any transformer pipeline comes here too, so an unsupported family (Flux, …) is named as such
     return (unet is not None and unet[1] == "UNet2DConditionModel") \
         or (transformer is not None and transformer[1] is not None)
