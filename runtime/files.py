@@ -156,6 +156,55 @@ def read_npy(path: str | os.PathLike, what: str, max_elements: int):
         raise FileError(f"{what} {path}: {exc.strerror}") from None
 
 
+# Bytes per value of safetensors' dtypes: a header's shapes must account for its data offsets exactly. F4 / F6
+# pack below a byte; for those the offsets only bound the count.
+ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1,
+               "F6_E2M3": 1, "F6_E3M2": 1}
+_ST_PACKED = frozenset(("F4", "F6_E2M3", "F6_E3M2"))
+
+
+def safetensors_header(f, size: int, what: str, max_header: int,
+                       error: type[FewstepError] = FileError) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """Name → (dtype, shape, start, end) of the tensors in an open safetensors file of ``size`` bytes, ``start``
+    and ``end`` absolute file offsets; ``f`` is left just past the header. Checked before any data is read: a
+    strict-JSON header of at most ``max_header`` bytes whose entries' dtypes and shapes account for their byte
+    ranges, each inside the file and no two sharing bytes (safetensors' own rules, the ones fewstep-run's reader
+    applies). Problems are one ``error`` naming ``what`` (e.g. "weights file PATH")."""
+    head = f.read(8)
+    hlen = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 0 < hlen <= min(max_header, size - 8):
+        raise error(f"{what}: not a safetensors file (header of {hlen:,} bytes in a file of {size:,})")
+    raw = f.read(hlen)
+    if len(raw) != hlen:
+        raise error(f"{what}: shorter than its header (the file changed while it was read)")
+    header = parse_json(raw, f"{what} header", foreign=True)
+    if not isinstance(header, dict):
+        raise error(f"{what}: its header is not a JSON object")
+    base = 8 + hlen
+    out = {}
+    for name, ent in header.items():
+        if name == "__metadata__":
+            continue
+        if not (isinstance(ent, dict) and ent.get("dtype") in ST_ITEMSIZE and isinstance(ent.get("shape"), list)
+                and all(type(s) is int and s >= 0 for s in ent["shape"]) and isinstance(ent.get("data_offsets"), list)
+                and len(ent["data_offsets"]) == 2 and all(type(o) is int for o in ent["data_offsets"])):
+            raise error(f"{what}: tensor {name[:80]!r} has a malformed header entry (it needs a known dtype, a shape "
+                        "of non-negative integers and two integer data offsets)")
+        dtype, shape, (lo, hi) = ent["dtype"], tuple(ent["shape"]), ent["data_offsets"]
+        n = math.prod(shape)
+        if not (0 <= lo <= hi <= size - base
+                and (hi - lo == n * ST_ITEMSIZE[dtype] or dtype in _ST_PACKED and n <= 2 * (hi - lo))):
+            raise error(f"{what}: tensor {name[:80]!r}: its data offsets do not match its shape and dtype or lie "
+                        "outside the file")
+        out[name] = (dtype, shape, base + lo, base + hi)
+    spans = sorted((lo, hi, name) for name, (_, _, lo, hi) in out.items() if hi > lo)
+    for (_, a_hi, a), (b_lo, _, b) in zip(spans, spans[1:]):
+        if b_lo < a_hi:
+            raise error(f"{what}: tensors {a[:80]!r} and {b[:80]!r} share bytes")
+    return out
+
+
 def check_writable_file(path: str | os.PathLike, flag: str = "--out") -> None:
     """Before any work: ``path`` can be written (its directory exists and is writable, and it is not a
     directory), so a long fit or export never ends in "permission denied"."""

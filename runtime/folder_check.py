@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 import warnings
 
 import torch
@@ -20,13 +19,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import FewstepError
-from .files import check_regular, load_json, one_line, parse_json
+from .files import check_regular, load_json, one_line, safetensors_header
 
 MAX_HEADER_BYTES = 100 << 20  # real headers are ~100 kB (SD 1.5's UNet) to a few MB (the largest transformers)
-# Bytes per element of safetensors' dtypes: a header's shapes must account for its data offsets exactly.
-ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-               "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1,
-               "F6_E2M3": 1, "F6_E3M2": 1}
 # The meta build may create more values and tensors than the weights hold (buffers that are not saved, tied
 # weights, a parameter made then replaced), but not unboundedly more: past this it is refused.
 BUDGET_FACTOR, BUDGET_SLACK_VALUES, BUDGET_SLACK_TENSORS = 2, 1 << 24, 4096
@@ -40,41 +35,14 @@ class FolderError(FewstepError):
 
 
 def safetensors_shapes(path: str, what: str) -> dict[str, tuple[int, ...]]:
-    """Tensor name → shape from a safetensors file's header (the data is not read): a bounded strict-JSON
-    header whose entries' shapes and dtypes account for their data offsets, all inside the file."""
+    """Tensor name → shape from a safetensors file's checked header (the data is not read)."""
     size = check_regular(path, what)
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
-            hlen = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-            if not 0 < hlen <= min(MAX_HEADER_BYTES, size - 8):
-                raise FolderError(f"{what} {path}: not a safetensors file (header of {hlen:,} bytes in a file of "
-                                  f"{size:,})")
-            raw = f.read(hlen)
+            header = safetensors_header(f, size, f"{what} {path}", MAX_HEADER_BYTES, FolderError)
     except OSError as exc:
         raise FolderError(f"{what} {path}: {exc.strerror}") from None
-    header = parse_json(raw, f"{what} header", foreign=True)
-    if not isinstance(header, dict):
-        raise FolderError(f"{what} {path}: its header is not a JSON object")
-    body = size - 8 - hlen
-    out = {}
-    for name, ent in header.items():
-        if name == "__metadata__":
-            continue
-        ok = isinstance(ent, dict) and ent.get("dtype") in ST_ITEMSIZE and isinstance(ent.get("shape"), list) \
-            and all(isinstance(s, int) and s >= 0 for s in ent["shape"]) and isinstance(ent.get("data_offsets"), list) \
-            and len(ent["data_offsets"]) == 2 and all(isinstance(o, int) for o in ent["data_offsets"])
-        if ok:
-            lo, hi = ent["data_offsets"]
-            # F4 / F6 pack below a byte; for those the offsets only bound the count
-            packed = ent["dtype"] in ("F4", "F6_E2M3", "F6_E3M2")
-            n = math.prod(ent["shape"])
-            ok = 0 <= lo <= hi <= body and (hi - lo == n * ST_ITEMSIZE[ent["dtype"]] or packed and n <= 2 * (hi - lo))
-        if not ok:
-            raise FolderError(f"{what} {path}: tensor {str(name)[:80]!r} has a malformed header entry (dtype, shape "
-                              "and data offsets must agree and lie inside the file)")
-        out[name] = tuple(ent["shape"])
-    return out
+    return {name: shape for name, (_, shape, _, _) in header.items()}
 
 
 def weight_shapes(folder: str, stems: tuple[str, ...]) -> dict[str, tuple[int, ...]] | None:

@@ -492,54 +492,45 @@ ST_DTYPES = {"F32": ("float32", torch.float32, 4), "F16": ("float16", torch.floa
 
 def read_embeddings(path: str, inputs: Sequence[CondInput], max_elements: int) -> dict[str, torch.Tensor]:
     """A safetensors file of named conditioning tensors, checked before it is trusted: a regular file ≤ 1 GiB,
-    a bounded strict-JSON header whose offsets tile the data, only the model's input names (and their
-    ``negative_`` twins), shapes [N or 1, *shape], float dtypes (cast to float32), finite values."""
-    import struct
+    a bounded strict-JSON header whose byte ranges lie in the file without sharing bytes, only the model's input
+    names (and their ``negative_`` twins), shapes [N or 1, *shape], float dtypes (cast to float32), finite values."""
+    from .files import check_regular, safetensors_header
 
-    from .files import parse_json, read_bytes
-
-    data = read_bytes(path, "embeddings file", MAX_EMBEDDING_BYTES)
-    if len(data) < 8:
-        raise PipelineError(f"--embeddings {path}: not a safetensors file (shorter than its header)")
-    (hlen,) = struct.unpack("<Q", data[:8])
-    if hlen > min(MAX_EMBEDDING_HEADER, len(data) - 8):
-        raise PipelineError(f"--embeddings {path}: header of {hlen:,} bytes (file {len(data):,} bytes)")
-    header = parse_json(data[8:8 + hlen], "embeddings header")
-    if not isinstance(header, dict):
-        raise PipelineError(f"--embeddings {path}: header is not a JSON object")
-    header.pop("__metadata__", None)
+    size = check_regular(path, "embeddings file")
+    if size > MAX_EMBEDDING_BYTES:
+        raise PipelineError(f"--embeddings {path}: {size:,} bytes; at most {MAX_EMBEDDING_BYTES:,}")
     specs = {c.name: c for c in inputs}
     specs.update({NEG + c.name: c for c in inputs})
-    body = memoryview(data)[8 + hlen:]
-    out, total, spans = {}, 0, []
-    for name, ent in header.items():
-        if name not in specs:
-            raise PipelineError(f"--embeddings {path}: unknown tensor {name!r}; this model takes "
-                                f"{', '.join(specs)}")
-        if not isinstance(ent, dict) or ent.get("dtype") not in ST_DTYPES or not isinstance(ent.get("shape"), list) \
-                or not isinstance(ent.get("data_offsets"), list) or len(ent["data_offsets"]) != 2:
-            raise PipelineError(f"--embeddings {path}: {name}: malformed entry (float tensors only)")
-        shape, (lo, hi) = ent["shape"], ent["data_offsets"]
-        want = specs[name].shape
-        if not all(isinstance(s, int) and s >= 0 for s in shape) or len(shape) != len(want) + 1 \
-                or tuple(shape[1:]) != want or shape[0] < 1:
-            raise PipelineError(f"--embeddings {path}: {name} has shape {shape}; "
-                                f"expected [N, {', '.join(map(str, want))}]")
-        count = math.prod(shape)
-        total += count
-        if total > max_elements:
-            raise PipelineError(f"--embeddings {path}: more than {max_elements:,} values")
-        _, tdt, size = ST_DTYPES[ent["dtype"]]
-        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi <= len(body)) or hi - lo != count * size:
-            raise PipelineError(f"--embeddings {path}: {name}: data offsets do not match its shape and dtype")
-        spans.append((lo, hi))
-        t = torch.frombuffer(bytearray(body[lo:hi]), dtype=tdt).reshape(shape).to(torch.float32)
-        if not torch.isfinite(t).all():
-            raise PipelineError(f"--embeddings {path}: {name} contains NaN or inf")
-        out[name] = t
-    spans.sort()
-    if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
-        raise PipelineError(f"--embeddings {path}: tensors overlap")
+    try:
+        with open(path, "rb") as f:
+            header = safetensors_header(f, size, f"--embeddings {path}", MAX_EMBEDDING_HEADER, PipelineError)
+            total = 0
+            for name, (dtype, shape, _, _) in header.items():  # every entry, before any data is read
+                if name not in specs:
+                    raise PipelineError(f"--embeddings {path}: unknown tensor {name!r}; this model takes "
+                                        f"{', '.join(specs)}")
+                if dtype not in ST_DTYPES:
+                    raise PipelineError(f"--embeddings {path}: {name} is {dtype}; float tensors only "
+                                        f"({', '.join(ST_DTYPES)})")
+                want = specs[name].shape
+                if len(shape) != len(want) + 1 or shape[1:] != want or shape[0] < 1:
+                    raise PipelineError(f"--embeddings {path}: {name} has shape {list(shape)}; "
+                                        f"expected [N, {', '.join(map(str, want))}]")
+                total += math.prod(shape)
+                if total > max_elements:
+                    raise PipelineError(f"--embeddings {path}: more than {max_elements:,} values")
+            out = {}
+            for name, (dtype, shape, lo, hi) in header.items():
+                f.seek(lo)
+                buf = bytearray(f.read(hi - lo))
+                if len(buf) != hi - lo:
+                    raise PipelineError(f"--embeddings {path}: shorter than its header says (it changed while read)")
+                t = torch.frombuffer(buf, dtype=ST_DTYPES[dtype][1]).reshape(shape).to(torch.float32)
+                if not torch.isfinite(t).all():
+                    raise PipelineError(f"--embeddings {path}: {name} contains NaN or inf")
+                out[name] = t
+    except OSError as exc:
+        raise PipelineError(f"--embeddings {path}: {exc.strerror}") from None
     missing = [c.name for c in inputs if c.name not in out]
     if missing:
         raise PipelineError(f"--embeddings {path}: missing {', '.join(missing)}")

@@ -162,6 +162,17 @@ def test_embeddings_file_is_checked(folders, tmp_path):
         data = f.read()
     bad(None, "header of", raw=(1 << 40).to_bytes(8, "little") + data[8:])
     bad(None, "offsets do not match", raw=data[:-4])
+    # header edits with the data kept: a non-float dtype of the right size; two tensors over the same bytes
+    hlen = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + hlen])
+
+    def edited(**entries):
+        h = json.dumps({**header, **{k: {**header[k], **v} for k, v in entries.items()}}).encode()
+        return len(h).to_bytes(8, "little") + h + data[8 + hlen:]
+
+    bad(None, "text_embeds is I32; float tensors only", raw=edited(text_embeds={"dtype": "I32"}))
+    bad(None, "'negative_text_embeds' and 'text_embeds' share bytes",
+        raw=edited(negative_text_embeds={"data_offsets": header["text_embeds"]["data_offsets"]}))
     with pytest.raises(PipelineError, match="more than 100 values"):
         read_embeddings(p, specs, 100)
 
@@ -530,6 +541,10 @@ def test_broken_folders_are_one_line(folders, tmp_path):
         f = d / sub / "diffusion_pytorch_model.safetensors"
         f.write_bytes(head + f.read_bytes()[len(head):])
 
+    def st_file(header, body):
+        h = json.dumps(header).encode()
+        return len(h).to_bytes(8, "little") + h + body
+
     def index(d, **kw):
         idx = json.loads((d / "model_index.json").read_text())
         idx.update(kw)
@@ -554,6 +569,8 @@ def test_broken_folders_are_one_line(folders, tmp_path):
          "tokenizer pads prompts to 100000 tokens"),  # was an internal error when prompts were encoded
         (lambda d: weights(d, "unet", (1 << 40).to_bytes(8, "little")), "not a safetensors file"),
         (lambda d: weights(d, "unet", b'\x10\0\0\0\0\0\0\0{"a": [1, 2, 3]}'), "malformed header entry"),
+        (lambda d: weights(d, "unet", st_file({k: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]} for k in "ab"},
+                                               bytes(4))), "tensors 'a' and 'b' share bytes"),
         # a backbone entry fewstep cannot read, or one its config contradicts: it was loaded as a bare unet/,
         # a conditional UNet without its prompts
         (lambda d: index(d, unet="UNet2DConditionModel"), r"unet must be a \[library, class\] pair"),
