@@ -68,29 +68,43 @@ def conditioning_inputs(engine) -> list[dict]:
             and d["name"] not in ("class_labels", "guidance")]
 
 
+# fewstep-run's --embeddings rules (runtime/cli/fewstep_run.cpp): the engine's input dtypes, a header of at most
+# 16 MiB. Named tensors that share bytes are refused, so what is read is at most the file.
+RUN_ST_DTYPES = {"F32": np.float32, "I64": np.int64}
+MAX_ST_HEADER = 1 << 24
+
+
 def read_embeddings(path: str) -> dict:
-    """Named tensors from a .safetensors file (e.g. precomputed text embeddings), each bounded by the runtime's
-    per-run limit before it is read."""
+    """Named tensors from a .safetensors file (e.g. precomputed text embeddings): F32 or I64, as fewstep-run
+    reads them. Every header entry is checked (dtype, byte range inside the file, no shared bytes, at most the
+    runtime's per-run limit of values in all) before any data is read."""
     import math
 
-    from .files import check_regular, one_line
+    from .files import check_regular, safetensors_header
 
-    check_regular(path, "embeddings file")
+    what = f"embeddings file {path}"
+    size = check_regular(path, "embeddings file")
     try:
-        from safetensors import safe_open
-
-        out = {}
-        with safe_open(path, framework="np") as f:
-            for name in f.keys():
-                n = math.prod(f.get_slice(name).get_shape())
-                if n > MAX_VALUES:
-                    raise RunError(f"embeddings file {path}: tensor {name!r} has {n:,} values; at most {MAX_VALUES:,}")
-                out[name] = f.get_tensor(name)
-        return out
-    except RunError:
-        raise
-    except Exception as exc:  # safetensors' own errors (a bad header, truncated data) name no common class
-        raise RunError(f"embeddings file {path}: {one_line(exc, 200)}") from None
+        with open(path, "rb") as f:
+            header = safetensors_header(f, size, what, MAX_ST_HEADER, RunError)
+            total = 0
+            for name, (dtype, shape, _, _) in header.items():
+                if dtype not in RUN_ST_DTYPES:
+                    raise RunError(f"{what}: tensor {name[:80]!r} is {dtype}; fewstep run reads F32 and I64 tensors")
+                total += math.prod(shape)
+                if total > MAX_VALUES:
+                    raise RunError(f"{what}: more than {MAX_VALUES:,} values")
+            out = {}
+            for name, (dtype, shape, lo, hi) in header.items():
+                f.seek(lo)
+                buf = bytearray(hi - lo)
+                if f.readinto(buf) != hi - lo:
+                    raise RunError(f"{what}: shorter than its header says (it changed while it was read)")
+                # safetensors is little-endian; the bytearray keeps the array writable without a copy
+                out[name] = np.frombuffer(buf, dtype=np.dtype(RUN_ST_DTYPES[dtype]).newbyteorder("<")).reshape(shape)
+            return out
+    except OSError as exc:
+        raise RunError(f"{what}: {exc.strerror}") from None
 
 
 def output_of(engine) -> dict:

@@ -25,8 +25,8 @@ def register(sub, bench_sub) -> None:
                    help="a named input of the engine (e.g. encoder_hidden_states=e.npy: float32 or int64, the "
                         "engine's shape at this N); repeatable. Without --n, N is its leading size")
     p.add_argument("--embeddings", metavar="FILE.safetensors",
-                   help="named inputs from a .safetensors file (tensor name = input name), e.g. precomputed "
-                        "text embeddings; --input adds others")
+                   help="named inputs from a .safetensors file (tensor name = input name; F32 or I64), e.g. "
+                        "precomputed text embeddings; --input adds others")
     p.add_argument("--out", required=True, help="output .npy file: the engine's output, float32 [N, *sample_shape] "
                                                 "('sample'), or [N, 3, H, W] ('image') for an engine exported with "
                                                 "--decode")

@@ -397,3 +397,45 @@ def test_foreign_configs_read_as_their_writers_wrote_them():
             parse_json(bad, "plan")
     with pytest.raises(FileError, match="digits"):
         parse_json('{"a": ' + "9" * 65 + "}", "config", foreign=True)
+
+
+def test_run_embeddings_files(capsys, tmp_path, monkeypatch):
+    """`fewstep run --embeddings`: fewstep-run's rules (F32 / I64, byte ranges inside the file, no shared bytes, a
+    bound on all values together), every entry checked before any data is read; a good file reads back exactly."""
+    from safetensors.numpy import save_file
+
+    from fewstep.runtime import run
+
+    good = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "ids": np.array([[1, -2]], np.int64)}
+    save_file(good, str(tmp_path / "good.safetensors"))
+    got = run.read_embeddings(str(tmp_path / "good.safetensors"))
+    assert got.keys() == good.keys()
+    for k, v in good.items():
+        assert got[k].dtype == v.dtype and got[k].flags.writeable
+        np.testing.assert_array_equal(got[k], v)
+
+    def raw(name: str, header, data: bytes = b"") -> Path:
+        text = header if isinstance(header, str) else json.dumps(header)
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(len(text).to_bytes(8, "little") + text.encode() + data)
+        return path
+
+    save_file({"h": np.zeros(3, np.float16)}, str(tmp_path / "f16.safetensors"))
+    cases = [(tmp_path / "f16.safetensors", "'h' is F16; fewstep run reads F32 and I64"),
+             (raw("far", {"g": {"dtype": "F32", "shape": [3], "data_offsets": [0, 10**12]}}, b"\0" * 12),
+              "lie outside the file"),
+             (raw("deep", "[" * 100_000 + "]" * 100_000), "nested more than"),
+             (raw("shared", {f"t{i}": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]} for i in range(1000)},
+                  b"\0" * 12), "share bytes"),
+             (tmp_path / "none.safetensors", "not found"),
+             (tmp_path, "is a directory")]
+    out = tmp_path / "out"
+    out.mkdir()
+    for path, match in cases:
+        rc, lines = run_cli(capsys, "run", tmp_path / "no-engine.onnx", "--embeddings", path, "--out", out / "x.npy")
+        assert_refused(rc, lines, out, match)
+    # the bound on all values together (fewstep-run's per-run limit), met here by lowering it
+    monkeypatch.setattr(run, "MAX_VALUES", 7)
+    rc, lines = run_cli(capsys, "run", tmp_path / "no-engine.onnx", "--embeddings", tmp_path / "good.safetensors",
+                        "--out", out / "x.npy")
+    assert_refused(rc, lines, out, "more than 7 values")
