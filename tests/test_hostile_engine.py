@@ -171,6 +171,49 @@ def test_hostile_run_arguments(eng, tmp_path, capsys, case):
     assert "Traceback" not in err[0] and not out.exists() and ".tmp" not in err[0]
 
 
+def test_external_data_damage_is_one_line_naming_it(eng, tmp_path, capsys):
+    """An engine whose weights live beside it (external data, as SD-size exports do): a truncated or missing data
+    file, or a location outside the engine's folder, is refused at load in one line that says so, without ONNX
+    Runtime's source locations ("…/initializer.cc:51 onnxruntime::Initializer::Initializer(…) [ONNXRuntimeError]
+    : 1 : FAIL : …")."""
+    from fewstep.cli import main
+
+    m = onnx.load(eng["good"])
+    path = tmp_path / "x.onnx"
+    onnx.save_model(m, path, save_as_external_data=True, all_tensors_to_one_file=True, location="x.onnx.data",
+                    size_threshold=0)
+    data = (tmp_path / "x.onnx.data").read_bytes()
+    _C.Engine(str(path), threads=1).sample(0, 2)  # the unedited external-data engine loads and runs
+
+    def located(name: str, location: str) -> Path:
+        g = onnx.load(path, load_external_data=False)
+        for t in g.graph.initializer:
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = location
+        onnx.save(g, tmp_path / name)
+        return tmp_path / name
+
+    cases = {"truncated": (path, "out of bounds"), "missing": (path, "does not exist"),
+             "absolute": (located("abs.onnx", "/etc/passwd"), "Absolute path not allowed"),
+             "escaping": (located("up.onnx", "../" * 8 + "etc/passwd"), "escapes model directory")}
+    for case, (engine, match) in cases.items():
+        if case == "truncated":
+            (tmp_path / "x.onnx.data").write_bytes(data[: len(data) // 2])
+        if case == "missing":
+            (tmp_path / "x.onnx.data").unlink()
+        with pytest.raises(ValueError) as exc:
+            _C.Engine(str(engine), threads=1)
+        msg = str(exc.value)
+        assert "not a loadable ONNX model" in msg and match in msg, (case, msg)
+        assert ".cc:" not in msg and "ONNXRuntimeError" not in msg and "\n" not in msg, (case, msg)
+    out = tmp_path / "out.npy"
+    capsys.readouterr()
+    assert main(["run", str(path), "--n", "2", "--out", str(out)]) == 2  # the CLI: the same line, once
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "does not exist" in err[0] and not out.exists(), err
+
+
 # --- property-based fuzz of engine metadata -------------------------------------------------------
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

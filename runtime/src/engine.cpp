@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -132,10 +133,57 @@ std::string one_line(const char* msg) {
   return out;
 }
 
+// ONNX Runtime's message on one line without its build's source locations: ORT prefixes what went wrong with
+// "/onnxruntime_src/.../file.cc:51 Namespace::Function(args) [ONNXRuntimeError] : 1 : FAIL : file.cc:1876 Function "
+// (a missing or truncated external-data file read ~300 characters before its point).
+std::string ort_message(const char* msg) {
+  // A scan rather than std::regex: libstdc++'s regex recurses per character, and the message may quote a
+  // hostile model's names at any length.
+  std::string s = one_line(msg);
+  const std::string tag = "[ONNXRuntimeError] : ";
+  for (size_t at; (at = s.find(tag)) != std::string::npos;) {  // "[ONNXRuntimeError] : 1 : FAIL : "
+    size_t e = at + tag.size();
+    for (int field = 0; field < 2 && e < s.size(); ++field) {
+      const size_t sep = s.find(" : ", e);
+      if (sep == std::string::npos) break;
+      e = sep + 3;
+    }
+    s.erase(at, e - at);
+  }
+  for (const char* ext : {".cc:", ".cpp:", ".h:"}) {  // "[path/]file.cc:123 Function[(args)] "
+    for (size_t at = 0; (at = s.find(ext, at)) != std::string::npos;) {
+      size_t e = at + std::strlen(ext), d = e;
+      while (e < s.size() && std::isdigit(static_cast<unsigned char>(s[e]))) ++e;
+      if (e == d || e >= s.size() || s[e] != ' ') {
+        at = e;
+        continue;
+      }
+      size_t b = at;
+      while (b > 0 && s[b - 1] != ' ') --b;
+      size_t f = ++e;
+      while (f < s.size() && (std::isalnum(static_cast<unsigned char>(s[f])) || s[f] == '_' || s[f] == ':' ||
+                              s[f] == '~'))
+        ++f;
+      if (f < s.size() && s[f] == '(') {  // its parameters, which may nest: std::function<bool(const T&)>
+        size_t g = f;
+        for (int depth = 0; g < s.size(); ++g) {
+          depth += s[g] == '(' ? 1 : s[g] == ')' ? -1 : 0;
+          if (depth == 0) break;
+        }
+        if (g < s.size()) f = g + 1;
+      }
+      if (f > e && f < s.size() && s[f] == ' ') e = f + 1;  // the function's name, when one follows
+      s.erase(b, e - b);
+      at = b;
+    }
+  }
+  return s;
+}
+
 // Turn an OrtStatus into an Error (and release it).
 void check(const OrtApi* api, OrtStatus* st, const char* what, fewstep_status code = FEWSTEP_ERR_BACKEND) {
   if (!st) return;
-  const std::string msg = std::string(what) + ": " + one_line(api->GetErrorMessage(st));
+  const std::string msg = std::string(what) + ": " + ort_message(api->GetErrorMessage(st));
   api->ReleaseStatus(st);
   throw Error(code, msg);
 }
@@ -675,7 +723,7 @@ void append_provider(const OrtApi* api, OrtSessionOptions* so, const fewstep_eng
     std::vector<const char*> keys{"device_type", "precision"}, vals{"CPU", "FP32"};
     if (p.intra_op_threads) keys.push_back("num_of_threads"), vals.push_back(threads.c_str());
     if (OrtStatus* st = api->SessionOptionsAppendExecutionProvider_OpenVINO_V2(so, keys.data(), vals.data(), keys.size())) {
-      const std::string msg = one_line(api->GetErrorMessage(st));
+      const std::string msg = ort_message(api->GetErrorMessage(st));
       api->ReleaseStatus(st);
       throw Error(FEWSTEP_ERR_UNSUPPORTED,
                   "OpenVINO execution provider: not available in the ONNX Runtime library " + lib + " (" + msg +
