@@ -164,6 +164,16 @@ ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
 _ST_PACKED = frozenset(("F4", "F6_E2M3", "F6_E3M2"))
 
 
+def read_span(f, lo: int, hi: int, what: str, error: type[FewstepError] = FileError) -> bytearray:
+    """Bytes [lo, hi) of an open file (a tensor's range from ``safetensors_header``), writable for
+    ``np.frombuffer`` / ``torch.frombuffer``; a file that shrank since its header was read is one ``error``."""
+    f.seek(lo)
+    buf = bytearray(hi - lo)
+    if f.readinto(buf) != hi - lo:
+        raise error(f"{what}: shorter than its header says (it changed while it was read)")
+    return buf
+
+
 def safetensors_header(f, size: int, what: str, max_header: int,
                        error: type[FewstepError] = FileError) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
     """Name → (dtype, shape, start, end) of the tensors in an open safetensors file of ``size`` bytes, ``start``

@@ -494,7 +494,7 @@ def read_embeddings(path: str, inputs: Sequence[CondInput], max_elements: int) -
     """A safetensors file of named conditioning tensors, checked before it is trusted: a regular file ≤ 1 GiB,
     a bounded strict-JSON header whose byte ranges lie in the file without sharing bytes, only the model's input
     names (and their ``negative_`` twins), shapes [N or 1, *shape], float dtypes (cast to float32), finite values."""
-    from .files import check_regular, safetensors_header
+    from .files import check_regular, read_span, safetensors_header
 
     size = check_regular(path, "embeddings file")
     if size > MAX_EMBEDDING_BYTES:
@@ -521,10 +521,7 @@ def read_embeddings(path: str, inputs: Sequence[CondInput], max_elements: int) -
                     raise PipelineError(f"--embeddings {path}: more than {max_elements:,} values")
             out = {}
             for name, (dtype, shape, lo, hi) in header.items():
-                f.seek(lo)
-                buf = bytearray(f.read(hi - lo))
-                if len(buf) != hi - lo:
-                    raise PipelineError(f"--embeddings {path}: shorter than its header says (it changed while read)")
+                buf = read_span(f, lo, hi, f"--embeddings {path}", PipelineError)
                 t = torch.frombuffer(buf, dtype=ST_DTYPES[dtype][1]).reshape(shape).to(torch.float32)
                 if not torch.isfinite(t).all():
                     raise PipelineError(f"--embeddings {path}: {name} contains NaN or inf")

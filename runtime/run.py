@@ -80,7 +80,7 @@ def read_embeddings(path: str) -> dict:
     runtime's per-run limit of values in all) before any data is read."""
     import math
 
-    from .files import check_regular, safetensors_header
+    from .files import check_regular, read_span, safetensors_header
 
     what = f"embeddings file {path}"
     size = check_regular(path, "embeddings file")
@@ -96,11 +96,7 @@ def read_embeddings(path: str) -> dict:
                     raise RunError(f"{what}: more than {MAX_VALUES:,} values")
             out = {}
             for name, (dtype, shape, lo, hi) in header.items():
-                f.seek(lo)
-                buf = bytearray(hi - lo)
-                if f.readinto(buf) != hi - lo:
-                    raise RunError(f"{what}: shorter than its header says (it changed while it was read)")
-                # safetensors is little-endian; the bytearray keeps the array writable without a copy
+                buf = read_span(f, lo, hi, what, RunError)  # safetensors is little-endian
                 out[name] = np.frombuffer(buf, dtype=np.dtype(RUN_ST_DTYPES[dtype]).newbyteorder("<")).reshape(shape)
             return out
     except OSError as exc:
