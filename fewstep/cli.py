@@ -31,16 +31,18 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER, f"fewstep: error: {self.prog.removeprefix('fewstep ')}: {message}\n")
 
 
+_USER_ERROR_CLASSES = (("fewstep.runtime.plan", "PlanError"), ("fewstep.runtime.solvers", "SolverError"),
+                       ("fewstep.runtime.schedules", "ScheduleError"), ("fewstep.runtime.executor", "InputError"),
+                       ("fewstep.runtime.models", "ModelError"))
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .errors import FewstepError
-    from .runtime.executor import InputError
-    from .runtime.models import ModelError
-    from .runtime.plan import PlanError
-    from .runtime.schedules import ScheduleError
-    from .runtime.solvers import SolverError
 
-    return (FewstepError, PlanError, SolverError, ScheduleError, InputError, ModelError, FileNotFoundError,
-            NotADirectoryError, PermissionError, IsADirectoryError)
+    # A class whose module was never imported cannot have been raised: importing it here would cost an error
+    # from `fewstep run` the torch import (the executor's) that the command itself avoided.
+    loaded = tuple(getattr(sys.modules[m], name) for m, name in _USER_ERROR_CLASSES if m in sys.modules)
+    return (FewstepError, *loaded, FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError)
 
 
 # ---------------------------------------------------------------------------------------
@@ -277,7 +279,9 @@ def cmd_bench_quality(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = "") -> argparse.ArgumentParser:
+    """The whole CLI; ``command`` (a top-level command, or None for none) registers only the plugin that owns it:
+    the training plugins import torch, which `fewstep run` on an engine and `fewstep --version` never need."""
     p = Parser(prog="fewstep", description="Few-step diffusion sampling.")
     p.add_argument("--version", action="version", version=f"fewstep {fewstep.__version__}")
     from ._native import CMakePrefixPathAction
@@ -334,16 +338,31 @@ def build_parser() -> argparse.ArgumentParser:
     # All are part of the package: a missing one is a broken install, so the import fails loudly.
     import importlib
 
-    for mod in PLUGINS:
+    wanted = PLUGINS if command not in PLUGIN_COMMANDS and command is not None else (
+        (PLUGIN_COMMANDS[command],) if command else ())
+    for mod in wanted:
         importlib.import_module(mod).register(sub, bsub)
     return p
 
 
 PLUGINS = ("fewstep.training.fit_cli", "fewstep.training.distill_cli", "fewstep.export.cli", "fewstep.runtime.run_cli")
+# The top-level command each plugin adds (tests/test_cli.py checks this against the plugins' register()).
+PLUGIN_COMMANDS = {"fit": PLUGINS[0], "distill": PLUGINS[1], "export": PLUGINS[2], "run": PLUGINS[3]}
+# Top-level options that act and exit without a command (no plugin needed); --help lists every command.
+_EARLY_EXIT = ("--version", "--cmake-prefix-path")
+
+
+def _command(argv: list[str]) -> str | None:
+    """The top-level command of ``argv`` ("" = unknown, so every plugin), None for `--version` alone."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first is None:
+        return None if any(a in _EARLY_EXIT for a in argv) and not {"-h", "--help"} & set(argv) else ""
+    return first
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "fn", None):
         parser.print_help()

@@ -30,6 +30,58 @@ def test_version():
     assert run("--version").stdout.strip() == f"fewstep {fewstep.__version__}"
 
 
+def test_plugin_commands_are_the_plugins():
+    """main() registers only the plugin that owns argv's command: PLUGIN_COMMANDS must name what each one adds."""
+    import argparse
+    import importlib
+
+    from fewstep import cli
+
+    assert set(cli.PLUGIN_COMMANDS.values()) == set(cli.PLUGINS)
+    for mod in cli.PLUGINS:
+        sub, bench = argparse.ArgumentParser().add_subparsers(), argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(mod).register(sub, bench)
+        assert set(sub.choices) == {k for k, v in cli.PLUGIN_COMMANDS.items() if v == mod}, mod
+    assert cli._command(["--version"]) is None and cli._command(["--version", "--help"]) == ""
+    assert cli._command(["run", "e.onnx", "--n", "2"]) == "run" and cli._command([]) == ""
+
+
+def test_version_and_run_start_without_torch(tmp_path):
+    """`fewstep --version` and `fewstep run` on an engine (the C++ runtime) never import torch (1–5 s), on
+    success or on error; the command's help and its errors are those of the full CLI."""
+    pytest.importorskip("onnxruntime")
+    from fewstep.export.onnx import export_onnx
+    from fewstep.runtime.models import load
+
+    gmm = load("gmm")
+    engine = tmp_path / "g.onnx"
+    export_onnx(gmm.denoiser, build("ddim", 2, gmm.denoiser.sigma_min, gmm.denoiser.sigma_max), engine,
+                sample_shape=gmm.shape, num_classes=gmm.num_classes, teacher_hash=gmm.content_hash)
+    x, y = tmp_path / "x.npy", tmp_path / "y.npy"
+    code = f"""
+import contextlib, io, sys
+from fewstep.cli import main
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    try:
+        main(["--version"])
+    except SystemExit as exc:
+        assert exc.code == 0 and out.getvalue().startswith("fewstep "), out.getvalue()
+assert main(["run", {str(engine)!r}, "--n", "3", "--seed", "1", "--threads", "1", "--out", {str(x)!r}]) == 0
+assert main(["run", {str(tmp_path / "none.onnx")!r}, "--n", "3", "--out", {str(y)!r}]) == 2
+assert "torch" not in sys.modules, "torch was imported"
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.strip() == "fewstep: error: engine not found: " + str(tmp_path / "none.onnx"), p.stderr
+    # the run did run: the engine's own samples (labels 0, 1, 2: `fewstep run`'s default), bit for bit
+    from fewstep import _C
+
+    want = _C.Engine(str(engine), threads=1).sample(1, 3, labels=np.arange(3, dtype=np.int64))
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), want)
+    assert run("run", "--help").stdout.startswith("usage: fewstep run")
+
+
 def test_sample_gmm_equals_python_api(tmp_path):
     p = run("sample", "--model", "gmm", "--solver", "dpmpp-2m", "--nfe", 5, "--n", 33, "--seed", 7, "--out", tmp_path)
     assert "NFE 5" in p.stdout and len(p.stdout.strip().splitlines()) == 1
