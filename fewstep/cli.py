@@ -338,8 +338,12 @@ def build_parser(command: str | None = "") -> argparse.ArgumentParser:
     # All are part of the package: a missing one is a broken install, so the import fails loudly.
     import importlib
 
-    wanted = PLUGINS if command not in PLUGIN_COMMANDS and command is not None else (
-        (PLUGIN_COMMANDS[command],) if command else ())
+    if command is None:
+        wanted = ()
+    elif command in PLUGIN_COMMANDS:
+        wanted = (PLUGIN_COMMANDS[command],)
+    else:  # a core command, `bench` (every plugin adds to it), --help or a typo: the whole CLI
+        wanted = PLUGINS
     for mod in wanted:
         importlib.import_module(mod).register(sub, bsub)
     return p

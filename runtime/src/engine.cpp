@@ -138,8 +138,9 @@ std::string one_line(const char* msg) {
 // (a missing or truncated external-data file read ~300 characters before its point).
 std::string ort_message(const char* msg) {
   // A scan rather than std::regex: libstdc++'s regex recurses per character, and the message may quote a
-  // hostile model's names at any length.
+  // hostile model's names at any length; cut to 4 KiB first, so the erasing below stays cheap whatever it quotes.
   std::string s = one_line(msg);
+  if (s.size() > 4096) s.resize(4096), s += "...";
   const std::string tag = "[ONNXRuntimeError] : ";
   for (size_t at; (at = s.find(tag)) != std::string::npos;) {  // "[ONNXRuntimeError] : 1 : FAIL : "
     size_t e = at + tag.size();
