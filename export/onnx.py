@@ -165,7 +165,8 @@ class _Evaluator(nn.Module):
         sig2 = torch.cat([sigma, sigma]) if isinstance(sigma, torch.Tensor) else sigma
         u2, cond2 = torch.cat([u, u]), cat_cond(self.den.null_cond(cond), cond)
         if not (self.unit_rows and isinstance(w, torch.Tensor)):
-            both = self.plain(u2, sig2, cond2, consts)
+            with self.den.shared_rows(n):
+                both = self.plain(u2, sig2, cond2, consts)
             return cfg_combine(both[:n], both[n:], w)
         # Rows first..2B-1 of [uncond; cond], first = B when every W is 1 (the conditional half only), else 0.
         # An `If` on W did this before at a fixed 2–8 ms per call at batch 1 in ONNX Runtime (a subgraph's
@@ -174,8 +175,9 @@ class _Evaluator(nn.Module):
         # rows and D_u + 1·(D_c − D_u) is D_c exactly: the executor's B-row result.
         first = n * (w == 1).all().to(torch.int64)
         idx = torch.arange(first, 2 * n)  # traces to an ONNX Range on the dynamic batch
-        out = self.plain(u2.index_select(0, idx), sig2.index_select(0, idx) if isinstance(sig2, torch.Tensor)
-                         else sig2, take_rows(cond2, idx), consts)
+        with self.den.shared_rows(n):  # row p of the rows taken is u's row p mod n, whatever first is
+            out = self.plain(u2.index_select(0, idx), sig2.index_select(0, idx) if isinstance(sig2, torch.Tensor)
+                             else sig2, take_rows(cond2, idx), consts)
         d_c = out.index_select(0, torch.arange(n - first, 2 * n - first))  # the last B rows
         return cfg_combine(out[:n], d_c, w)
 

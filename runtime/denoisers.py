@@ -11,6 +11,7 @@ Diffusers models: ``fewstep.runtime.diffusers_adapter.from_diffusers`` / ``load_
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -154,8 +155,49 @@ class Denoiser(nn.Module):
     def _guided(self, x, sigma, cond, w):
         """CFG as one batched call over [unconditional; conditional]."""
         n = x.shape[0]
-        both = self._denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_cond(self.null_cond(cond), cond))
+        with self.shared_rows(n):
+            both = self._denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_cond(self.null_cond(cond), cond))
         return cfg_combine(both[:n], both[n:], w)
+
+    @contextmanager
+    def shared_rows(self, n):
+        """Within: a network call whose rows repeat with period ``n`` — classifier-free guidance's [uncond; cond]
+        halves, one x and one σ — runs the network's ``cfg_prefix()`` modules (those before the conditioning first
+        enters) on the first n rows only, and copies their output to every row. The other rows would compute
+        the same values, so the result is the batched call's; the prefix's FLOPs are paid once, not twice.
+        ``n`` may be a traced size: the rows taken and copied follow the dynamic batch in an export."""
+        prefix = getattr(self.model, "cfg_prefix", None)
+        handles = []
+        try:
+            for m in prefix() if callable(prefix) else ():
+                handles += _first_rows(m, n)
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _first_rows(module: nn.Module, n):
+    """Hooks that run ``module`` on the first n rows of its batch inputs and give its output for all of them
+    (row r is row r mod n)."""
+    rows = []
+
+    def pre(_m, args, kwargs):
+        r = next((a.shape[0] for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim()), None)
+        rows.append(r)
+        if r is None:
+            return None
+
+        def cut(a):
+            return a[:n] if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == r else a
+
+        return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+    def post(_m, _args, out):
+        r = rows.pop()
+        return out if r is None else out.index_select(0, torch.arange(r, device=out.device) % n)
+
+    return [module.register_forward_pre_hook(pre, with_kwargs=True), module.register_forward_hook(post)]
 
 
 class _FeaturesTaken(Exception):

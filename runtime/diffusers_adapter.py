@@ -169,6 +169,9 @@ class DiffusersUNet(nn.Module):
         self.unet = unet
         self.split = cfg.get("out_channels") == 2 * cfg.get("in_channels")
 
+    def cfg_prefix(self) -> list[nn.Module]:
+        return unet_cfg_prefix(self.unet)
+
     def forward(self, x_in, t, cond=None):
         dtype = self.unet.dtype
         if isinstance(cond, Mapping):
@@ -186,6 +189,47 @@ class DiffusersUNet(nn.Module):
         t = t.to(torch.float32).expand(x_in.shape[0])
         out = self.unet(x_in.to(dtype), t, return_dict=False, **kwargs)[0]
         return out[:, : x_in.shape[1]] if self.split else out
+
+
+def unet_cfg_prefix(unet: nn.Module) -> list[nn.Module]:
+    """The modules a diffusers ``UNet2DConditionModel`` runs before the conditioning first enters it, in order:
+    conv_in, the down path's resnets (and downsamplers) up to the first transformer, and that transformer's input
+    norm, projection and first self-attention (norm1, attn1) — the first cross-attention (attn2) is where the
+    prompt comes in. They see x and the time embedding only, so on classifier-free guidance's two halves they
+    compute the same rows (``Denoiser.shared_rows``). SD 1.5 at 64² latents: about 2.5 % of a call's FLOPs per
+    row, most of it in the 4096-token self-attention. Empty where the time embedding carries conditioning too
+    (class labels, SDXL's pooled text and time ids) or for a layout not recognised here: nothing is shared."""
+    if type(unet).__name__ != "UNet2DConditionModel" or getattr(unet, "class_embedding", None) is not None \
+            or getattr(unet, "add_embedding", None) is not None or unet.config.get("addition_embed_type"):
+        return []
+    mods = [unet.conv_in]
+    for block in unet.down_blocks:
+        kind = type(block).__name__
+        if kind not in ("CrossAttnDownBlock2D", "DownBlock2D"):
+            return mods
+        attns = list(getattr(block, "attentions", None) or [None] * len(block.resnets))
+        for resnet, attn in zip(block.resnets, attns):
+            if type(resnet).__name__ != "ResnetBlock2D":
+                return mods
+            mods.append(resnet)
+            if attn is not None:
+                return mods + _transformer_prefix(attn)
+        mods += list(getattr(block, "downsamplers", None) or [])
+    return mods
+
+
+def _transformer_prefix(attn: nn.Module) -> list[nn.Module]:
+    """A ``Transformer2DModel``'s modules before its first cross-attention: norm, proj_in, and the first block's
+    norm1 and attn1 where attn1 is a plain self-attention."""
+    if type(attn).__name__ != "Transformer2DModel" or not getattr(attn, "is_input_continuous", False) \
+            or not len(attn.transformer_blocks):
+        return []
+    mods = [attn.norm, attn.proj_in]
+    blk = attn.transformer_blocks[0]
+    if type(blk).__name__ == "BasicTransformerBlock" and blk.norm_type == "layer_norm" \
+            and not blk.only_cross_attention and blk.pos_embed is None and not blk.attn1.is_cross_attention:
+        mods += [blk.norm1, blk.attn1]
+    return mods
 
 
 def denoiser_for(net: nn.Module, scheduler_config, null=None) -> Denoiser:

@@ -22,6 +22,8 @@ it, by ``noise.randn``: the same ε as ``sample(..., noise=noise.draw(seed, ...)
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from ..kernels.fused_update import fused_update, fused_update_ref, plan_coefs, seed_tensor
@@ -72,10 +74,11 @@ class _Network:
         c = cond2 if cfg else cond
         if self.w_input:  # w: this row's [B] tensor of W (None: the plain conditional model)
             c = (cond, w)
-        if self.mode == "raw":
-            f = self.den.run_model(u, t2 if cfg else t, c)
-        else:
-            f = self.den._denoise(u, sigma2 if cfg else sigma, c)
+        with self.den.shared_rows(b) if cfg else nullcontext():  # u's halves are one x: see Denoiser.shared_rows
+            if self.mode == "raw":
+                f = self.den.run_model(u, t2 if cfg else t, c)
+            else:
+                f = self.den._denoise(u, sigma2 if cfg else sigma, c)
         f = f.to(u.dtype)
         if not f.is_contiguous():
             f = f.contiguous()

@@ -109,6 +109,11 @@ class PipelineNet(nn.Module):
         super().__init__()
         self.backbone, self.family = backbone, family
 
+    def cfg_prefix(self) -> list[nn.Module]:
+        from .diffusers_adapter import unet_cfg_prefix
+
+        return unet_cfg_prefix(self.backbone)
+
     def forward(self, x_in, t, cond):
         if not isinstance(cond, Mapping):
             raise ValueError(f"the {self.family} pipeline takes named conditioning (--prompt or --embeddings)")

@@ -343,6 +343,82 @@ def test_peer_sd3_flowmatch_euler(folders, tmp_path):
     assert _rel(ours, theirs * 1.01) > tol  # a 1% different sample fails
 
 
+@pytest.mark.parametrize("key", ["sd", "sdxl", "sd3"])
+def test_cfg_halves_share_the_prefix(folders, key):
+    """CFG's two halves share x and σ, so an SD UNet runs conv_in … the first self-attention once for both
+    (``Denoiser.shared_rows``): the guided call's prefix sees B rows, not 2B, and gives what the 2B-row call gives
+    (float64: the two differ only in how a batch is blocked, ≪ 1e-10 relative). SDXL's time embedding carries
+    the pooled prompt and SD3's blocks take it from the start: nothing is shared there."""
+    m = _cached("fewstep", folders[key], F64)
+    den = m.denoiser
+    prefix = den.model.cfg_prefix()
+    if key != "sd":
+        assert prefix == []
+        return
+    back = den.model.backbone
+    blk = back.down_blocks[0].attentions[0].transformer_blocks[0]
+    assert prefix[0] is back.conv_in and prefix[-1] is blk.attn1 and back.down_blocks[0].resnets[0] in prefix
+    n = 3
+    x = torch.randn(n, *m.shape, generator=torch.Generator().manual_seed(8), dtype=F64)
+    sig = torch.full((n,), 4.0, dtype=F64)
+    cond = _embeddings(m, n, 9, F64)
+    rows = {}
+
+    def seen(name):
+        def hook(_m, a):
+            rows.setdefault(name, a[0].shape[0])  # returns None: the input is left as it is
+        return hook
+
+    watched = {"conv_in": back.conv_in, "q1": blk.attn1.to_q, "q2": blk.attn2.to_q}
+    hooks = [mod.register_forward_pre_hook(seen(name)) for name, mod in watched.items()]
+    try:
+        with torch.no_grad():
+            shared = den(x, sig, cond, W)
+    finally:
+        for h in hooks:
+            h.remove()
+    # conv_in's own pre-hook runs before the sharing one: it sees 2n; inside attn1, to_q sees n; attn2 takes 2n
+    assert rows == {"conv_in": 2 * n, "q1": n, "q2": 2 * n}
+    assert not any(mod._forward_pre_hooks or mod._forward_hooks for mod in prefix)  # removed after the call
+    den.model.cfg_prefix = lambda: []  # this instance only: the plain 2B-row call
+    try:
+        with torch.no_grad():
+            plain = den(x, sig, cond, W)
+    finally:
+        del den.model.cfg_prefix
+    assert _rel(shared, plain) <= 1e-10, _rel(shared, plain)
+    assert _rel(shared, den(x, sig, cond, W * 1.001)) > 1e-6  # the comparison can fail
+
+
+def test_fast_path_shares_the_prefix(folders):
+    """The fast path (one fused update per evaluation, here its torch reference) calls the network on its 2B-row
+    buffer whose halves are one x: the prefix runs on B rows there too, and the sample is the fast path's without
+    the sharing (float64, ≪ 1e-10 relative, as above)."""
+    from fewstep.runtime import fast
+
+    m = _cached("fewstep", folders["sd"], F64)
+    den = m.denoiser
+    q1 = den.model.backbone.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    plan = get("dpmpp-2m").build(np.append(np.geomspace(den.sigma_max, 0.1, 3), 0.0))
+    z = torch.randn(2, *m.shape, generator=torch.Generator().manual_seed(10), dtype=F64)
+    cond = _embeddings(m, 2, 11, F64)
+    rows = []
+    h = q1.register_forward_pre_hook(lambda _m, a: rows.append(a[0].shape[0]) and None)
+    try:
+        with torch.no_grad():
+            out = fast.sample(plan, den, z, cond=cond, guidance=W, use_kernel=False)
+    finally:
+        h.remove()
+    assert rows == [2] * plan.nfe
+    den.model.cfg_prefix = lambda: []
+    try:
+        with torch.no_grad():
+            plain = fast.sample(plan, den, z, cond=cond, guidance=W, use_kernel=False)
+    finally:
+        del den.model.cfg_prefix
+    assert _rel(out, plain) <= 1e-10, _rel(out, plain)
+
+
 # --- export ------------------------------------------------------------------------------------------------
 def test_engine_contract_and_verify(folders, sd_engine):
     from fewstep.export.verify import verify
@@ -355,8 +431,17 @@ def test_engine_contract_and_verify(folders, sd_engine):
         ("negative_encoder_hidden_states", ["batch", 77, 16], "float32"),
         ("guidance", ["batch"], "float32")]
     assert c["outputs"] == [{"name": "sample", "dtype": "float32", "shape": ["batch", 4, 8, 8]}]
-    v = verify(path, model=folders["sd"], batch=2)
-    assert v.passed, v.line()
+    # batches other than the traced one: the shared CFG prefix takes and copies rows by the dynamic batch, on
+    # both of the graph's row sets (W = 1: B rows; else 2B); verify checks W = 1.5 and W = 1
+    for batch in (1, 2, 3):
+        v = verify(path, model=folders["sd"], batch=batch)
+        assert v.passed, v.line()
+    import onnx
+
+    g = onnx.load(path).graph
+    made_by = {o: n.op_type for n in g.node for o in n.output}
+    conv_in = [n for n in g.node if n.op_type == "Conv" and "conv_in" in n.input[1]]
+    assert len(conv_in) == 2 and all(made_by[n.input[0]] == "Slice" for n in conv_in)  # B rows of [x; x]
 
 
 def test_engine_with_decoder_and_external_data(folders, tmp_path):
