@@ -68,6 +68,9 @@ ROUNDING_OPS = frozenset({
 # MatMul Q·Kᵀ, Softmax, MatMul by V. (The plain export's path is longer by its scale's own arithmetic on the shape,
 # 1/√d as Cast, Sqrt, Div, Cast, Sqrt, which the count sees as data roundings.)
 FUSED_ROUNDINGS = {"MultiHeadAttention": 4}
+# A Gemm with a C input (a Linear's bias, export/gemm.py) adds it in the accumulation: the product's rounding and
+# the Add's, as the MatMul + Add it replaces was counted.
+GEMM_WITH_BIAS = 2
 
 
 class VerifyError(FewstepError):
@@ -109,6 +112,8 @@ def rounding_depth(model) -> int:
                     d[o] = max((b[k] for b in outs if k < len(b)), default=base)
             else:
                 inc = FUSED_ROUNDINGS.get(node.op_type, 1 if node.op_type in ROUNDING_OPS else 0)
+                if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+                    inc = GEMM_WITH_BIAS
                 for o in node.output:
                     d[o] = base + inc
         return [d.get(o.name, 0) for o in graph.output]
