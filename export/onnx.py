@@ -31,7 +31,6 @@ from ..runtime.denoisers import GUIDANCE_INPUT, cat_cond, cfg_combine, guidance_
 from ..runtime.executor import run_rows
 from ..runtime.plan import Plan, atomic_write_bytes
 from .attention import ATTENTION_KINDS, fused_attention
-from .gemm import gemm_linears
 
 FORMAT = "fewstep.engine/1"
 OPSET = 17
@@ -498,8 +497,7 @@ def export_onnx(denoiser, plan: Plan | None, path, *, sample_shape, num_classes:
     external = weights > EXTERNAL_DATA_ABOVE if external_data is None else bool(external_data)
 
     t0 = time.perf_counter()
-    with fused_attention(den, dec) if attention == "ort" else contextlib.nullcontext(0) as fused, \
-            gemm_linears(den, dec):
+    with fused_attention(den, dec) if attention == "ort" else contextlib.nullcontext(0) as fused:
         if attention == "ort" and not fused:
             raise ExportError(f"--attention ort: {type(denoiser).__name__} has no attention layer to fuse "
                               "(diffusers attention with its default processor)")

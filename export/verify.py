@@ -68,8 +68,8 @@ ROUNDING_OPS = frozenset({
 # MatMul Q·Kᵀ, Softmax, MatMul by V. (The plain export's path is longer by its scale's own arithmetic on the shape,
 # 1/√d as Cast, Sqrt, Div, Cast, Sqrt, which the count sees as data roundings.)
 FUSED_ROUNDINGS = {"MultiHeadAttention": 4}
-# A Gemm with a C input (a Linear's bias, export/gemm.py) adds it in the accumulation: the product's rounding and
-# the Add's, as the MatMul + Add it replaces was counted.
+# A Gemm with a C input (a 2-D Linear's bias, e.g. a time embedding's) adds it to the product: two roundings, as
+# the MatMul + Add of a Linear on a [B, S, K] activation are counted.
 GEMM_WITH_BIAS = 2
 
 

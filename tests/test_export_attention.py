@@ -67,54 +67,6 @@ def test_every_attention_layer_is_one_fused_node(sd):
     assert sd["ort_contract"] == sd["onnx_contract"]  # same interface: a drop-in engine
 
 
-def test_linear_biases_are_inside_gemm(sd):
-    """export/gemm.py: every biased Linear on a [B, S, K] activation is one Gemm (ONNX Runtime leaves MatMul + Add
-    apart on a dynamic batch) and no GEGLU projection is sliced, in both engines; the layers counted in the
-    network are all there as Gemms (NFE UNet calls + the VAE's decoder)."""
-    from torch import nn
-
-    def biased(mod):
-        return sum(type(x) is nn.Linear and x.bias is not None for x in mod.modules())
-
-    geglus = sum(type(x).__name__ == "GEGLU" for x in sd["model"].denoiser.modules())
-    # a GEGLU's one Linear becomes two Gemms
-    want = NFE * (biased(sd["model"].denoiser) + geglus) + biased(sd["model"].decoder().vae.decoder)
-    for kind in ("onnx", "ort"):
-        g = onnx.load(sd[kind]).graph
-        made_by = {o: n.op_type for n in g.node for o in n.output}
-        vectors = {i.name for i in g.initializer if len(i.dims) == 1}
-        bias_adds = [n.name for n in g.node if n.op_type == "Add"
-                     and any(i in vectors for i in n.input) and any(made_by.get(i) == "MatMul" for i in n.input)]
-        assert bias_adds == [], bias_adds[:3]
-        assert not [n.name for n in g.node if n.op_type in ("Slice", "Split") and "/ff/" in n.name]
-        assert sum(n.op_type == "Gemm" for n in g.node) >= want > 0
-
-
-def test_gemm_rewrite_is_the_same_function_and_undone(sd):
-    """Within ``gemm_linears`` the UNet computes what it computes outside (float64: the same dot products, the
-    bias added in another order, ≪ 1e-12 relative); on exit no layer keeps the rewrite."""
-    import copy
-
-    import torch
-
-    from fewstep.export.gemm import gemm_linears
-
-    den = copy.deepcopy(sd["model"].denoiser).to(torch.float64)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
-    cond = {"encoder_hidden_states": torch.randn(2, 77, 16, generator=g, dtype=torch.float64)}
-    t = torch.full((2,), 500.0, dtype=torch.float64)
-    keys = list(den.state_dict())
-    with torch.no_grad():
-        ref = den.run_model(x, t, cond)
-        with gemm_linears(den) as n:
-            got = den.run_model(x, t, cond)
-        after = den.run_model(x, t, cond)
-    assert n > 0
-    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-12 and torch.equal(after, ref)
-    assert list(den.state_dict()) == keys and not any("forward" in vars(m) for m in den.modules())
-
-
 def test_fused_engine_matches_executor_within_derived_tolerance(sd):
     from fewstep.export.verify import engine_tolerance, verify
 
