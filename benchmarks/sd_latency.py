@@ -24,6 +24,9 @@ benchmarks/results/sd15_latency.{json,md}.
   python benchmarks/sd_latency.py --config tiny     # the same code path on a tiny UNet (seconds; for checking)
   python benchmarks/sd_latency.py --reuse-exports   # time again with the ONNX files of an earlier run (each export
                                                     # keeps its figures in <file>.export.json beside it)
+  python benchmarks/sd_latency.py --reuse-exports --rounds 3 --threads 2
+                                                    # paths interleaved round by round (a drifting box's speed
+                                                    # falls on all of them alike)
   python benchmarks/sd_latency.py --paths fewstep_ov,fewstep_plain,ov_loop,ort_loop,eager --stem sd15_openvino
                                                     # OpenVINO beside the CPU paths (exports only what they run)
 """
@@ -345,6 +348,10 @@ def main(argv=None) -> int:
                     help="keep ONNX files an earlier run exported (with their <file>.export.json figures)")
     ap.add_argument("--paths", default=",".join(PATHS), help=f"which of {','.join(PATHS + OV_PATHS)} to time")
     ap.add_argument("--stem", help="results file name (default sd15_latency / sd_latency_tiny)")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="interleave: this many rounds, every path once per round (its own process: a warm-up and "
+                         "one timed run), so drift in the box's speed falls on all paths alike; ratios are medians "
+                         "of the per-round ratios (0: --repeats runs of one path after another)")
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     args, _ = ap.parse_known_args(argv)
@@ -377,6 +384,15 @@ def main(argv=None) -> int:
                if k in {NEEDS[p] for p in paths}}
     rows = []
     for threads in (int(t) for t in args.threads.split(",")):
+        if args.rounds:
+            rounds = {p: [] for p in paths}
+            for k in range(args.rounds):
+                for path in paths:
+                    r = run_child(path, folder, args.config, threads, 1)
+                    rounds[path].append(r)
+                    print(f"round {k + 1}", path, threads, {k: v for k, v in r.items() if k != "bench"}, flush=True)
+            rows += [_merge_rounds(path, threads, rs) for path, rs in rounds.items()]
+            continue
         for path in paths:
             r = run_child(path, folder, args.config, threads, args.repeats)
             rows.append({"path": path, "threads": threads, **r})
@@ -389,13 +405,24 @@ def main(argv=None) -> int:
     except Exception:  # noqa: BLE001 - only for the header line
         pass
     res = {"config": args.config, "unet": cfg, "unet_parameters": n_params, "nfe": NFE, "guidance": GUIDANCE,
-           "batch": 1, "repeats": args.repeats, "note": args.note, "build_seconds": round(built, 1),
-           "exports": exports, "rows": rows,
+           "batch": 1, "repeats": args.repeats, "rounds": args.rounds, "note": args.note,
+           "build_seconds": round(built, 1), "exports": exports, "rows": rows,
            "machine": machine(None, ort=True)}
     stem = args.stem or ("sd15_latency" if args.config == "sd15" else "sd_latency_tiny")
     write_results(args.out, stem, res, markdown(res))
     print(f"-> {os.path.join(args.out, stem)}.json/.md")
     return 0
+
+
+def _merge_rounds(path: str, threads: int, rs: list[dict]) -> dict:
+    """One path's rounds as one row: the median of its per-round times (``round_s``, one per round, None where
+    that round failed), the largest peak RSS."""
+    ok = [r for r in rs if "error" not in r]
+    row = {"path": path, "threads": threads, "round_s": [r.get("median_s") for r in rs]}
+    if not ok:
+        return {**row, "error": rs[-1]["error"]}
+    return {**row, "median_s": statistics.median(r["median_s"] for r in ok),
+            "peak_rss_mib": max(r.get("peak_rss_mib", 0) for r in ok)}
 
 
 def _size(n: int) -> str:
@@ -406,11 +433,15 @@ def markdown(r: dict) -> str:
     m = r["machine"]
     out = [f"# SD 1.5 UNet ({r['config']}, {r['unet_parameters'] or '?':,} parameters, random weights) on the CPU",
            "", f"DPM-Solver++(2M), {r['nfe']} evaluations, CFG W = {r['guidance']} (2 rows per call), batch 1, "
-           f"latents out; median of {r.get('repeats', '?')} timed run(s) after one warm-up. Machine: {m['cpu']}, "
+           + (f"latents out; {r['rounds']} rounds, every path once per round in its own process (a warm-up, "
+              "then one timed run): times are medians over the rounds, ratios medians of the per-round ratios"
+              if r.get("rounds") else f"latents out; median of {r.get('repeats', '?')} timed run(s) after one "
+              "warm-up") + f". Machine: {m['cpu']}, "
            f"{m['cores']} cores (shared with other jobs; load average "
            f"{m['load_average'][0]:.1f} at the end), torch {m['torch']}, onnxruntime {m['onnxruntime']}. "
            "Generated by `python benchmarks/sd_latency.py" + ("" if r["config"] == "sd15" else " --config tiny")
-           + "`." + (f" {r['note']}" if r.get("note") else ""), "", "| export | seconds | size | peak RSS (MiB) |",
+           + (f" --rounds {r['rounds']}" if r.get("rounds") else "") + "`."
+           + (f" {r['note']}" if r.get("note") else ""), "", "| export | seconds | size | peak RSS (MiB) |",
            "|---|---:|---:|---:|"]
     for k, e in r["exports"].items():
         out.append(f"| {k}{' (reused)' if e.get('reused') else ''} | {e.get('export_seconds', '–')} | "
@@ -440,8 +471,12 @@ def markdown(r: dict) -> str:
         def f(v):
             return "–" if v is None else f"{v:.3f} s"
 
-        def ratio(a, b, med=med):
-            return "–" if med[a] is None or med[b] is None else f"{med[a] / med[b]:.2f}"
+        def ratio(a, b, med=med, by=by):
+            if med[a] is None or med[b] is None:
+                return "–"
+            pairs = [(x, y) for x, y in zip(by[a].get("round_s") or [], by[b].get("round_s") or [])
+                     if x is not None and y is not None]
+            return f"{statistics.median(x / y for x, y in pairs):.2f}" if pairs else f"{med[a] / med[b]:.2f}"
 
         rss = " / ".join(str(by.get(k, {}).get("peak_rss_mib", "–")) for k in cols)
         out.append(f"| {t} | " + " | ".join(f(med[k]) for k in cols) + " | "
