@@ -390,6 +390,29 @@ def test_cfg_halves_share_the_prefix(folders, key):
     assert _rel(shared, den(x, sig, cond, W * 1.001)) > 1e-6  # the comparison can fail
 
 
+def test_bare_unet_with_linear_projection_shares_the_prefix():
+    """The same sharing through ``from_diffusers`` (a bare UNet2DConditionModel, the stored empty-prompt embedding as
+    the unconditional input) on SD 2.x's layout, whose transformers project in with a Linear on [B, HW, C]."""
+    from pipeline_fixtures import _unet, sd_scheduler
+
+    from fewstep.runtime.diffusers_adapter import from_diffusers
+
+    unet = _unet(3, 16, use_linear_projection=True).to(F64)
+    g = torch.Generator().manual_seed(12)
+    den = from_diffusers(unet, sd_scheduler("v_prediction"), uncond=torch.randn(1, 77, 16, generator=g, dtype=F64))
+    prefix = den.model.cfg_prefix()
+    proj_in = unet.down_blocks[0].attentions[0].proj_in
+    assert type(proj_in) is torch.nn.Linear and proj_in in prefix and len(prefix) == 6
+    x = torch.randn(2, 4, 8, 8, generator=g, dtype=F64)
+    sig = torch.full((2,), 2.0, dtype=F64)
+    cond = torch.randn(2, 77, 16, generator=g, dtype=F64)
+    with torch.no_grad():
+        shared = den(x, sig, cond, W)
+        den.model.cfg_prefix = lambda: []
+        plain = den(x, sig, cond, W)
+    assert _rel(shared, plain) <= 1e-10, _rel(shared, plain)
+
+
 def test_fast_path_shares_the_prefix(folders):
     """The fast path (one fused update per evaluation, here its torch reference) calls the network on its 2B-row
     buffer whose halves are one x: the prefix runs on B rows there too, and the sample is the fast path's without
