@@ -14,25 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def run_engine(exe: str, engine: str, inputs: str, threads: int, env: dict) -> float:
-    """Seconds of one timed run after a warm-up (fewstep-run's own --bench clock)."""
-    cmd = [exe, engine, "--n", "1", "--threads", str(threads),
-           "--input", f"encoder_hidden_states={os.path.join(inputs, 'emb.npy')}",
-           "--input", f"negative_encoder_hidden_states={os.path.join(inputs, 'neg.npy')}", "--bench", "1"]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd="/", env=env)
-    if p.returncode != 0:
-        raise SystemExit(f"fewstep-run failed on {engine} ({p.returncode}): {p.stderr.strip()[-300:]}")
-    line = next(ln for ln in p.stdout.splitlines() if "p50" in ln)
-    return float(line.split("p50")[1].split()[0].strip(":= ms")) / 1e3
 
 
 def main(argv=None) -> int:
@@ -52,18 +38,15 @@ def main(argv=None) -> int:
         if not sep or not os.path.isfile(path):
             raise SystemExit(f"--engine {spec}: expected LABEL=PATH of an existing engine")
         engines.append((label, os.path.abspath(path)))
-    from fewstep import _C
+    from sd_latency import fewstep_run_bench
+
     from fewstep.report import machine, write_results
 
-    exe = shutil.which("fewstep-run", path=os.path.dirname(sys.executable)) \
-        or os.path.join(HERE, "..", "build", "dev", "fewstep-run")
-    env = dict(os.environ)
-    env.setdefault("FEWSTEP_ORT_LIBRARY", _C.find_ort_library())
     times = {label: [] for label, _ in engines}
     t0 = time.perf_counter()
     for r in range(args.rounds):
         for label, path in engines:
-            times[label].append(run_engine(exe, path, os.path.abspath(args.inputs), args.threads, env))
+            times[label].append(fewstep_run_bench(path, os.path.abspath(args.inputs), args.threads, 1)[0])
             print(f"round {r + 1} {label}: {times[label][-1]:.2f} s", flush=True)
     base = engines[0][0]
     rows = [{"label": label, "engine": path, "times_s": [round(t, 3) for t in times[label]],

@@ -247,20 +247,15 @@ def path_ort_loop(folder, unet_cfg, repeats, threads, unet_file="unet.onnx", run
     return _time(once, repeats), {}
 
 
-def path_fewstep(folder, unet_cfg, repeats, threads, engine="fewstep.onnx", provider="cpu"):
-    """The engine exported by the parent, timed by fewstep-run's own --bench (p50 of `repeats` runs)."""
-    import numpy as np
-
-    emb, neg, _ = inputs(unet_cfg)
-    d = os.path.join(folder, "onnx")
-    np.save(os.path.join(d, "emb.npy"), emb)
-    np.save(os.path.join(d, "neg.npy"), neg)
+def fewstep_run_bench(engine: str, inputs_dir: str, threads: int, repeats: int, provider: str = "cpu") -> tuple:
+    """(p50 seconds, stdout) of `fewstep-run ENGINE --bench repeats` (one warm-up first) at batch 1, the
+    embeddings from ``inputs_dir``/emb.npy and neg.npy. Shared with benchmarks/sd_engine_ab.py."""
     # the venv's fewstep-run (pip install), else a development build's
     exe = shutil.which("fewstep-run", path=os.path.dirname(sys.executable)) \
         or os.path.join(HERE, "..", "build", "dev", "fewstep-run")
-    cmd = [exe, os.path.join(d, engine), "--n", "1", "--threads", str(threads),
-           "--input", f"encoder_hidden_states={os.path.join(d, 'emb.npy')}",
-           "--input", f"negative_encoder_hidden_states={os.path.join(d, 'neg.npy')}", "--bench", str(repeats),
+    cmd = [exe, engine, "--n", "1", "--threads", str(threads),
+           "--input", f"encoder_hidden_states={os.path.join(inputs_dir, 'emb.npy')}",
+           "--input", f"negative_encoder_hidden_states={os.path.join(inputs_dir, 'neg.npy')}", "--bench", str(repeats),
            "--provider", provider]
     env = dict(os.environ)
     if provider == "openvino":  # the onnxruntime-openvino build's library (OpenVINO's beside it)
@@ -273,13 +268,23 @@ def path_fewstep(folder, unet_cfg, repeats, threads, engine="fewstep.onnx", prov
         env["FEWSTEP_ORT_LIBRARY"] = _C.find_ort_library()
     p = subprocess.run(cmd, capture_output=True, text=True, cwd="/", env=env)
     if p.returncode != 0:
-        raise RuntimeError(f"fewstep-run failed ({p.returncode}): {p.stderr.strip()[-500:]}")
+        raise RuntimeError(f"fewstep-run failed on {engine} ({p.returncode}): {p.stderr.strip()[-500:]}")
     line = next(ln for ln in p.stdout.splitlines() if "p50" in ln)
-    p50 = float(line.split("p50")[1].split()[0].strip(":= ms"))
+    return float(line.split("p50")[1].split()[0].strip(":= ms")) / 1e3, p.stdout.strip()
+
+
+def path_fewstep(folder, unet_cfg, repeats, threads, engine="fewstep.onnx", provider="cpu"):
+    """The engine exported by the parent, timed by fewstep-run's own --bench (p50 of `repeats` runs)."""
+    import numpy as np
+
+    emb, neg, _ = inputs(unet_cfg)
+    d = os.path.join(folder, "onnx")
+    np.save(os.path.join(d, "emb.npy"), emb)
+    np.save(os.path.join(d, "neg.npy"), neg)
+    p50, out = fewstep_run_bench(os.path.join(d, engine), d, threads, repeats, provider)
     # the engine's process is fewstep-run, not this Python (which only launched it)
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"median_s": p50 / 1e3, "source": "fewstep-run --bench p50", "bench": p.stdout.strip()}, \
-        {"peak_rss_mib": round(rss / 1024)}
+    return {"median_s": p50, "source": "fewstep-run --bench p50", "bench": out}, {"peak_rss_mib": round(rss / 1024)}
 
 
 def _export(path: str, job, reuse: bool) -> dict:
