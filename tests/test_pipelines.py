@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -343,6 +344,17 @@ def test_peer_sd3_flowmatch_euler(folders, tmp_path):
     assert _rel(ours, theirs * 1.01) > tol  # a 1% different sample fails
 
 
+@contextmanager
+def _unshared(den):
+    """Within: this denoiser's network shares nothing (its instance's ``cfg_prefix`` shadowed by an empty one), so a
+    guided call is the plain 2B-row call."""
+    den.model.cfg_prefix = lambda: []
+    try:
+        yield
+    finally:
+        del den.model.cfg_prefix
+
+
 @pytest.mark.parametrize("key", ["sd", "sdxl", "sd3"])
 def test_cfg_halves_share_the_prefix(folders, key):
     """CFG's two halves share x and σ, so an SD UNet runs conv_in … the first self-attention once for both
@@ -380,12 +392,8 @@ def test_cfg_halves_share_the_prefix(folders, key):
     # conv_in's own pre-hook runs before the sharing one: it sees 2n; inside attn1, to_q sees n; attn2 takes 2n
     assert rows == {"conv_in": 2 * n, "q1": n, "q2": 2 * n}
     assert not any(mod._forward_pre_hooks or mod._forward_hooks for mod in prefix)  # removed after the call
-    den.model.cfg_prefix = lambda: []  # this instance only: the plain 2B-row call
-    try:
-        with torch.no_grad():
-            plain = den(x, sig, cond, W)
-    finally:
-        del den.model.cfg_prefix
+    with _unshared(den), torch.no_grad():
+        plain = den(x, sig, cond, W)
     assert _rel(shared, plain) <= 1e-10, _rel(shared, plain)
     assert _rel(shared, den(x, sig, cond, W * 1.001)) > 1e-6  # the comparison can fail
 
@@ -408,8 +416,8 @@ def test_bare_unet_with_linear_projection_shares_the_prefix():
     cond = torch.randn(2, 77, 16, generator=g, dtype=F64)
     with torch.no_grad():
         shared = den(x, sig, cond, W)
-        den.model.cfg_prefix = lambda: []
-        plain = den(x, sig, cond, W)
+        with _unshared(den):
+            plain = den(x, sig, cond, W)
     assert _rel(shared, plain) <= 1e-10, _rel(shared, plain)
 
 
@@ -433,12 +441,8 @@ def test_fast_path_shares_the_prefix(folders):
     finally:
         h.remove()
     assert rows == [2] * plan.nfe
-    den.model.cfg_prefix = lambda: []
-    try:
-        with torch.no_grad():
-            plain = fast.sample(plan, den, z, cond=cond, guidance=W, use_kernel=False)
-    finally:
-        del den.model.cfg_prefix
+    with _unshared(den), torch.no_grad():
+        plain = fast.sample(plan, den, z, cond=cond, guidance=W, use_kernel=False)
     assert _rel(out, plain) <= 1e-10, _rel(out, plain)
 
 
